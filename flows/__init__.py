@@ -1,0 +1,1 @@
+"""Thin Prefect layer and the `mlpl` CLI (DESIGN.md, "Layout")."""

@@ -1,0 +1,1 @@
+"""Torch modules only: encoder, heads, loss, CTC decoding (DESIGN.md, "Layout")."""
