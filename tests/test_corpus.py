@@ -1,0 +1,271 @@
+"""Tests of the mini multilingual corpus builder (pipeline/corpus.py) on the `smoke` preset.
+
+The smoke corpus is built once per session (tests/conftest.py: Debian text from the cache, espeak-ng,
+channel); a second build with two workers checks that the output is byte-identical whatever the parallelism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from pipeline.corpus import SPLITS, CorpusConfig, build_corpus, corpus_preset, draw_speakers, smoke
+from pipeline.corpus_text import clean_sentence
+from pipeline.speech_synth import VOICE_VARIANTS
+from pipeline.text import normalize_text
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root except the card (which records absolute paths)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.name.startswith("corpus_card"):
+            data = path.read_bytes().replace(str(root).encode(), b"<ROOT>")
+            out[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _tiny(**update) -> CorpusConfig:
+    base = smoke().model_dump()
+    base.update(labeled_clips_high=2, labeled_clips_low=1, unlabeled_clips=0, dev_clips=1, test_clips=1)
+    base.update(update)
+    return CorpusConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(smoke_corpus) -> Path:
+    return Path(smoke_corpus)  # built once per session by tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def manifests(smoke_dir) -> dict[str, list[dict]]:
+    rows = {s: _read_jsonl(smoke_dir / "manifests" / f"{s}.jsonl") for s in SPLITS}
+    rows["reference"] = _read_jsonl(smoke_dir / "hidden" / "unlabeled_reference.jsonl")
+    return rows
+
+
+def test_same_seed_is_byte_identical_whatever_the_worker_count(smoke_dir, tmp_path):
+    again = tmp_path / "again"
+    build_corpus(smoke().model_copy(update={"num_workers": 2}), str(again))
+    first, second = _tree_digest(smoke_dir), _tree_digest(again)
+    assert len(first) > 60
+    assert first == second
+
+
+def test_different_seed_gives_different_corpus(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    calls = []
+    build_corpus(_tiny(seed=0), str(a), on_progress=lambda done, total, desc: calls.append((done, total, desc)))
+    assert [c[0] for c in calls] == list(range(1, 12)) and calls[-1][1] == 11  # 2+2+1 labeled, 3 dev, 3 test
+    build_corpus(_tiny(seed=1), str(b))
+    da, db = _tree_digest(a), _tree_digest(b)
+    assert da.keys() == db.keys()
+    audio = [k for k in da if k.endswith(".flac")]
+    assert audio and all(da[k] != db[k] for k in audio)
+    texts_a = {r["text"] for r in _read_jsonl(a / "manifests" / "labeled.jsonl")}
+    texts_b = {r["text"] for r in _read_jsonl(b / "manifests" / "labeled.jsonl")}
+    assert texts_a != texts_b
+
+
+def test_rebuild_of_complete_corpus_returns_card_without_work(smoke_dir):
+    calls = []
+    card = build_corpus(smoke(), str(smoke_dir), on_progress=lambda *a: calls.append(a))
+    assert calls == []
+    assert card["name"] == "smoke"
+
+
+def test_splits_have_disjoint_sentences_and_speakers(manifests):
+    sentences = {s: {r["text_normalized"] for r in manifests[s]} for s in ("labeled", "dev", "test")}
+    sentences["unlabeled"] = {normalize_text(t) for r in manifests["reference"] for t in r["sentences"]}
+    speakers = {s: {r["speaker"] for r in manifests[s]} for s in SPLITS}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            assert not sentences[a] & sentences[b], (a, b)
+            assert not speakers[a] & speakers[b], (a, b)
+    for split in ("labeled", "dev", "test"):
+        assert len(sentences[split]) == len(manifests[split])  # no sentence twice within a split
+
+
+def test_clips_decode_as_16k_mono_with_stated_duration(manifests):
+    for split in SPLITS:
+        low, high = (20.0, 30.0) if split == "unlabeled" else (2.0, 6.0)
+        for row in manifests[split]:
+            assert low <= row["duration_s"] <= high, row
+            assert "." not in row["id"] and row["audio"].endswith(f"/{split}/{row['language']}/{row['id']}.flac")
+        for row in manifests[split][:3]:
+            audio, rate = sf.read(row["audio"], dtype="int16")
+            assert rate == 16000 and audio.ndim == 1
+            assert abs(len(audio) / 16000 - row["duration_s"]) <= 0.001
+            assert audio.std() > 100  # speech plus noise, not silence
+
+
+def test_clip_counts_follow_the_preset(manifests):
+    cfg = smoke()
+    for split in SPLITS:
+        per_lang = Counter(r["language"] for r in manifests[split])
+        for lang in cfg.languages:
+            assert per_lang[lang] == cfg.clips(split, cfg.role(lang)), (split, lang)
+
+
+def test_unlabeled_has_no_text_and_reference_covers_it(manifests):
+    unlabeled = manifests["unlabeled"]
+    assert unlabeled and all(set(r) == {"id", "audio", "duration_s", "language", "speaker"} for r in unlabeled)
+    reference = {r["id"]: r for r in manifests["reference"]}
+    assert set(reference) == {r["id"] for r in unlabeled}
+    for ref in reference.values():
+        assert 4 <= len(ref["sentences"]) <= 8
+        assert ref["text"] == " ".join(ref["sentences"])
+        assert ref["text_normalized"] == normalize_text(ref["text"])
+
+
+def test_labeled_text_is_what_was_spoken_and_normalized(manifests):
+    for row in manifests["labeled"] + manifests["dev"] + manifests["test"]:
+        assert row["text"] == row["text"].strip() and row["text"][-1] in ".!?;"
+        assert row["text_normalized"] == normalize_text(row["text"])
+        assert not any(ch.isdigit() or ch in '()[]"«»…/' for ch in row["text"])
+
+
+def test_greek_transcripts_are_in_greek_script(manifests):
+    greek = [r for s in ("labeled", "dev", "test") for r in manifests[s] if r["language"] == "el"]
+    greek += [r for r in manifests["reference"] if r["language"] == "el"]
+    assert greek
+    for row in greek:
+        letters = [ch for ch in row["text"] if ch.isalpha()]
+        assert letters and all(unicodedata.name(ch).startswith("GREEK") for ch in letters), row["text"]
+
+
+def test_speakers_come_from_one_shared_distribution(smoke_dir):
+    card = json.loads((smoke_dir / "corpus_card.json").read_text(encoding="utf-8"))
+    variants: dict[str, set[str]] = {}
+    for lang in smoke().languages:
+        mine = [s for s in card["speakers"] if s["language"] == lang]
+        assert len(mine) >= 8
+        assert all(s["id"].startswith(f"{lang}-spk") for s in mine)
+        variants[lang] = {s["variant"] for s in mine}
+        assert len(variants[lang]) >= 4, (lang, variants[lang])
+    langs = list(variants)
+    for i, a in enumerate(langs):
+        for b in langs[i + 1 :]:
+            assert variants[a] & variants[b], (a, b)
+    # With many draws every language uses every variant, with similar pitch: nothing gives a language away.
+    many = CorpusConfig(**{**smoke().model_dump(), "labeled_speakers": 400})
+    draws = {lang: draw_speakers(many, lang)["labeled"] for lang in ("es", "el")}
+    for lang, speakers in draws.items():
+        counts = Counter(s.voice.variant for s in speakers)
+        assert set(counts) == set(VOICE_VARIANTS) and max(counts.values()) - min(counts.values()) <= 1, lang
+    mean_pitch = [sum(s.voice.pitch for s in sp) / len(sp) for sp in draws.values()]
+    assert abs(mean_pitch[0] - mean_pitch[1]) < 3
+
+
+def test_card_describes_the_corpus(smoke_dir):
+    card = json.loads((smoke_dir / "corpus_card.json").read_text(encoding="utf-8"))
+    assert card["name"] == "smoke" and card["seed"] == 0 and card["sample_rate"] == 16000
+    assert {lang: v["role"] for lang, v in card["languages"].items()} == {
+        "es": "high",
+        "el": "high",
+        "sl": "low",
+    }
+    for lang, info in card["languages"].items():
+        assert info["text_source"]["package"] == f"libreoffice-help-{lang}"
+        assert info["text_source"]["version"]
+    assert card["splits"]["labeled"]["es"]["clips"] == 16 and card["splits"]["labeled"]["es"]["hours"] > 0
+    assert card["rejects"] == []
+    markdown = (smoke_dir / "corpus_card.md").read_text(encoding="utf-8")
+    assert "libreoffice-help-el" in markdown and "| unlabeled |" in markdown
+
+
+SPANISH = """\
+El tren de la mañana llega siempre con retraso.
+Mi hermana vive en una casa cerca del río.
+Los niños juegan en el parque después de la escuela.
+Hoy hace mucho frío y el cielo está gris.
+La biblioteca abre a las nueve de la mañana.
+Compramos pan fresco en la tienda de la esquina.
+El perro duerme tranquilo junto a la chimenea.
+Necesito terminar este trabajo antes de la cena.
+Mañana vamos a visitar a nuestros abuelos en el pueblo.
+La película de anoche fue más larga de lo que esperaba.
+Mi amigo toca la guitarra en una banda de música.
+Las flores del jardín crecen rápido en primavera.
+El cartero trajo una carta para tu padre.
+Después de comer salimos a dar un paseo por la playa.
+Mi abuela prepara una sopa deliciosa los domingos.
+El autobús estaba lleno de gente esta tarde.
+Vamos a pintar la cocina de color amarillo.
+Los pájaros cantan temprano en el bosque.
+Ella escribe cartas largas a sus amigos de la infancia.
+El museo de la ciudad tiene cuadros muy antiguos.
+Pon la leche en la nevera antes de salir.
+El médico dijo que debo descansar unos días.
+Nuestro vecino arregla bicicletas en su garaje.
+Hay 3 manzanas en la mesa.
+"""
+
+
+def test_text_dir_builds_without_apt(tmp_path):
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    (text_dir / "es.txt").write_text(SPANISH, encoding="utf-8")
+    cache = tmp_path / "cache"
+    cfg = _tiny(high_resource=["es"], low_resource=[], labeled_speakers=2, dev_speakers=1, test_speakers=1)
+    card = build_corpus(cfg, str(tmp_path / "out"), text_dir=str(text_dir), cache_dir=str(cache))
+    assert not cache.exists()  # nothing fetched, nothing cached
+    assert card["languages"]["es"]["text_source"]["source"] == "text_dir"
+    assert card["languages"]["es"]["text_source"]["sentences"] == 23  # the line with a digit is dropped
+    rows = _read_jsonl(tmp_path / "out" / "manifests" / "labeled.jsonl")
+    assert len(rows) == 2 and all(r["text"] in SPANISH for r in rows)
+
+
+def test_text_dir_missing_language_is_a_clear_error(tmp_path):
+    (tmp_path / "es.txt").write_text(SPANISH, encoding="utf-8")
+    cfg = _tiny(high_resource=["es"], low_resource=["sl"])
+    with pytest.raises(FileNotFoundError, match=r"'sl'.*sl\.txt"):
+        build_corpus(cfg, str(tmp_path / "out"), text_dir=str(tmp_path))
+
+
+def test_too_few_sentences_is_a_clear_error(tmp_path):
+    (tmp_path / "es.txt").write_text(SPANISH, encoding="utf-8")
+    cfg = _tiny(high_resource=["es"], low_resource=[], labeled_clips_high=20)
+    with pytest.raises(ValueError, match="'es' has 23 usable sentences but this config needs"):
+        build_corpus(cfg, str(tmp_path / "out"), text_dir=str(tmp_path))
+
+
+def test_sentence_filter():
+    assert clean_sentence("es", "Pulse «Aceptar» para cerrar el diálogo.") == "Pulse Aceptar para cerrar el diálogo."
+    assert clean_sentence("es", "Hay 3 opciones en este menú.") is None  # digits
+    assert clean_sentence("es", "Abra el archivo (si existe) ahora mismo.") is None  # brackets
+    assert clean_sentence("es", "Guarde el documento como PDF ahora.") is None  # acronym spelled out
+    assert clean_sentence("es", "Elija Herramientas ▸ Opciones ahora.") is None  # menu path
+    assert clean_sentence("es", "Pulse aquí.") is None  # too short
+    assert clean_sentence("el", "Specifies the default settings here.") is None  # wrong script
+    assert clean_sentence("el", "Ανοίγει τον διάλογο επιλογής πιστοποιητικού.") is not None
+    assert clean_sentence("fr", "Voulez-vous enregistrer le document ?") == "Voulez-vous enregistrer le document?"
+
+
+def test_presets_validate_and_unknown_preset_names_the_valid_ones():
+    for name in ("smoke", "demo", "bench"):
+        cfg = corpus_preset(name)
+        assert cfg.name == name and "el" in cfg.languages and cfg.low_resource
+        speakers = cfg.labeled_speakers + cfg.unlabeled_speakers + cfg.dev_speakers + cfg.test_speakers
+        assert speakers >= (8 if name == "smoke" else 20)
+    with pytest.raises(ValueError, match="smoke, demo, bench"):
+        corpus_preset("nope")
+
+
+def test_bad_config_reports_every_problem_at_once():
+    with pytest.raises(ValueError) as err:
+        CorpusConfig(high_resource=["xx"], low_resource=[], snr_db=(30.0, 10.0), reverb_prob=2.0)
+    message = str(err.value)
+    assert "'xx'" in message and "snr_db" in message and "reverb_prob" in message
+    with pytest.raises(ValueError):
+        CorpusConfig(unknown_field=1)
