@@ -10,13 +10,20 @@ passed through a random channel (pipeline/augment.py). Speakers of every languag
 shared distribution and each speaker belongs to exactly one split, so a model cannot tell the language
 from the voice, and dev/test measure held-out speakers. Each clip has its own RNG seeded from
 (seed, language, split, index): the output is byte-identical for a seed, whatever the worker count.
+
+Each finished clip leaves a JSON sidecar beside its flac (its manifest row and a key hashing everything
+the clip depends on), written after the flac. A build that was killed mid-way resumes clip by clip: a
+clip whose flac and sidecar exist with the same key is reused without synthesis, and the result is
+byte-identical to an uninterrupted build.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -52,6 +59,8 @@ LONG_CANDIDATES = 16
 _RNG_TEXT, _RNG_SPEAKER, _RNG_CLIP, _RNG_DEAL = 1, 2, 3, 4
 
 Range = tuple[float, float]
+
+log = logging.getLogger("mlpl.corpus")
 
 
 class CorpusConfig(BaseModel):
@@ -411,8 +420,26 @@ def _compose(job: ClipJob, rng: np.random.Generator) -> tuple[list[str], list[np
     return texts, pieces
 
 
+def _sidecar_url(audio_url: str) -> str:
+    return audio_url[: -len(".flac")] + ".json"
+
+
+def clip_key(job: ClipJob) -> str:
+    """Hash of everything a clip's audio and row depend on, except where it is written."""
+    fields = asdict(job)
+    del fields["audio_url"]
+    blob = {"build_version": BUILD_VERSION, "engine": speech_synth.engine_version(), "job": fields}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def make_clip(job: ClipJob) -> dict:
-    """Synthesize, corrupt and write one clip; return its manifest row, or a reject with the reason."""
+    """Synthesize, corrupt and write one clip; return its manifest row, or a reject with the reason.
+
+    The sidecar goes first and comes back last, after the flac: a sidecar never vouches for audio that
+    a later, interrupted build may have overwritten.
+    """
+    sidecar = _sidecar_url(job.audio_url)
+    remove(sidecar)
     rng = np.random.default_rng(list(job.rng_key))
     composed = _compose(job, rng)
     if isinstance(composed, str):
@@ -426,7 +453,7 @@ def make_clip(job: ClipJob) -> dict:
     sf.write(buf, pcm, job.sample_rate, format="FLAC", subtype="PCM_16")
     atomic_write_bytes(job.audio_url, buf.getvalue())
     text = " ".join(texts)
-    return {
+    row = {
         "id": job.id,
         "split": job.split,
         "audio": job.audio_url,
@@ -438,6 +465,27 @@ def make_clip(job: ClipJob) -> dict:
         "sentences": texts,
         "channel": channel,
     }
+    # The row without its absolute path, so the sidecar is the same wherever the corpus lives.
+    write_json(sidecar, {"key": clip_key(job), "row": {**row, "audio": f"{job.id}.flac"}})
+    return row
+
+
+def _reusable(jobs: list[ClipJob], out_dir: str) -> dict[str, dict]:
+    """Rows of the clips a previous (possibly interrupted) build already made for this very job."""
+    present = set(list_files(join(out_dir, "audio"), "*/*/*"))
+    out: dict[str, dict] = {}
+    for job in jobs:
+        sidecar = _sidecar_url(job.audio_url)
+        if job.audio_url not in present or sidecar not in present:
+            continue
+        try:
+            saved = read_json(sidecar)
+            row = saved["row"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: make the clip again
+        if saved.get("key") == clip_key(job) and row.get("id") == job.id:
+            out[job.id] = {**row, "audio": job.audio_url}
+    return out
 
 
 def _worker_init() -> None:
@@ -449,12 +497,25 @@ def _worker_init() -> None:
 
 
 def _run_jobs(
-    jobs: list[ClipJob], num_workers: int, on_progress: Callable[[int, int, str], None] | None
+    jobs: list[ClipJob],
+    num_workers: int,
+    on_progress: Callable[[int, int, str], None] | None,
+    reused: dict[str, dict] | None = None,
 ) -> dict[str, dict]:
     results: dict[str, dict] = {}
+    total = len(jobs)
+    reused = reused or {}
+    # Clips kept from an earlier build count as done and are reported first.
+    for job in jobs:
+        if job.id in reused:
+            results[job.id] = reused[job.id]
+            if on_progress is not None:
+                on_progress(len(results), total, "reused")
     # Long clips first: they take longest, so the pool finishes evenly.
-    ordered = sorted(jobs, key=lambda j: (j.split != "unlabeled", j.split, j.language, j.index))
-    total = len(ordered)
+    todo = [j for j in jobs if j.id not in reused]
+    ordered = sorted(todo, key=lambda j: (j.split != "unlabeled", j.split, j.language, j.index))
+    if not ordered:
+        return results
 
     def done(result: dict) -> None:
         results[result["id"]] = result
@@ -483,6 +544,9 @@ def build_corpus(
     """Build the corpus into out_dir (audio, manifests, hidden reference, card) and return the card.
 
     A rebuild with the same config and text into a complete out_dir returns the existing card at once.
+    Otherwise clips that an earlier build (even a killed one) left for the very same job are reused
+    (flac plus sidecar, see make_clip) and only the others are synthesized; the output is the same as
+    a fresh build's, byte for byte.
 
     Raises:
         FileNotFoundError: text_dir lacks a language's sentence file.
@@ -503,10 +567,18 @@ def build_corpus(
         if card.get("identity") == identity and _complete(out_dir):
             return card
     jobs, speakers = _plan(cfg, out_dir, sentences)
-    results = _run_jobs(jobs, cfg.num_workers, on_progress)
+    reused = _reusable(jobs, out_dir)
+    # The card marks a finished corpus: drop it before touching any clip, so that an interrupted build
+    # is never taken for a complete one.
+    remove(card_url)
+    remove(join(out_dir, "corpus_card.md"))
+    if reused:
+        log.info("corpus %s: reusing %d of %d clips from an earlier build", out_dir, len(reused), len(jobs))
+    results = _run_jobs(jobs, cfg.num_workers, on_progress, reused)
     rows = [results[job.id] for job in jobs]  # plan order: split, language, index
     _write_manifests(out_dir, rows)
-    _remove_stale_audio(out_dir, {r["audio"] for r in rows if "reject" not in r})
+    ok = [r["audio"] for r in rows if "reject" not in r]
+    _remove_stale_audio(out_dir, set(ok) | {_sidecar_url(a) for a in ok})
     card = _card(cfg, out_dir, identity, rows, speakers, text_sources)
     write_json(card_url, card)
     atomic_write_text(join(out_dir, "corpus_card.md"), card_markdown(card))
@@ -532,10 +604,12 @@ def _complete(out_dir: str) -> bool:
 
 
 def _remove_stale_audio(out_dir: str, keep: set[str]) -> None:
-    # A rebuild with another config must not leave clips of the old one lying beside the new manifests.
-    for url in list_files(join(out_dir, "audio"), "*/*/*.flac"):
-        if url not in keep:
-            remove(url)
+    # A rebuild with another config must not leave clips (flacs, sidecars) of the old one lying beside
+    # the new manifests.
+    for pattern in ("*/*/*.flac", "*/*/*.json"):
+        for url in list_files(join(out_dir, "audio"), pattern):
+            if url not in keep:
+                remove(url)
 
 
 def _write_manifests(out_dir: str, rows: list[dict]) -> None:

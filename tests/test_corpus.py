@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -82,6 +83,51 @@ def test_rebuild_of_complete_corpus_returns_card_without_work(smoke_dir):
     card = build_corpus(smoke(), str(smoke_dir), on_progress=lambda *a: calls.append(a))
     assert calls == []
     assert card["name"] == "smoke"
+
+
+def test_killed_build_resumes_clip_by_clip(smoke_dir, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(smoke_dir, resumed)
+    audio = sorted((resumed / "audio").rglob("*.flac"))
+    assert len(audio) > 60 and all(p.with_suffix(".json").exists() for p in audio)
+    # A killed build: no card or manifests yet, a few clips not made (one has its flac but no sidecar).
+    for path in [resumed / "corpus_card.json", resumed / "corpus_card.md", *(resumed / "manifests").iterdir()]:
+        path.unlink()
+    (resumed / "hidden" / "unlabeled_reference.jsonl").unlink()
+    missing = [audio[0], audio[25], audio[-1]]
+    missing[0].unlink()
+    missing[1].with_suffix(".json").unlink()
+    missing[2].unlink()
+    missing[2].with_suffix(".json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in audio if p not in missing}
+    calls = []
+    card = build_corpus(smoke(), str(resumed), on_progress=lambda *a: calls.append(a))
+    assert [c[0] for c in calls] == list(range(1, len(audio) + 1))
+    assert [c[2] for c in calls[: len(kept)]] == ["reused"] * len(kept)
+    assert all(c[2] != "reused" for c in calls[len(kept) :])
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # untouched clips were not rewritten
+    assert _tree_digest(resumed) == _tree_digest(smoke_dir)
+    fresh = json.loads((smoke_dir / "corpus_card.json").read_text(encoding="utf-8"))
+    assert json.loads(json.dumps(card).replace(str(resumed), str(smoke_dir))) == fresh
+    md = (resumed / "corpus_card.md").read_text(encoding="utf-8")
+    assert md == (smoke_dir / "corpus_card.md").read_text(encoding="utf-8")
+
+
+def test_changed_config_does_not_reuse_stale_clips(tmp_path):
+    out = tmp_path / "out"
+    build_corpus(_tiny(seed=0), str(out))
+    gone = out / "audio" / "labeled" / "es" / "es-labeled-000001"
+    assert gone.with_suffix(".flac").exists() and gone.with_suffix(".json").exists()
+    calls = []
+    build_corpus(_tiny(seed=0, labeled_clips_high=1), str(out), on_progress=lambda *a: calls.append(a))
+    assert len(calls) == 9 and all(c[2] == "reused" for c in calls)  # one labeled clip less: the rest stays
+    assert not gone.with_suffix(".flac").exists() and not gone.with_suffix(".json").exists()
+    calls.clear()
+    build_corpus(_tiny(seed=1, labeled_clips_high=1), str(out), on_progress=lambda *a: calls.append(a))
+    assert len(calls) == 9 and all(c[2] != "reused" for c in calls)  # another seed: every clip is made again
+    files = sorted(p.relative_to(out / "audio") for p in (out / "audio").rglob("*.*"))
+    rows = [r for s in SPLITS for r in _read_jsonl(out / "manifests" / f"{s}.jsonl")]
+    assert len(files) == 2 * len(rows) == 18
 
 
 def test_splits_have_disjoint_sentences_and_speakers(manifests):
