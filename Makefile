@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.supervised_throughput
+	$(BIN)/mlpl bench --corpus demo --corpus-dir data/demo
 
 clean:
 	rm -rf runs data/demo .pytest_cache

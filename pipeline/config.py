@@ -44,7 +44,9 @@ class ModelConfig(_Config):
 
 def tiny_model() -> ModelConfig:
     """A model that trains on 2 CPU cores in minutes (≈1.2 M parameters)."""
-    return ModelConfig(d_model=144, n_layers=4, n_heads=4, ffn_dim=576, dropout=0.1, layerdrop=0.0)
+    # No dropout: on CPU its random masks took 41 % of an update, and at this size SpecAugment and the
+    # corpus' channel noise regularize enough (1.7x more updates in the same time gave lower dev CER).
+    return ModelConfig(d_model=144, n_layers=4, n_heads=4, ffn_dim=576, dropout=0.0, layerdrop=0.0)
 
 
 def base_model() -> ModelConfig:
@@ -170,20 +172,24 @@ class SupervisedConfig(_Config):
 
 
 def supervised_tiny(train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> SupervisedConfig:
-    """CPU preset: tiny model, AdamW with warmup + cosine decay, 60 s batches, a few hundred updates."""
+    """CPU preset: tiny model, AdamW (peak lr 3e-3) with warmup + cosine decay, 60 s batches, 2000 updates."""
     cfg = dict(
         train_manifest=train_manifest,
         dev_manifest=dev_manifest,
         model=tiny_model(),
         batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=8),
-        optim=OptimConfig(name="adamw", lr=2e-3, warmup_updates=60, schedule="cosine", weight_decay=0.01),
+        optim=OptimConfig(name="adamw", lr=3e-3, warmup_updates=60, schedule="cosine", weight_decay=0.01),
         specaugment=SpecAugmentConfig(freq_masks=2, freq_mask_width=15, time_masks=2, time_mask_width=20),
-        max_updates=600,
-        eval_every=200,
-        save_every=50,
-        log_every=20,
+        max_updates=2000,
+        eval_every=500,
+        save_every=100,
+        log_every=50,
     )
     cfg.update(overrides)
+    if "max_updates" in overrides and "optim" not in overrides:
+        # A shortened run keeps a proportionate warmup instead of failing validation.
+        warmup = min(60, max(1, int(cfg["max_updates"]) // 10))
+        cfg["optim"] = cfg["optim"].model_copy(update={"warmup_updates": warmup})
     return SupervisedConfig(**cfg)
 
 

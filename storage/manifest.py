@@ -26,7 +26,10 @@ def read_manifest(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     Raises:
         FileNotFoundError: when the manifest itself is missing.
     """
-    data = read_bytes(url)
+    try:
+        data = read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"manifest not found: {url}") from None
     if _is_parquet(url):
         table = pq.read_table(io.BytesIO(data))
         return table.to_pylist(), []

@@ -1,0 +1,236 @@
+"""The `mlpl` command line: corpus building, training, evaluation and the demo flow.
+
+Every command has `--help`; long work draws a rich progress bar; bad arguments or unusable input end
+with a non-zero exit and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import ValidationError
+
+log = logging.getLogger("mlpl.cli")
+
+
+@contextmanager
+def progress_bar(single: bool = False) -> Iterator[Callable[[int, int, str], None]]:
+    """Rich progress bars driven by pipeline `on_progress(done, total, desc)` callbacks.
+
+    One bar per phase (the description's first word: "decode", "train"), or one bar for everything.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=False,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(done: int, total: int, desc: str) -> None:
+            name = "all" if single else desc.split(" ")[0]
+            if name not in tasks:
+                tasks[name] = progress.add_task(desc, total=total)
+            progress.update(tasks[name], completed=done, total=total, description=desc)
+
+        yield update
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(base: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` assignments (JSON values, else strings) to a nested config dict.
+
+    Raises:
+        ValueError: for an assignment without '=' or a path through a non-dict.
+    """
+    out = json.loads(json.dumps(base))
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.001")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def cmd_corpus_build(args: argparse.Namespace) -> int:
+    """Build a synthetic multilingual corpus."""
+    from pipeline.corpus import build_corpus, card_summary, corpus_preset
+
+    cfg = corpus_preset(args.preset)
+    if args.seed is not None:
+        cfg = cfg.model_copy(update={"seed": args.seed})
+    t0 = time.perf_counter()
+    with progress_bar(single=True) as update:
+        card = build_corpus(cfg, args.out, text_dir=args.text_dir, cache_dir=args.cache_dir, on_progress=update)
+    print(f"corpus built in {time.perf_counter() - t0:.1f} s → {args.out} (card: {args.out}/corpus_card.md)")
+    print(card_summary(card))
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from pipeline.config import SupervisedConfig, model_preset, supervised_preset
+
+    overrides = {} if args.max_updates is None else {"max_updates": args.max_updates}
+    cfg = supervised_preset(args.preset, args.train, args.dev, **overrides)
+    base = cfg.model_dump(mode="json")
+    if args.model:
+        base["model"] = model_preset(args.model).model_dump(mode="json")
+    sets = list(args.set or [])
+    if args.threads is not None:
+        sets.append(f"num_threads={args.threads}")
+    return SupervisedConfig(**apply_overrides(base, sets))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Supervised multilingual CTC + LID training (stage 1), resumable."""
+    from pipeline.evaluate import format_table
+    from pipeline.train import run_supervised
+
+    cfg = _train_config(args)
+    with progress_bar() as update:
+        result = run_supervised(cfg, args.run_dir, resume=not args.no_resume, on_progress=update)
+    if result.dev_metrics:
+        print(format_table(result.dev_metrics, f"dev at update {result.step}"))
+    print(f"{result.audio_s_per_s} audio-s/s over {result.train_wall_s} s; best: {result.best_checkpoint}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a checkpoint on a manifest."""
+    from pipeline.evaluate import run_evaluate
+
+    with progress_bar() as update:
+        result = run_evaluate(args.checkpoint, args.manifest, args.out, bf16=not args.fp32, on_progress=update)
+    print(result["markdown"])
+    print(f"{result['utterances']} utterances, {result['rejects']} rejects → {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo recipe as a Prefect flow (embedded server, local files) and print the table."""
+    from flows.supervised import demo_flow
+
+    t0 = time.perf_counter()
+    out = demo_flow(
+        corpus_dir=args.corpus_dir, run_dir=args.run_dir, corpus=args.corpus, seed=args.seed,
+        max_updates=args.max_updates,
+    )
+    train, test = out["training"], out["test"]
+    print()
+    print(test["markdown"])
+    print(
+        f"supervised training: {train['step']} updates, {train['train_wall_s']} s, "
+        f"{train['audio_s_per_s']} audio-s/s, {train['num_parameters']} parameters"
+    )
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    print(f"corpus:      {args.corpus_dir} (card: {args.corpus_dir}/corpus_card.md)")
+    print(f"checkpoints: {train['best_checkpoint']}")
+    print(f"test report: {args.run_dir}/eval/test/metrics.md, hypotheses.jsonl")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure throughput on the demo corpus (built first if missing)."""
+    from pipeline.bench import format_figures, run_bench
+    from pipeline.corpus import build_corpus, corpus_preset
+    from storage.files import exists, join
+
+    if not exists(join(args.corpus_dir, "manifests", "labeled.jsonl")):
+        with progress_bar(single=True) as update:
+            build_corpus(corpus_preset(args.corpus), args.corpus_dir, on_progress=update)
+    print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    p = argparse.ArgumentParser(prog="mlpl", description="Multilingual pseudo-labeling pipeline (slimIPL recipe).")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    corpus = sub.add_parser("corpus", help="synthetic multilingual corpus").add_subparsers(dest="action", required=True)
+    b = corpus.add_parser("build", help="build a corpus preset (smoke, demo, bench) with espeak-ng")
+    b.add_argument("--preset", default="demo", help="smoke | demo | bench (default: demo)")
+    b.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
+    b.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's)")
+    b.add_argument("--text-dir", default=None, help="folder with <lang>.txt sentence files instead of Debian text")
+    b.add_argument("--cache-dir", default=None, help="download/text cache (default: $MLPL_CACHE_DIR or ~/.cache/mlpl)")
+    b.set_defaults(func=cmd_corpus_build)
+
+    t = sub.add_parser("train", help="supervised multilingual CTC + LID training (resumes by default)")
+    t.add_argument("--train", required=True, help="labeled manifest (JSONL or Parquet, any fsspec URL)")
+    t.add_argument("--dev", default=None, help="dev manifest for periodic validation")
+    t.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    t.add_argument("--preset", default="tiny", help="tiny (CPU) | paper (default: tiny)")
+    t.add_argument("--model", default=None, help="model preset override: tiny | base | large")
+    t.add_argument("--max-updates", type=int, default=None, help="number of updates")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")
+    e.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by training")
+    e.add_argument("--manifest", required=True, help="manifest to score")
+    e.add_argument("--out", required=True, help="output folder for metrics.json/.md and hypotheses.jsonl")
+    e.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="build the demo corpus and run the main job as a Prefect flow")
+    d.add_argument("--corpus", default="demo", help="corpus preset (default: demo)")
+    d.add_argument("--corpus-dir", default="data/demo")
+    d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--max-updates", type=int, default=None, help="override the training length")
+    d.set_defaults(func=cmd_demo)
+
+    bn = sub.add_parser("bench", help="throughput figures (front end, training fp32 vs bf16, decoding)")
+    bn.add_argument("--corpus", default="demo", help="corpus preset to build when missing (default: demo)")
+    bn.add_argument("--corpus-dir", default="data/demo")
+    bn.add_argument("--updates", type=int, default=30, help="timed training updates per precision")
+    bn.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mlpl` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        print(f"mlpl: error: invalid config: {msgs}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"mlpl: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mlpl: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

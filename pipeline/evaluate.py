@@ -1,0 +1,163 @@
+"""Greedy-CTC evaluation: per-language CER/WER (jiwer, on normalized text) and LID accuracy.
+
+Used for periodic validation during training and by `mlpl evaluate` on any manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jiwer
+import torch
+
+from models.decode import greedy_ctc_decode
+from models.encoder import CTCLIDModel
+from pipeline.config import AudioPolicy, BatchConfig
+from pipeline.data import Dataset, DynamicBucketSampler, ProgressFn, collate, load_dataset
+from pipeline.modeling import autocast, load_trained
+from pipeline.text import normalize_text
+from pipeline.tokenizer import Tokenizer
+from storage.files import atomic_write_text, join, write_json
+from storage.manifest import write_manifest, write_rejects
+
+
+@torch.no_grad()
+def decode_dataset(
+    model: CTCLIDModel,
+    ds: Dataset,
+    *,
+    tokenizer: Tokenizer,
+    languages: Sequence[str],
+    batch: BatchConfig,
+    bf16: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy-decode every utterance in eval mode; one row per utterance with its hypothesis and signals."""
+    was_training = model.training
+    model.eval()
+    lang_ids = {lang: i for i, lang in enumerate(languages)}
+    sampler = DynamicBucketSampler(
+        ds.durations(),
+        max_batch_duration_s=max(batch.max_batch_duration_s, max(ds.durations(), default=0.0)),
+        max_batch_size=batch.max_batch_size,
+        num_buckets=batch.num_buckets,
+        shuffle=False,
+    )
+    rows: list[dict[str, Any]] = []
+    for idx in sampler.epoch_batches(0):
+        utts = [ds.utterances[i] for i in idx]
+        b = collate(utts, ds.features, tokenizer=None, language_ids=lang_ids)
+        with autocast(bf16):
+            out = model(b.feats, b.feat_lens)
+        hyps = greedy_ctc_decode(out.log_probs.float(), out.out_lens, blank=tokenizer.blank_id)
+        lid_probs = out.lid_logits.float().softmax(dim=-1)
+        for u, h, p in zip(utts, hyps, lid_probs, strict=True):
+            text = tokenizer.decode(h.tokens)
+            k = int(p.argmax())
+            rows.append(
+                {
+                    "id": u.id,
+                    "language": u.language,
+                    "audio": u.audio,
+                    "reference": u.text,
+                    "hypothesis": text,
+                    "num_tokens": len(h.tokens),
+                    "confidence": round(h.confidence, 5),
+                    "blank_ratio": round(h.blank_ratio, 5),
+                    "lid_pred": languages[k],
+                    "lid_prob": round(float(p[k]), 5),
+                }
+            )
+        if on_progress is not None:
+            on_progress(len(rows), len(ds.utterances), "decode")
+    model.train(was_training)
+    return rows
+
+
+def score(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per-language corpus-level CER/WER (percent) on normalized text, LID accuracy, utterance counts.
+
+    The key "all" pools every language; "macro" averages the per-language figures.
+    """
+    by_lang: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("reference") is None:
+            continue
+        by_lang.setdefault(r["language"], []).append(r)
+    table = {lang: _score_group(group) for lang, group in sorted(by_lang.items())}
+    if table:
+        table["all"] = _score_group([r for g in by_lang.values() for r in g])
+        per_lang = [v for k, v in table.items() if k != "all"]
+        table["macro"] = {
+            key: sum(v[key] for v in per_lang) / len(per_lang) for key in ("cer", "wer", "lid_acc")
+        } | {"n": float(sum(v["n"] for v in per_lang))}
+    return table
+
+
+def _score_group(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    refs = [normalize_text(r["reference"]) for r in rows]
+    hyps = [normalize_text(r["hypothesis"]) for r in rows]
+    pairs = [(ref, hyp) for ref, hyp in zip(refs, hyps, strict=True) if ref]
+    cer = wer = math.nan
+    if pairs:
+        ref_list, hyp_list = [p[0] for p in pairs], [p[1] for p in pairs]
+        cer = 100.0 * jiwer.cer(reference=ref_list, hypothesis=hyp_list)
+        wer = 100.0 * jiwer.wer(reference=ref_list, hypothesis=hyp_list)
+    lid_acc = 100.0 * sum(r["lid_pred"] == r["language"] for r in rows) / len(rows)
+    return {"n": float(len(rows)), "cer": cer, "wer": wer, "lid_acc": lid_acc}
+
+
+def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
+    """Markdown table of a `score()` result."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| language | utts | CER % | WER % | LID acc % |", "|---|---:|---:|---:|---:|"]
+    for lang, v in table.items():
+        lines.append(f"| {lang} | {int(v['n'])} | {v['cer']:.1f} | {v['wer']:.1f} | {v['lid_acc']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_evaluate(
+    checkpoint_url: str,
+    manifest_url: str,
+    out_dir: str,
+    *,
+    batch: BatchConfig | None = None,
+    policy: AudioPolicy | None = None,
+    bf16: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Score a checkpoint on a manifest; write hypotheses, rejects, metrics JSON and Markdown to out_dir."""
+    trained = load_trained(checkpoint_url)
+    ds = load_dataset(
+        manifest_url,
+        features=trained.features,
+        policy=policy or trained.audio_policy,
+        require_text=False,
+        languages=trained.languages,
+        on_progress=on_progress,
+    )
+    rows = decode_dataset(
+        trained.model,
+        ds,
+        tokenizer=trained.tokenizer,
+        languages=trained.languages,
+        batch=batch or BatchConfig(max_batch_duration_s=120.0, max_batch_size=64),
+        bf16=bf16,
+        on_progress=on_progress,
+    )
+    table = score(rows)
+    markdown = format_table(table, f"{manifest_url} — {checkpoint_url}")
+    write_manifest(join(out_dir, "hypotheses.jsonl"), rows)
+    write_rejects(join(out_dir, "rejects.jsonl"), [r.as_row() for r in ds.rejects])
+    result = {
+        "checkpoint": checkpoint_url,
+        "manifest": manifest_url,
+        "utterances": len(rows),
+        "rejects": len(ds.rejects),
+        "metrics": table,
+    }
+    write_json(join(out_dir, "metrics.json"), result)
+    atomic_write_text(join(out_dir, "metrics.md"), markdown)
+    return result | {"markdown": markdown}

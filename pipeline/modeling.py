@@ -1,0 +1,72 @@
+"""Builds models from configs and rebuilds trained models from checkpoints (configs stop here)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from models.encoder import CTCLIDModel
+from pipeline.config import AudioPolicy, FeatureConfig
+from pipeline.tokenizer import Tokenizer, tokenizer_from_dict
+from storage.checkpoint import load_checkpoint
+
+
+@lru_cache(maxsize=1)
+def bf16_supported() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (otherwise autocast only slows things down)."""
+    try:
+        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16")) and bool(
+            torch.cpu._is_avx512_bf16_supported()
+        )
+    except AttributeError:
+        return False
+
+
+def autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CPUs that support it, else a no-op."""
+    if enabled and bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Trained:
+    """A model rebuilt from a checkpoint with what it needs to read and label audio."""
+
+    model: CTCLIDModel
+    tokenizer: Tokenizer
+    languages: list[str]
+    features: FeatureConfig
+    audio_policy: AudioPolicy
+    step: int
+    checkpoint: dict[str, Any]
+
+
+def load_trained(url: str) -> Trained:
+    """Rebuild model, tokenizer and languages from a checkpoint (loaded with weights_only=True), in eval mode.
+
+    Raises:
+        FileNotFoundError: when no checkpoint is at the URL.
+        ValueError: when the file is not an mlpl checkpoint.
+    """
+    ckpt = load_checkpoint(url)
+    missing = [k for k in ("model", "model_kwargs", "tokenizer", "languages", "config") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{url} is not an mlpl checkpoint (missing {', '.join(missing)})")
+    model = CTCLIDModel(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    cfg = ckpt["config"]
+    return Trained(
+        model=model,
+        tokenizer=tokenizer_from_dict(ckpt["tokenizer"]),
+        languages=list(ckpt["languages"]),
+        features=FeatureConfig(**cfg["features"]),
+        audio_policy=AudioPolicy(**cfg["audio"]),
+        step=int(ckpt.get("step", 0)),
+        checkpoint=ckpt,
+    )

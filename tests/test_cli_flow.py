@@ -1,0 +1,61 @@
+"""End to end through the real CLI and the Prefect flow on the smoke corpus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from flows.cli import main
+
+
+def test_every_command_has_help():
+    for args in (["--help"], ["corpus", "build", "--help"], ["train", "--help"], ["evaluate", "--help"],
+                 ["demo", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: mlpl" in proc.stdout
+
+
+def test_bad_arguments_exit_nonzero_with_one_line_reason(tmp_path, capsys):
+    assert main(["train", "--train", str(tmp_path / "missing.jsonl"), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mlpl: error:") and "missing.jsonl" in err[0]
+    assert main(["train", "--train", "t.jsonl", "--run-dir", "r", "--set", "model.d_model=143"]) == 2
+    assert "divisible" in capsys.readouterr().err
+    assert main(["corpus", "build", "--preset", "galactic", "--out", str(tmp_path)]) == 2
+    assert "smoke" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "train"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--train" in proc.stderr
+
+
+def test_train_and_evaluate_via_cli(smoke_corpus, tmp_path, capsys):
+    m = Path(smoke_corpus) / "manifests"
+    run = tmp_path / "run"
+    assert main(["train", "--train", str(m / "labeled.jsonl"), "--dev", str(m / "dev.jsonl"), "--run-dir",
+                 str(run), "--max-updates", "6", "--set", "optim.warmup_updates=2", "--set", "eval_every=6"]) == 0
+    out = capsys.readouterr().out
+    assert "| language |" in out and "audio-s/s" in out
+    ckpt = run / "supervised/checkpoints/best.pt"
+    assert ckpt.exists()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--manifest", str(m / "test.jsonl"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval/metrics.json").read_text())
+    assert set(metrics["metrics"]) >= {"es", "el", "sl", "all"}
+    hyps = (tmp_path / "eval/hypotheses.jsonl").read_text().splitlines()
+    assert len(hyps) == metrics["utterances"] > 0
+
+
+def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.supervised import demo_flow
+
+    with prefect_test_harness(server_startup_timeout=120):
+        out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
+                        max_updates=30)
+    assert out["training"]["step"] == 30
+    table = out["test"]["metrics"]
+    assert set(table) >= {"es", "el", "sl", "all", "macro"}
+    assert (tmp_path / "run/eval/test/metrics.md").read_text().startswith("### ")
+    assert (tmp_path / "corpus/corpus_card.md").exists()
