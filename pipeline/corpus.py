@@ -187,14 +187,14 @@ def smoke() -> CorpusConfig:
         name="smoke",
         high_resource=["es", "el"],
         low_resource=["sl"],
-        labeled_clips_high=16,
-        labeled_clips_low=6,
+        labeled_clips_high=40,
+        labeled_clips_low=12,
         unlabeled_clips=2,
-        dev_clips=4,
+        dev_clips=6,
         test_clips=4,
-        labeled_speakers=4,
+        labeled_speakers=15,  # enough voices that LID generalizes to held-out speakers
         unlabeled_speakers=2,
-        dev_speakers=2,
+        dev_speakers=3,
         test_speakers=2,
         num_workers=1,  # a second worker's torch import costs more than it saves on ~70 clips
     )

@@ -224,7 +224,7 @@ def test_card_describes_the_corpus(smoke_dir):
     for lang, info in card["languages"].items():
         assert info["text_source"]["package"] == f"libreoffice-help-{lang}"
         assert info["text_source"]["version"]
-    assert card["splits"]["labeled"]["es"]["clips"] == 16 and card["splits"]["labeled"]["es"]["hours"] > 0
+    assert card["splits"]["labeled"]["es"]["clips"] == 40 and card["splits"]["labeled"]["es"]["hours"] > 0
     assert card["rejects"] == []
     markdown = (smoke_dir / "corpus_card.md").read_text(encoding="utf-8")
     assert "libreoffice-help-el" in markdown and "| unlabeled |" in markdown

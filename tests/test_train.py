@@ -25,13 +25,13 @@ def _manifests(corpus: str) -> tuple[str, str]:
 @pytest.mark.slow
 def test_loss_decreases_and_lid_beats_chance(smoke_corpus, tmp_path):
     train, dev = _manifests(smoke_corpus)
-    cfg = supervised_tiny(train, dev, max_updates=150, eval_every=150, log_every=50, save_every=150)
+    cfg = supervised_tiny(train, dev, max_updates=300, eval_every=300, log_every=100, save_every=300)
     result = run_supervised(cfg, str(tmp_path / "run"))
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-10:]) / 10
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.5 * first, (first, last)
     # Three languages: chance is 33 %. Dev speakers are held out, so this is about languages, not voices.
-    assert result.dev_metrics["all"]["lid_acc"] > 55.0, result.dev_metrics
-    assert result.dev_metrics["all"]["cer"] < 100.0
+    assert result.dev_metrics["all"]["lid_acc"] > 75.0, result.dev_metrics
+    assert result.dev_metrics["all"]["cer"] < 70.0, result.dev_metrics
 
 
 def test_overfits_a_handful_of_utterances(smoke_corpus, tmp_path):
