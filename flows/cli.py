@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Prefect's client logs every API request at INFO; keep the console for the pipeline's own lines.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ValidationError as err:
