@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _train_config(args)
     with progress_bar() as update:
-        result = run_supervised(cfg, args.run_dir, resume=not args.no_resume, on_progress=update)
+        result = run_supervised(cfg, args.run_dir, resume=args.resume, on_progress=update)
     if result.dev_metrics:
         print(format_table(result.dev_metrics, f"dev at update {result.step}"))
     print(f"{result.audio_s_per_s} audio-s/s over {result.train_wall_s} s; best: {result.best_checkpoint}")
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-updates", type=int, default=None, help="number of updates")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
-    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint and start over")
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from <run-dir>/supervised/checkpoints/last.pt when present (default: on)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")

@@ -114,11 +114,16 @@ def validate_rows(
             if require_text and not text:
                 rejects.append(_row_reject(row, "text is empty", source))
                 continue
+        try:
+            duration_s = float(row.get("duration_s") or 0.0)
+        except (TypeError, ValueError):
+            rejects.append(_row_reject(row, f"duration_s is not a number ({row.get('duration_s')!r})", source))
+            continue
         utts.append(
             Utterance(
                 id=uid,
                 audio=str(row["audio"]),
-                duration_s=float(row.get("duration_s") or 0.0),
+                duration_s=duration_s,
                 language=lang,
                 text=text,
                 speaker=None if row.get("speaker") is None else str(row["speaker"]),
@@ -152,6 +157,9 @@ def load_dataset(
             wav = load_audio(u.audio, policy, features.sample_rate_hz)
         except AudioError as err:
             rejects.append(Reject(u.id, u.audio, u.language, str(err), manifest_url))
+        except Exception as err:  # one unreadable row must never end the run
+            reason = f"unexpected error reading audio ({type(err).__name__}: {err})"
+            rejects.append(Reject(u.id, u.audio, u.language, reason, manifest_url))
         else:
             feats[u.id] = log_mel(wav, features)
             kept.append(u)

@@ -35,6 +35,8 @@ def decode_dataset(
     on_progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy-decode every utterance in eval mode; one row per utterance with its hypothesis and signals."""
+    if not ds.utterances:
+        return []
     was_training = model.training
     model.eval()
     lang_ids = {lang: i for i, lang in enumerate(languages)}

@@ -57,9 +57,12 @@ def bad_rows(tmp: Path) -> dict[str, dict]:
         "sample rate 8000": {"audio": write_flac(a / "8k.flac", tone(2.0, sr=8000), sr=8000)},
         "longer than": {"audio": write_flac(a / "long.flac", tone(45.0))},
         "unknown language": {"audio": write_flac(a / "xx.flac", tone(2.0)), "language": "xx"},
+        "not a number": {"audio": write_flac(a / "dur.flac", tone(2.0)), "duration_s": "long"},
+        "text is empty": {"audio": write_flac(a / "notext.flac", tone(2.0)), "text": "  "},
+        "missing field(s) audio": {"audio": None},
     }
     out = {}
     for n, (kind, extra) in enumerate(rows.items()):
-        row = {"id": f"bad{n}", "duration_s": 2.0, "language": "es", "text": "hola", **extra}
+        row = {"id": f"bad{n}", "duration_s": 2.0, "language": "es", "text": "hola"} | extra
         out[kind] = row
     return out

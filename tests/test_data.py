@@ -165,3 +165,12 @@ def test_manifest_round_trip_jsonl_and_parquet(tmp_path):
         assert back == rows and rejects == []
     write_manifest("memory://manifests/m.jsonl", rows)  # any fsspec URL
     assert read_manifest("memory://manifests/m.jsonl")[0] == rows
+
+
+def test_char_tokenizer_round_trips_every_transcript_of_the_corpus(smoke_corpus):
+    rows, _ = read_manifest(f"{smoke_corpus}/manifests/labeled.jsonl")
+    tok = tokenizer_from_dict(CharTokenizer.train([r["text"] for r in rows]).to_dict())
+    assert {r["language"] for r in rows} == {"es", "el", "sl"}
+    assert any("\u0370" <= ch <= "\u03ff" for ch in tok.symbols)  # Greek letters are in the vocabulary
+    for r in rows:
+        assert tok.decode(tok.encode(r["text"])) == r["text"]
