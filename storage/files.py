@@ -34,12 +34,6 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def makedirs(url: str) -> None:
-    """Create a folder and its parents (no-op on object stores without folders)."""
-    fs, path = _fs(url)
-    fs.makedirs(path, exist_ok=True)
-
-
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write bytes to a temp name beside the target, then rename it into place."""
     fs, path = _fs(url)

@@ -51,9 +51,21 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
 
     from flows.supervised import demo_flow
 
+    from prefect.client.orchestration import get_client
+
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
                         max_updates=30)
+        with get_client(sync_client=True) as client:
+            artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+    # Ops see progress and the per-language tables in the UI.
+    assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics"} <= set(
+        artifacts
+    )
+    assert artifacts["supervised-training"].type == "progress" and artifacts["supervised-training"].data == 100.0
+    table = artifacts["supervised-test-metrics"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {row["language"] for row in table} >= {"es", "el", "sl"}
     assert out["training"]["step"] == 30
     table = out["test"]["metrics"]
     assert set(table) >= {"es", "el", "sl", "all", "macro"}
