@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,8 +75,7 @@ def compute_loss(model, batch, lid_weight: float, bf16: bool) -> tuple[torch.Ten
 
 def evaluate_dev(model, dev: Dataset, tokenizer: Tokenizer, languages: list[str], cfg: SupervisedConfig):
     """Greedy-decode the dev set and score it per language."""
-    rows = decode_dataset(model, dev, tokenizer=tokenizer, languages=languages, batch=cfg.batch, bf16=cfg.bf16)
-    return score(rows), rows
+    return score(decode_dataset(model, dev, tokenizer=tokenizer, languages=languages, batch=cfg.batch, bf16=cfg.bf16))
 
 
 def prepare_data(cfg: SupervisedConfig, stage_dir: str, resume_state: dict | None, on_progress: ProgressFn | None):
@@ -123,7 +121,6 @@ def run_supervised(
     resume: bool = True,
     on_progress: ProgressFn | None = None,
     stop_after: int | None = None,
-    on_eval: Callable[[int, dict], None] | None = None,
 ) -> StageResult:
     """Train the multilingual CTC + LID model; continue from `<run_dir>/supervised/checkpoints/last.pt`.
 
@@ -245,12 +242,10 @@ def run_supervised(
             t_log, audio_log = now, 0.0
         evaluated = False
         if dev is not None and (step % cfg.eval_every == 0 or step == cfg.max_updates):
-            table, _ = evaluate_dev(model, dev, tokenizer, languages, cfg)
+            table = evaluate_dev(model, dev, tokenizer, languages, cfg)
             evals.append({"step": step, "metrics": table})
             evaluated = True
             log.info("dev at update %d:\n%s", step, format_table(table))
-            if on_eval is not None:
-                on_eval(step, table)
             if table["macro"]["cer"] < best["metric"]:
                 best = {"metric": table["macro"]["cer"], "step": step}
                 save(best_url)

@@ -47,11 +47,10 @@ def test_train_and_evaluate_via_cli(smoke_corpus, tmp_path, capsys):
 
 
 def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
+    from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.supervised import demo_flow
-
-    from prefect.client.orchestration import get_client
 
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
