@@ -43,7 +43,7 @@ class StageResult:
     num_train_utterances: int = 0
     num_rejects: int = 0
     num_parameters: int = 0
-    train_wall_s: float = 0.0
+    train_wall_s: float = 0.0  # over every run of the stage, resumed ones included
     audio_s_per_s: float = 0.0
     losses: list[float] = field(default_factory=list)
 
@@ -158,12 +158,15 @@ def run_supervised(
         seed=cfg.seed,
     )
     step, history, evals, best = 0, [], [], {"metric": math.inf, "step": 0}
+    # Seconds of training and of audio over every run of this stage, so a resumed run reports the totals.
+    t_train, audio_s = 0.0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
         step, history, evals, best = state["step"], state["history"], state["evals"], state["best"]
+        t_train, audio_s = state["timing"]["train_wall_s"], state["timing"]["audio_s"]
         log.info("resumed from %s at update %d", last_url, step)
     num_params = count_parameters(model)
     log.info(
@@ -191,6 +194,7 @@ def run_supervised(
                 "history": history,
                 "evals": evals,
                 "best": best,
+                "timing": {"train_wall_s": t_train, "audio_s": audio_s},
             },
         )
 
@@ -200,7 +204,7 @@ def run_supervised(
 
     batches = iter(sampler)
     model.train()
-    t_train, audio_s, losses_this_run = 0.0, 0.0, []
+    losses_this_run = []
     t_log, audio_log = time.perf_counter(), 0.0
     end = cfg.max_updates if stop_after is None else min(cfg.max_updates, step + stop_after)
     while step < end:

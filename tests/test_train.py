@@ -63,6 +63,7 @@ def test_resume_reproduces_the_next_losses(smoke_corpus, tmp_path):
     assert first.step == 4
     resumed = run_supervised(cfg, str(tmp_path / "killed"))
     assert resumed.step == 8 and len(resumed.losses) == 4
+    assert resumed.train_wall_s > first.train_wall_s > 0  # timing totals survive the kill
     torch.testing.assert_close(torch.tensor(first.losses + resumed.losses), torch.tensor(reference))
     history = [json.loads(line) for line in (tmp_path / "killed/supervised/metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 9))  # nothing lost, nothing written twice
