@@ -70,3 +70,11 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     assert set(table) >= {"es", "el", "sl", "all", "macro"}
     assert (tmp_path / "run/eval/test/metrics.md").read_text().startswith("### ")
     assert (tmp_path / "corpus/corpus_card.md").exists()
+
+
+def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, capsys):
+    assert main(["bench", "--corpus-dir", smoke_corpus, "--updates", "3"]) == 0
+    out = capsys.readouterr().out
+    for name in ("decode FLAC + resample + log-mel", "train update, fp32", "greedy decode, fp32"):
+        line = next(row for row in out.splitlines() if row.startswith(f"| {name} |"))
+        assert float(line.split("|")[-2]) > 0  # audio-s/s
