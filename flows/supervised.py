@@ -70,7 +70,7 @@ def train_supervised_task(cfg: SupervisedConfig, run_dir: str) -> dict:
             table=_table_rows(result.dev_metrics), key="supervised-dev-metrics",
             description=f"dev CER/WER/LID at update {result.step}",
         )
-    summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
+    summary = result.summary()
     get_run_logger().info("supervised training: %s", summary)
     return summary
 

@@ -17,7 +17,7 @@ from pipeline.data import DynamicBucketSampler, collate, load_dataset, reject_un
 from pipeline.evaluate import decode_dataset
 from pipeline.modeling import bf16_supported
 from pipeline.tokenizer import train_tokenizer
-from pipeline.train import compute_loss, make_optimizer
+from pipeline.train import make_optimizer, train_step
 from storage.files import join
 
 
@@ -46,11 +46,8 @@ def _train_rate(cfg: SupervisedConfig, ds, tokenizer, languages, batches, bf16: 
         batch = collate([ds.utterances[i] for i in idx], ds.features, tokenizer=tokenizer, language_ids=lang_ids,
                         specaugment=cfg.specaugment)
         t0 = time.perf_counter()
-        loss, _ = compute_loss(model, batch, cfg.lid_weight, bf16)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
-        optimizer.step()
+        train_step(model, optimizer, batch, lid_weight=cfg.lid_weight, grad_clip_norm=cfg.optim.grad_clip_norm,
+                   bf16=bf16)
         if n >= 2:  # the first updates warm up allocators and kernels
             wall_s += time.perf_counter() - t0
             audio_s += float(batch.feat_lens.sum()) * cfg.features.hop_ms / 1000

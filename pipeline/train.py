@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +48,10 @@ class StageResult:
     audio_s_per_s: float = 0.0
     losses: list[float] = field(default_factory=list)
 
+    def summary(self) -> dict[str, Any]:
+        """Everything but the per-update losses, for result.json and Prefect."""
+        return {k: v for k, v in self.__dict__.items() if k != "losses"}
+
 
 def lr_at(step: int, optim: OptimConfig, max_updates: int) -> float:
     """Learning rate for an update: linear warmup, then constant or cosine decay to min_lr_ratio·lr."""
@@ -71,6 +76,21 @@ def compute_loss(model, batch, lid_weight: float, bf16: bool) -> tuple[torch.Ten
     with autocast(bf16):
         out = model(batch.feats, batch.feat_lens)
     return ctc_lid_loss(out, batch.targets, batch.target_lens, batch.lang_ids, lid_weight=lid_weight)
+
+
+def train_step(model, optimizer, batch, *, lid_weight: float, grad_clip_norm: float, bf16: bool):
+    """One update: loss, backward, grad-norm clip, optimizer step; returns (loss parts, grad norm).
+
+    A non-finite loss skips the update and returns None for the grad norm.
+    """
+    loss, info = compute_loss(model, batch, lid_weight, bf16)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return info, None
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
+    optimizer.step()
+    return info, grad_norm
 
 
 def evaluate_dev(model, dev: Dataset, tokenizer: Tokenizer, languages: list[str], cfg: SupervisedConfig):
@@ -217,13 +237,9 @@ def run_supervised(
         lr = lr_at(step, cfg.optim, cfg.max_updates)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, info = compute_loss(model, batch, cfg.lid_weight, cfg.bf16)
-        optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(loss):
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm))
-            optimizer.step()
-        else:
+        info, grad_norm = train_step(model, optimizer, batch, lid_weight=cfg.lid_weight,
+                                     grad_clip_norm=cfg.optim.grad_clip_norm, bf16=cfg.bf16)
+        if grad_norm is None:
             grad_norm = math.nan
             log.warning("update %d: non-finite loss on batch %s; skipped", step + 1, batch.ids[:4])
         step += 1
@@ -272,8 +288,7 @@ def run_supervised(
         audio_s_per_s=round(audio_s / t_train, 1) if t_train else 0.0,
         losses=losses_this_run,
     )
-    summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
-    write_json(join(stage_dir, "result.json"), summary)
+    write_json(join(stage_dir, "result.json"), result.summary())
     if dev_metrics:
         atomic_write_text(join(stage_dir, "dev_metrics.md"), format_table(dev_metrics, f"dev at update {step}"))
     return result
