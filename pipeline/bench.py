@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from models.encoder import CTCLIDModel, frames_after_subsampling
+from models.encoder import CTCLIDModel
 from pipeline.config import SupervisedConfig, model_kwargs, supervised_tiny
 from pipeline.data import DynamicBucketSampler, collate, load_dataset, reject_untrainable
 from pipeline.evaluate import decode_dataset
 from pipeline.modeling import bf16_supported
 from pipeline.tokenizer import train_tokenizer
-from pipeline.train import make_optimizer, train_step
+from pipeline.trainer import make_optimizer, train_step
 from storage.files import join
 
 
@@ -63,7 +63,7 @@ def run_bench(corpus_dir: str, updates: int = 30) -> list[Figure]:
     front = Figure("decode FLAC + resample + log-mel", sum(ds.durations()), time.perf_counter() - t0)
     languages = ds.languages()
     tokenizer = train_tokenizer("char", [u.text or "" for u in ds.utterances])
-    ds = reject_untrainable(ds, tokenizer, lambda n: int(frames_after_subsampling(n)))
+    ds = reject_untrainable(ds, tokenizer, cfg.model.conv_kernel, cfg.model.conv_stride)
     sampler = DynamicBucketSampler(ds.durations(), max_batch_duration_s=cfg.batch.max_batch_duration_s,
                                    max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets)
     batches = sampler.epoch_batches(0)[: updates + 2]

@@ -1,4 +1,4 @@
-"""Typed configs for the supervised multilingual stage (paper Sec. 4), with the paper's defaults.
+"""Typed configs for every training stage (paper Sec. 4-5, slimIPL), with the paper's defaults.
 
 Each stage has one pydantic model with `extra="forbid"`; presets are functions (`tiny()`, `base()`).
 Configs stop at the builder: `model_kwargs()` maps `ModelConfig` onto the flat arguments of models/.
@@ -127,7 +127,48 @@ class OptimConfig(_Config):
     grad_clip_norm: float = Field(1.0, gt=0)
 
 
-class SupervisedConfig(_Config):
+# Fields that change how a run is watched or how far it goes, not what an update computes: a run may be
+# resumed with other values (more threads, a longer budget), so the resume key leaves them out.
+_NOT_IN_RESUME_KEY = {"max_updates", "eval_every", "save_every", "log_every", "num_threads"}
+
+
+class TrainingConfig(_Config):
+    """What every training stage shares: optimizer, batches, SpecAugment, γ, budget and cadence."""
+
+    specaugment: SpecAugmentConfig = Field(default_factory=SpecAugmentConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    lid_weight: float = Field(1.0, ge=0.0)  # γ in ℓ = ℓ_CTC + γ·ℓ_LID (γ = 1 best in the paper)
+    max_updates: int = Field(300000, gt=0)
+    eval_every: int = Field(5000, gt=0)
+    save_every: int = Field(1000, gt=0)
+    log_every: int = Field(100, gt=0)
+    bf16: bool = True  # autocast on CPUs with native bf16 (≈3× fp32 matmul there); fp32 elsewhere
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    seed: int = 0
+
+    def resume_key(self) -> str:
+        """Hash of the fields that change what an update computes (not budget, cadence or threads)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude=_NOT_IN_RESUME_KEY), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def _loop_errors(self, max_duration_s: float | None) -> list[str]:
+        errors = []
+        if max_duration_s is not None and self.batch.max_batch_duration_s < max_duration_s:
+            errors.append(
+                f"batch.max_batch_duration_s={self.batch.max_batch_duration_s} is below "
+                f"audio.max_duration_s={max_duration_s}: the longest clips could never be batched; "
+                "raise the batch budget or lower audio.max_duration_s"
+            )
+        if self.optim.warmup_updates > self.max_updates:
+            errors.append(
+                f"optim.warmup_updates={self.optim.warmup_updates} exceeds max_updates={self.max_updates}; "
+                "the LR would never reach its peak"
+            )
+        return errors
+
+
+class SupervisedConfig(TrainingConfig):
     """Stage 1: supervised multilingual CTC + LID training on all labeled languages pooled."""
 
     train_manifest: str
@@ -138,32 +179,10 @@ class SupervisedConfig(_Config):
     model: ModelConfig = Field(default_factory=base_model)
     features: FeatureConfig = Field(default_factory=FeatureConfig)
     audio: AudioPolicy = Field(default_factory=AudioPolicy)
-    specaugment: SpecAugmentConfig = Field(default_factory=SpecAugmentConfig)
-    batch: BatchConfig = Field(default_factory=BatchConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    lid_weight: float = Field(1.0, ge=0.0)  # γ in ℓ = ℓ_CTC + γ·ℓ_LID (γ = 1 best in the paper)
-    max_updates: int = Field(300000, gt=0)
-    eval_every: int = Field(5000, gt=0)
-    save_every: int = Field(1000, gt=0)
-    log_every: int = Field(100, gt=0)
-    bf16: bool = True  # autocast on CPUs with native bf16 (≈3× fp32 matmul here)
-    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    seed: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> SupervisedConfig:
-        errors = []
-        if self.batch.max_batch_duration_s < self.audio.max_duration_s:
-            errors.append(
-                f"batch.max_batch_duration_s={self.batch.max_batch_duration_s} is below "
-                f"audio.max_duration_s={self.audio.max_duration_s}: the longest clips could never be batched; "
-                "raise the batch budget or lower audio.max_duration_s"
-            )
-        if self.optim.warmup_updates > self.max_updates:
-            errors.append(
-                f"optim.warmup_updates={self.optim.warmup_updates} exceeds max_updates={self.max_updates}; "
-                "the LR would never reach its peak"
-            )
+        errors = self._loop_errors(self.audio.max_duration_s)
         if self.languages is not None and len(set(self.languages)) != len(self.languages):
             errors.append(f"languages has duplicates: {self.languages}")
         if errors:
@@ -210,3 +229,167 @@ def supervised_preset(name: str, train_manifest: str, dev_manifest: str | None =
     if name not in SUPERVISED_PRESETS:
         raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(SUPERVISED_PRESETS)}")
     return SUPERVISED_PRESETS[name](train_manifest, dev_manifest, **overrides)
+
+
+class FinetuneConfig(TrainingConfig):
+    """Stage 2 (paper Sec. 5.1): fine-tune the multilingual checkpoint on one language's labeled data."""
+
+    language: str
+    train_manifest: str  # may hold every language: only `language`'s rows are used
+    dev_manifest: str | None = None
+    init_checkpoint: str | None = None  # None: <run>/supervised/checkpoints/best.pt
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # None keeps the checkpoint's
+    layerdrop: float | None = Field(None, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        errors = self._loop_errors(None)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+class CollapseGuardConfig(_Config):
+    """When PLs degenerate (paper Sec. 5.2: long audio labeled as all blanks), stop or roll back."""
+
+    max_empty_share: float = Field(0.5, ge=0.0, le=1.0)  # share of empty PLs in one cache refresh
+    max_blank_ratio: float = Field(0.97, ge=0.0, le=1.0)  # mean share of blank frames
+    min_chars_per_s: float = Field(2.0, ge=0.0)  # PL characters per second of audio (speech: ≈ 10-15)
+    patience: int = Field(20, gt=0)  # M consecutive bad refreshes before acting
+    action: Literal["stop", "rollback"] = "stop"
+    max_rollbacks: int = Field(2, ge=0)  # with action=rollback: then stop
+
+
+class SlimIPLConfig(TrainingConfig):
+    """Stage 3: slimIPL (Likhomanenko et al. 2021) on one language, with the paper's cropping warmup."""
+
+    language: str
+    train_manifest: str  # labeled rows; only `language`'s are used
+    unlabeled_manifest: str  # only `language`'s rows are used
+    dev_manifest: str | None = None
+    reference_manifest: str | None = None  # hidden true transcripts of unlabeled clips: PL CER, never training
+    init_checkpoint: str | None = None  # None: <run>/finetune/<language>/checkpoints/best.pt
+    supervised_updates: int = Field(0, ge=0)  # labeled-only updates before PLs are used
+    unlabeled_ratio: int = Field(10, gt=0)  # λ: unlabeled steps per labeled step
+    pl_cache_size: int = Field(1000, gt=0)  # N: PL batches in the dynamic cache
+    pl_cache_update_prob: float = Field(0.1, ge=0.0, le=1.0)  # p: relabel the used slot with this probability
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)  # before PLs are used; None keeps the checkpoint's
+    layerdrop: float | None = Field(None, ge=0.0, lt=1.0)
+    pl_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # dynamic dropout once PLs are used
+    pl_layerdrop: float = Field(0.1, ge=0.0, lt=1.0)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # EMA labeler (0.999 in slimIPL); None: live model
+    cropping_warmup_updates: int = Field(10000, ge=0)  # K: label 10 s crops for the first K updates
+    crop_s: float = Field(10.0, gt=0.0)
+    crop_overlap_s: float = Field(2.0, ge=0.0)
+    unlabeled_batch: BatchConfig = Field(default_factory=BatchConfig)
+    collapse: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
+    pl_eval_max_utterances: int = Field(200, ge=0)  # unlabeled clips whose PL CER is measured at start and end
+    unlabeled_prefetch_batches: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> SlimIPLConfig:
+        errors = self._loop_errors(None)
+        if self.crop_overlap_s >= self.crop_s:
+            errors.append(
+                f"crop_overlap_s={self.crop_overlap_s} must be below crop_s={self.crop_s}; crops would never advance"
+            )
+        if self.unlabeled_batch.max_batch_duration_s < self.crop_s:
+            errors.append(
+                f"unlabeled_batch.max_batch_duration_s={self.unlabeled_batch.max_batch_duration_s} is below "
+                f"crop_s={self.crop_s}; raise the unlabeled batch budget"
+            )
+        if self.supervised_updates >= self.max_updates:
+            errors.append(
+                f"supervised_updates={self.supervised_updates} leaves no PL update within max_updates="
+                f"{self.max_updates}"
+            )
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+def finetune_tiny(language: str, train_manifest: str, dev_manifest: str | None = None, **overrides: Any):
+    """CPU preset: AdamW at a third of stage 1's peak LR, 300 updates of 60 s batches."""
+    cfg = dict(
+        language=language,
+        train_manifest=train_manifest,
+        dev_manifest=dev_manifest,
+        batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=4),
+        optim=OptimConfig(name="adamw", lr=1e-3, warmup_updates=20, schedule="cosine", weight_decay=0.01),
+        specaugment=SpecAugmentConfig(freq_masks=2, freq_mask_width=15, time_masks=2, time_mask_width=20),
+        max_updates=300,
+        eval_every=100,
+        save_every=50,
+        log_every=50,
+    )
+    return FinetuneConfig(**(cfg | overrides))
+
+
+def finetune_paper(language: str, train_manifest: str, dev_manifest: str | None = None, **overrides: Any):
+    """The paper's fine-tune: 10k updates at a lower LR than stage 1 (Adagrad 0.01, short warmup)."""
+    cfg = dict(
+        language=language,
+        train_manifest=train_manifest,
+        dev_manifest=dev_manifest,
+        optim=OptimConfig(lr=0.01, warmup_updates=1000),
+        max_updates=10000,
+        eval_every=1000,
+    )
+    return FinetuneConfig(**(cfg | overrides))
+
+
+def slimipl_tiny(
+    language: str, train_manifest: str, unlabeled_manifest: str, dev_manifest: str | None = None, **overrides: Any
+):
+    """CPU preset: λ 4, N 40, p 0.1, 150 cropping-warmup updates of 600, 60 s batches, no dropout."""
+    cfg = dict(
+        language=language,
+        train_manifest=train_manifest,
+        unlabeled_manifest=unlabeled_manifest,
+        dev_manifest=dev_manifest,
+        batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=4),
+        unlabeled_batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=16, num_buckets=8),
+        optim=OptimConfig(name="adamw", lr=1e-3, warmup_updates=20, schedule="cosine", weight_decay=0.01),
+        specaugment=SpecAugmentConfig(freq_masks=2, freq_mask_width=15, time_masks=2, time_mask_width=20),
+        unlabeled_ratio=4,
+        pl_cache_size=40,
+        pl_dropout=0.0,
+        pl_layerdrop=0.0,
+        cropping_warmup_updates=150,
+        max_updates=600,
+        eval_every=150,
+        save_every=50,
+        log_every=50,
+    )
+    return SlimIPLConfig(**(cfg | overrides))
+
+
+def slimipl_paper(
+    language: str, train_manifest: str, unlabeled_manifest: str, dev_manifest: str | None = None, **overrides: Any
+):
+    """The paper's slimIPL: λ 10, N 1000, p 0.1, 10k cropping-warmup updates, Adagrad 0.01."""
+    cfg = dict(
+        language=language,
+        train_manifest=train_manifest,
+        unlabeled_manifest=unlabeled_manifest,
+        dev_manifest=dev_manifest,
+        optim=OptimConfig(lr=0.01, warmup_updates=1000),
+        max_updates=100000,
+        eval_every=5000,
+    )
+    return SlimIPLConfig(**(cfg | overrides))
+
+
+FINETUNE_PRESETS = {"tiny": finetune_tiny, "paper": finetune_paper}
+SLIMIPL_PRESETS = {"tiny": slimipl_tiny, "paper": slimipl_paper}
+
+
+def stage_preset(presets: dict[str, Any], name: str, *args: Any, **overrides: Any):
+    """A stage config by preset name with field overrides.
+
+    Raises:
+        ValueError: naming the known presets when the name is unknown.
+    """
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+    return presets[name](*args, **overrides)

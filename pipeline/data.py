@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
+from models.encoder import frames_after_subsampling
 from pipeline.audio import AudioError, load_audio, log_mel, spec_augment
 from pipeline.config import AudioPolicy, FeatureConfig, SpecAugmentConfig
 from pipeline.tokenizer import Tokenizer, prepare_text
@@ -22,10 +24,19 @@ from storage.manifest import read_manifest
 
 ProgressFn = Callable[[int, int, str], None]
 
+# BCP-47 shape after lower-casing: a 2-3 letter primary subtag, then optional script/region/variant subtags.
+_LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})*$")
+
+
+def normalize_language(code: str) -> str | None:
+    """Canonical form of a language code ("ES" → "es", "pt_BR" → "pt-br"); None when it is not BCP-47 shaped."""
+    norm = code.strip().lower().replace("_", "-")
+    return norm if _LANGUAGE_CODE.match(norm) else None
+
 
 @dataclass(frozen=True)
 class Utterance:
-    """One manifest row that passed validation (DESIGN.md "Utterance manifest")."""
+    """One manifest row that passed validation (docs/architecture.md, "Data model")."""
 
     id: str
     audio: str
@@ -88,7 +99,7 @@ def validate_rows(
     utts: list[Utterance] = []
     rejects: list[Reject] = []
     first_seen: dict[str, int] = {}
-    known = set(languages) if languages is not None else None
+    known = {normalize_language(x) or x for x in languages} if languages is not None else None
     for n, row in enumerate(rows, start=1):
         missing = [k for k in ("id", "audio", "language") if row.get(k) in (None, "")]
         if require_text and row.get("text") is None:
@@ -96,7 +107,12 @@ def validate_rows(
         if missing:
             rejects.append(_row_reject(row, f"row {n}: missing field(s) {', '.join(missing)}", source))
             continue
-        uid, lang = str(row["id"]), str(row["language"])
+        uid = str(row["id"])
+        lang = normalize_language(str(row["language"]))
+        if lang is None:
+            reason = f"language {row['language']!r} is not a language code (expected BCP-47 such as 'es' or 'pt-BR')"
+            rejects.append(_row_reject(row, reason, source))
+            continue
         if uid in first_seen:
             rejects.append(_row_reject(row, f"duplicate id {uid!r} (first at row {first_seen[uid]})", source))
             continue
@@ -139,9 +155,13 @@ def load_dataset(
     policy: AudioPolicy,
     require_text: bool,
     languages: Sequence[str] | None = None,
+    language: str | None = None,
     on_progress: ProgressFn | None = None,
 ) -> Dataset:
     """Read a manifest, validate every row and decode its audio into features; bad rows become rejects.
+
+    With `language`, only that language's rows are this dataset's (a per-language stage reading a pooled
+    manifest): other languages' rows are neither loaded nor rejected.
 
     Raises:
         FileNotFoundError: when the manifest itself is missing.
@@ -150,6 +170,9 @@ def load_dataset(
     rejects = [Reject(r["id"], None, None, r["reason"], manifest_url) for r in line_rejects]
     utts, row_rejects = validate_rows(rows, source=manifest_url, require_text=require_text, languages=languages)
     rejects += row_rejects
+    if language is not None:
+        utts = [u for u in utts if u.language == language]
+        rejects = [r for r in rejects if normalize_language(r.language or "") in (None, language)]
     kept: list[Utterance] = []
     feats: dict[str, torch.Tensor] = {}
     for i, u in enumerate(utts):
@@ -168,14 +191,14 @@ def load_dataset(
     return Dataset(kept, feats, rejects, features.hop_ms / 1000)
 
 
-def reject_untrainable(ds: Dataset, tokenizer: Tokenizer, frames_fn: Callable[[int], int]) -> Dataset:
-    """Move utterances whose transcript needs more CTC frames than the audio gives into the rejects."""
+def reject_untrainable(ds: Dataset, tokenizer: Tokenizer, conv_kernel: int, conv_stride: int) -> Dataset:
+    """Move utterances whose transcript needs more CTC frames than the model's front end gives into the rejects."""
     kept, rejects = [], list(ds.rejects)
     for u in ds.utterances:
         tokens = tokenizer.encode(u.text or "")
         # CTC needs a frame per token plus one between each repeated pair.
         needed = len(tokens) + sum(1 for a, b in zip(tokens, tokens[1:], strict=False) if a == b)
-        have = frames_fn(ds.features[u.id].shape[0])
+        have = int(frames_after_subsampling(ds.features[u.id].shape[0], conv_kernel, conv_stride))
         if needed > have:
             reason = f"transcript needs {needed} CTC frames but the audio gives {have}; clip too short for its text"
             rejects.append(Reject(u.id, u.audio, u.language, reason, "tokenize"))
@@ -288,14 +311,20 @@ def collate(
     tokenizer: Tokenizer | None,
     language_ids: dict[str, int],
     specaugment: SpecAugmentConfig | None = None,
+    token_ids: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
-    """Pad features (after SpecAugment, when given) and targets of a list of utterances."""
+    """Pad features (after SpecAugment, when given) and targets of a list of utterances.
+
+    Targets are the tokenized transcripts, or `token_ids` when given (pseudo-labels are tokens already).
+    """
     feats = [features[u.id] for u in utts]
     if specaugment is not None:
         feats = [spec_augment(f, specaugment) for f in feats]
     feat_lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
-    if tokenizer is not None:
+    if token_ids is not None:
+        toks = [torch.tensor(list(t), dtype=torch.long) for t in token_ids]
+    elif tokenizer is not None:
         toks = [torch.tensor(tokenizer.encode(u.text or ""), dtype=torch.long) for u in utts]
     else:
         toks = [torch.zeros(0, dtype=torch.long) for _ in utts]

@@ -60,13 +60,17 @@ def load_trained(url: str) -> Trained:
     model = CTCLIDModel(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
     model.eval()
-    cfg = ckpt["config"]
+    # Every stage records its front end and audio policy beside the weights (stage 1 also in its config).
+    features = ckpt.get("features", ckpt["config"].get("features"))
+    audio = ckpt.get("audio", ckpt["config"].get("audio"))
+    if features is None or audio is None:
+        raise ValueError(f"{url} is not an mlpl checkpoint (no feature or audio settings)")
     return Trained(
         model=model,
         tokenizer=tokenizer_from_dict(ckpt["tokenizer"]),
         languages=list(ckpt["languages"]),
-        features=FeatureConfig(**cfg["features"]),
-        audio_policy=AudioPolicy(**cfg["audio"]),
+        features=FeatureConfig(**features),
+        audio_policy=AudioPolicy(**audio),
         step=int(ckpt.get("step", 0)),
         checkpoint=ckpt,
     )

@@ -2,7 +2,7 @@
 
 Every write goes to a dot-prefixed temp name in the target folder and is then renamed, so a reader
 (or a resumed run) never sees a half-written file. Temp names never end in `.parquet`, because duckdb
-globs would pick them up (DESIGN.md, "Environment facts").
+globs would pick them up (docs/architecture.md, "Environment facts").
 """
 
 from __future__ import annotations
@@ -93,3 +93,24 @@ def remove(url: str) -> None:
     fs, path = _fs(url)
     if fs.exists(path):
         fs.rm(path)
+
+
+def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (identity of a manifest or checkpoint).
+
+    Raises:
+        FileNotFoundError: when nothing is at the URL.
+    """
+    import hashlib
+
+    fs, path = _fs(url)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy a file atomically (read whole, write to a temp name, rename)."""
+    atomic_write_bytes(dst, read_bytes(src))

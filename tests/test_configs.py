@@ -14,7 +14,7 @@ from pipeline.config import (
     model_preset,
     supervised_preset,
 )
-from pipeline.train import lr_at
+from pipeline.trainer import lr_at
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))

@@ -174,3 +174,17 @@ def test_char_tokenizer_round_trips_every_transcript_of_the_corpus(smoke_corpus)
     assert any("\u0370" <= ch <= "\u03ff" for ch in tok.symbols)  # Greek letters are in the vocabulary
     for r in rows:
         assert tok.decode(tok.encode(r["text"])) == r["text"]
+
+
+def test_language_codes_are_normalized_and_bad_ones_rejected(tmp_path):
+    rows = [good_row(tmp_path, "a", "es"), good_row(tmp_path, "b", "ES"), good_row(tmp_path, "c", " pt_BR "),
+            good_row(tmp_path, "d", "spanish language")]
+    url = write_jsonl(tmp_path / "m.jsonl", rows)
+    ds = load_dataset(url, features=FeatureConfig(), policy=AudioPolicy(), require_text=True)
+    assert [(u.id, u.language) for u in ds.utterances] == [("a", "es"), ("b", "es"), ("c", "pt-br")]
+    assert ds.languages() == ["es", "pt-br"]  # "ES" never becomes a language of its own
+    assert "not a language code" in {r.id: r.reason for r in ds.rejects}["d"]
+    only = load_dataset(url, features=FeatureConfig(), policy=AudioPolicy(), require_text=True, languages=["ES"],
+                        language="es")
+    assert [u.id for u in only.utterances] == ["a", "b"]
+    assert all(r.language in (None, "es") or r.id == "d" for r in only.rejects)

@@ -12,7 +12,7 @@ from pipeline.config import SpecAugmentConfig, supervised_tiny
 from pipeline.data import load_dataset
 from pipeline.evaluate import decode_dataset
 from pipeline.modeling import load_trained
-from pipeline.train import run_supervised
+from pipeline.supervised import run_supervised
 from storage.manifest import read_manifest
 from tests.dummies import bad_rows, write_jsonl
 
@@ -98,3 +98,109 @@ def test_bad_rows_are_rejected_while_the_others_train(smoke_corpus, tmp_path):
     assert any("duplicate id" in r for r in reasons.values())
     assert any("UTF-8" in r for r in reasons.values())
     assert len(rejects) == len(bad) + 2
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL between two checkpoints: nothing after it is saved."""
+
+
+def _kill_at(step: int):
+    def on_progress(done: int, total: int, desc: str) -> None:
+        if desc.startswith("train") and done == step:
+            raise Killed(f"killed after update {step}")
+
+    return on_progress
+
+
+def test_a_kill_between_checkpoints_resumes_from_the_last_one(smoke_corpus, tmp_path):
+    train, _ = _manifests(smoke_corpus)
+    cfg = supervised_tiny(train, None, max_updates=10, save_every=4, log_every=5,
+                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 2, "schedule": "cosine"})
+    run_supervised(cfg, str(tmp_path / "straight"))
+    with pytest.raises(Killed):
+        run_supervised(cfg, str(tmp_path / "killed"), on_progress=_kill_at(7))  # last.pt holds update 4
+    assert torch.load(tmp_path / "killed/supervised/checkpoints/last.pt", weights_only=True)["step"] == 4
+    resumed = run_supervised(cfg, str(tmp_path / "killed"))
+    assert resumed.step == 10 and len(resumed.losses) == 6  # updates 5-10 again, from the saved record
+
+    def history(run):
+        return [json.loads(x) for x in (tmp_path / run / "supervised/metrics.jsonl").read_text().splitlines()]
+
+    straight, killed = history("straight"), history("killed")
+    assert [h["step"] for h in killed] == list(range(1, 11))  # each update once
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in killed]), torch.tensor([h["loss"] for h in straight]))
+
+
+def test_a_finished_run_can_be_extended_and_resumed_with_other_threads(smoke_corpus, tmp_path):
+    train, _ = _manifests(smoke_corpus)
+    cfg = supervised_tiny(train, None, max_updates=4, save_every=4,
+                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1, "schedule": "constant"})
+    run_supervised(cfg, str(tmp_path / "run"))
+    longer = cfg.model_copy(update={"max_updates": 6, "num_threads": 1, "log_every": 3})
+    assert run_supervised(longer, str(tmp_path / "run")).step == 6
+
+
+def test_resume_refuses_changed_training_data(smoke_corpus, tmp_path):
+    train, _ = _manifests(smoke_corpus)
+    rows, _ = read_manifest(train)
+    mine = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = supervised_tiny(mine, None, max_updates=2, save_every=2,
+                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
+    run_supervised(cfg, str(tmp_path / "run"))
+    write_jsonl(tmp_path / "train.jsonl", rows[:-1])
+    with pytest.raises(ValueError, match="train changed"):
+        run_supervised(cfg, str(tmp_path / "run"))
+
+
+def test_best_checkpoint_is_the_lowest_dev_cer(smoke_corpus, tmp_path):
+    train, dev = _manifests(smoke_corpus)
+    cfg = supervised_tiny(train, dev, max_updates=60, eval_every=20, save_every=20, log_every=20)
+    result = run_supervised(cfg, str(tmp_path / "run"))
+    evals = json.loads((tmp_path / "run/supervised/dev_evals.json").read_text())
+    assert [e["step"] for e in evals] == [20, 40, 60]
+    best = min(evals, key=lambda e: (e["metrics"]["macro"]["cer"], e["step"]))
+    saved = torch.load(result.best_checkpoint, weights_only=True)
+    assert saved["step"] == best["step"] == result.best["step"]
+    assert result.precision in ("fp32", "bf16") and result.stage_wall_s >= result.train_wall_s > 0
+
+
+def test_a_non_finite_loss_skips_the_update():
+    from models.encoder import CTCLIDModel
+    from pipeline.data import Batch
+    from pipeline.trainer import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = CTCLIDModel(vocab_size=10, num_languages=2, d_model=32, n_layers=1, n_heads=4, ffn_dim=64, dropout=0.0)
+    opt = make_optimizer(supervised_tiny("t").optim, model)
+    feats = torch.randn(2, 100, 80)
+    feats[0, 5, 3] = float("nan")
+    batch = Batch(["a", "b"], feats, torch.tensor([100, 90]), torch.tensor([[2, 3], [4, 0]]), torch.tensor([2, 1]),
+                  torch.tensor([0, 1]))
+    before = [p.detach().clone() for p in model.parameters()]
+    info, grad_norm = train_step(model, opt, batch, lid_weight=1.0, grad_clip_norm=1.0, bf16=False)
+    assert grad_norm is None and not torch.isfinite(torch.tensor(info["loss"]))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    batch = batch._replace(feats=torch.randn(2, 100, 80))
+    assert train_step(model, opt, batch, lid_weight=1.0, grad_clip_norm=1.0, bf16=False)[1] is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_transcripts_too_long_for_the_configured_stride_are_rejected(tmp_path):
+    from pipeline.config import AudioPolicy, FeatureConfig
+    from pipeline.data import reject_untrainable
+    from pipeline.tokenizer import CharTokenizer
+    from tests.dummies import good_row
+
+    # 1 s of audio: 98 fbank frames → 33 CTC frames at stride 3, 17 at stride 6.
+    rows = [good_row(tmp_path, "short", text="ab" * 12, duration_s=1.0),
+            good_row(tmp_path, "ok", text="abc", duration_s=1.0),
+            good_row(tmp_path, "tiny", text="a", duration_s=0.2)]
+    url = write_jsonl(tmp_path / "m.jsonl", rows)
+    ds = load_dataset(url, features=FeatureConfig(), policy=AudioPolicy(), require_text=True)
+    assert "shorter than audio.min_duration_s" in {r.id: r.reason for r in ds.rejects}["tiny"]
+    tok = CharTokenizer.train(["ab", "c"])
+    assert [u.id for u in reject_untrainable(ds, tok, 7, 3).utterances] == ["short", "ok"]
+    out = reject_untrainable(ds, tok, 7, 6)
+    assert [u.id for u in out.utterances] == ["ok"]
+    reason = {r.id: r.reason for r in out.rejects}["short"]
+    assert "needs 24 CTC frames but the audio gives 17" in reason
