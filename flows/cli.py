@@ -103,14 +103,14 @@ def _train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """Supervised multilingual CTC + LID training (stage 1), resumable."""
     from pipeline.evaluate import format_table
-    from pipeline.train import run_supervised
+    from pipeline.supervised import run_supervised
 
     cfg = _train_config(args)
     with progress_bar() as update:
         result = run_supervised(cfg, args.run_dir, resume=args.resume, on_progress=update)
     if result.dev_metrics:
         print(format_table(result.dev_metrics, f"dev at update {result.step}"))
-    print(f"{result.audio_s_per_s} audio-s/s over {result.train_wall_s} s; best: {result.best_checkpoint}")
+    print(f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s; best: {result.best_checkpoint}")
     return 0
 
 
@@ -125,26 +125,80 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_config(cls, base: dict[str, Any], args: argparse.Namespace):
+    sets = list(args.set or [])
+    if args.threads is not None:
+        sets.append(f"num_threads={args.threads}")
+    if args.max_updates is not None:
+        sets.append(f"max_updates={args.max_updates}")
+    return cls(**apply_overrides(base, sets))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Per-language fine-tuning of the multilingual checkpoint (stage 2), resumable."""
+    from pipeline.config import FINETUNE_PRESETS, FinetuneConfig, stage_preset
+    from pipeline.evaluate import format_table
+    from pipeline.finetune import run_finetune
+
+    base = stage_preset(FINETUNE_PRESETS, args.preset, args.language, args.train, args.dev,
+                        init_checkpoint=args.init).model_dump(mode="json")
+    cfg = _stage_config(FinetuneConfig, base, args)
+    with progress_bar() as update:
+        result = run_finetune(cfg, args.run_dir, resume=args.resume, on_progress=update)
+    if result.dev_metrics:
+        print(format_table(result.dev_metrics, f"{cfg.language} dev at update {result.step}"))
+    print(f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
+          f"best: {result.best_checkpoint}")
+    return 0
+
+
+def cmd_slimipl(args: argparse.Namespace) -> int:
+    """slimIPL self-training on one language (stage 3), resumable."""
+    from pipeline.config import SLIMIPL_PRESETS, SlimIPLConfig, stage_preset
+    from pipeline.evaluate import format_table
+    from pipeline.report import pl_quality_markdown
+    from pipeline.slimipl import run_slimipl
+
+    base = stage_preset(SLIMIPL_PRESETS, args.preset, args.language, args.train, args.unlabeled, args.dev,
+                        init_checkpoint=args.init, reference_manifest=args.reference).model_dump(mode="json")
+    cfg = _stage_config(SlimIPLConfig, base, args)
+    with progress_bar() as update:
+        result = run_slimipl(cfg, args.run_dir, resume=args.resume, on_progress=update)
+    if result.dev_metrics:
+        print(format_table(result.dev_metrics, f"{cfg.language} dev at update {result.step}"))
+    print(pl_quality_markdown(result.summary()))
+    extra = result.extra
+    print(f"{extra['pl_updates']} PL and {extra['labeled_updates']} labeled updates, {extra['refreshes']} cache "
+          f"refreshes; {result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage "
+          f"{result.stage_wall_s} s); best: {result.best_checkpoint}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo recipe as a Prefect flow (embedded server, local files) and print the table."""
-    from flows.supervised import demo_flow
+    from flows.demo import demo_flow
 
     t0 = time.perf_counter()
     out = demo_flow(
         corpus_dir=args.corpus_dir, run_dir=args.run_dir, corpus=args.corpus, seed=args.seed,
-        max_updates=args.max_updates,
+        max_updates=args.max_updates, text_dir=args.text_dir,
     )
-    train, test = out["training"], out["test"]
+    sup = out["supervised"]
     print()
-    print(test["markdown"])
-    print(
-        f"supervised training: {train['step']} updates, {train['train_wall_s']} s, "
-        f"{train['audio_s_per_s']} audio-s/s, {train['num_parameters']} parameters"
-    )
+    print(sup["test"]["markdown"])
+    print("### Test CER per stage\n")
+    print(out["table"])
+    lines = [("supervised", sup["training"])] + [
+        (f"{stage} {lang}", v[f"{stage}_summary"]) for lang, v in out["languages"].items()
+        for stage in ("finetune", "slimipl")
+    ]
+    for name, summary in lines:
+        print(f"{name:>14}: {summary['step']} updates, stage {summary['stage_wall_s']:.0f} s, training "
+              f"{summary['train_audio_s_per_s']} audio-s/s ({summary['precision']})")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"corpus:      {args.corpus_dir} (card: {args.corpus_dir}/corpus_card.md)")
-    print(f"checkpoints: {train['best_checkpoint']}")
-    print(f"test report: {args.run_dir}/eval/test/metrics.md, hypotheses.jsonl")
+    print(f"checkpoints: {args.run_dir}/{{supervised,finetune/<lang>,slimipl/<lang>}}/checkpoints/best.pt")
+    print(f"reports:     {args.run_dir}/report/recipe.md, {args.run_dir}/eval/<stage>/metrics.md")
     return 0
 
 
@@ -159,6 +213,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
             build_corpus(corpus_preset(args.corpus), args.corpus_dir, on_progress=update)
     print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
     return 0
+
+
+def _stage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (CPU) | paper (default: tiny)")
+    p.add_argument("--max-updates", type=int, default=None, help="number of updates")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the stage's checkpoints/last.pt when present (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from <run-dir>/supervised/checkpoints/last.pt when present (default: on)")
     t.set_defaults(func=cmd_train)
 
+    f = sub.add_parser("finetune", help="fine-tune the multilingual model on one language (resumes by default)")
+    f.add_argument("--language", required=True, help="language code, e.g. sl")
+    f.add_argument("--train", required=True, help="labeled manifest (only the language's rows are used)")
+    f.add_argument("--dev", default=None, help="dev manifest (only the language's rows are used)")
+    f.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    f.add_argument("--init", default=None,
+                   help="starting checkpoint (default: <run-dir>/supervised/checkpoints/best.pt)")
+    _stage_arguments(f)
+    f.set_defaults(func=cmd_finetune)
+
+    sl = sub.add_parser("slimipl", help="slimIPL self-training on one language (resumes by default)")
+    sl.add_argument("--language", required=True, help="language code, e.g. sl")
+    sl.add_argument("--train", required=True, help="labeled manifest (only the language's rows are used)")
+    sl.add_argument("--unlabeled", required=True, help="unlabeled manifest (only the language's rows are used)")
+    sl.add_argument("--dev", default=None, help="dev manifest (only the language's rows are used)")
+    sl.add_argument("--reference", default=None,
+                    help="hidden true transcripts of the unlabeled clips, to log PL CER (never used for training)")
+    sl.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    sl.add_argument("--init", default=None,
+                    help="starting checkpoint (default: <run-dir>/finetune/<language>/checkpoints/best.pt)")
+    _stage_arguments(sl)
+    sl.set_defaults(func=cmd_slimipl)
+
     e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")
     e.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by training")
     e.add_argument("--manifest", required=True, help="manifest to score")
@@ -201,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--corpus-dir", default="data/demo")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-updates", type=int, default=None, help="override the training length")
+    d.add_argument("--max-updates", type=int, default=None, help="override the supervised training length")
+    d.add_argument("--text-dir", default=None, help="folder with <lang>.txt sentence files instead of Debian text")
     d.set_defaults(func=cmd_demo)
 
     bn = sub.add_parser("bench", help="throughput figures (front end, training fp32 vs bf16, decoding)")

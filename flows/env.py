@@ -1,4 +1,4 @@
-"""Process environment for Prefect, set before Prefect is imported (DESIGN.md, "Environment facts")."""
+"""Process environment for Prefect, set before Prefect is imported (docs/architecture.md, "Environment facts")."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""The recipe's stages as plain functions over typed configs (DESIGN.md, "Layout"). Never imports Prefect."""
+"""The recipe's stages as plain functions over typed configs (docs/architecture.md, "Layers"). Never imports Prefect."""

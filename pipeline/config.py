@@ -190,6 +190,15 @@ class SupervisedConfig(TrainingConfig):
         return self
 
 
+def _with_overrides(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A preset's fields with overrides; a shortened run keeps a proportionate warmup instead of failing."""
+    cfg = preset | overrides
+    if "max_updates" in overrides and "optim" not in overrides:
+        warmup = min(preset["optim"].warmup_updates, max(1, int(cfg["max_updates"]) // 10))
+        cfg["optim"] = cfg["optim"].model_copy(update={"warmup_updates": warmup})
+    return cfg
+
+
 def supervised_tiny(train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> SupervisedConfig:
     """CPU preset: tiny model, AdamW (peak lr 3e-3) with warmup + cosine decay, 60 s batches, 2000 updates."""
     cfg = dict(
@@ -204,12 +213,7 @@ def supervised_tiny(train_manifest: str, dev_manifest: str | None = None, **over
         save_every=100,
         log_every=50,
     )
-    cfg.update(overrides)
-    if "max_updates" in overrides and "optim" not in overrides:
-        # A shortened run keeps a proportionate warmup instead of failing validation.
-        warmup = min(60, max(1, int(cfg["max_updates"]) // 10))
-        cfg["optim"] = cfg["optim"].model_copy(update={"warmup_updates": warmup})
-    return SupervisedConfig(**cfg)
+    return SupervisedConfig(**_with_overrides(cfg, overrides))
 
 
 def supervised_paper(train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> SupervisedConfig:
@@ -322,7 +326,7 @@ def finetune_tiny(language: str, train_manifest: str, dev_manifest: str | None =
         save_every=50,
         log_every=50,
     )
-    return FinetuneConfig(**(cfg | overrides))
+    return FinetuneConfig(**_with_overrides(cfg, overrides))
 
 
 def finetune_paper(language: str, train_manifest: str, dev_manifest: str | None = None, **overrides: Any):
@@ -361,7 +365,7 @@ def slimipl_tiny(
         save_every=50,
         log_every=50,
     )
-    return SlimIPLConfig(**(cfg | overrides))
+    return SlimIPLConfig(**_with_overrides(cfg, overrides))
 
 
 def slimipl_paper(

@@ -148,6 +148,13 @@ def validate_rows(
     return utts, rejects
 
 
+def rejects_for_language(rejects: list[Reject], language: str, languages: Sequence[str] | None) -> list[Reject]:
+    """The rejects a per-language stage reports: its own language's, and rows no other stage would claim
+    (no language, an unknown one); another known language's bad rows belong to that language's stage."""
+    others = {normalize_language(x) for x in languages or []} - {language}
+    return [r for r in rejects if normalize_language(r.language or "") not in others]
+
+
 def load_dataset(
     manifest_url: str,
     *,
@@ -172,7 +179,7 @@ def load_dataset(
     rejects += row_rejects
     if language is not None:
         utts = [u for u in utts if u.language == language]
-        rejects = [r for r in rejects if normalize_language(r.language or "") in (None, language)]
+        rejects = rejects_for_language(rejects, language, languages)
     kept: list[Utterance] = []
     feats: dict[str, torch.Tensor] = {}
     for i, u in enumerate(utts):

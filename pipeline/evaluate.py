@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import jiwer
@@ -15,6 +16,7 @@ import torch
 from models.decode import greedy_ctc_decode
 from models.encoder import CTCLIDModel
 from pipeline.config import AudioPolicy, BatchConfig
+from pipeline.crops import crop_and_stitch
 from pipeline.data import Dataset, DynamicBucketSampler, ProgressFn, collate, load_dataset
 from pipeline.modeling import autocast, load_trained
 from pipeline.text import normalize_text
@@ -23,7 +25,60 @@ from storage.files import atomic_write_text, join, write_json
 from storage.manifest import write_manifest, write_rejects
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class CropSpec:
+    """Label long audio as overlapping crops stitched back together (paper Sec. 5.2), in fbank frames."""
+
+    crop_frames: int
+    overlap_frames: int
+
+
+def decode_batch(
+    model: CTCLIDModel,
+    feats: torch.Tensor,
+    feat_lens: torch.Tensor,
+    *,
+    tokenizer: Tokenizer,
+    languages: Sequence[str],
+    bf16: bool = True,
+    crop: CropSpec | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy CTC over one padded batch (B, T, n_mels) in eval mode, whole or cropped: the one decode path of
+    evaluation, slimIPL labeling and PL generation. Per utterance: tokens, text, confidence, blank ratio, LID.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast(bf16):
+            if crop is None:
+                out = model(feats, feat_lens)
+            else:
+                out = crop_and_stitch(model, feats, feat_lens, crop_frames=crop.crop_frames,
+                                      overlap_frames=crop.overlap_frames, bf16=bf16)
+        hyps = greedy_ctc_decode(out.log_probs.float(), out.out_lens, blank=tokenizer.blank_id)
+        lid_probs = out.lid_logits.float().softmax(dim=-1)
+    finally:
+        model.train(was_training)
+    rows = []
+    for h, p, n in zip(hyps, lid_probs, out.out_lens.tolist(), strict=True):
+        k = int(p.argmax())
+        rows.append(
+            {
+                "tokens": h.tokens,
+                "hypothesis": tokenizer.decode(h.tokens),
+                "num_tokens": len(h.tokens),
+                "num_frames": int(n),
+                "confidence": round(h.confidence, 5),
+                "blank_ratio": round(h.blank_ratio, 5),
+                "lid_pred": languages[k],
+                "lid_prob": round(float(p[k]), 5),
+            }
+        )
+    return rows
+
+
 def decode_dataset(
     model: CTCLIDModel,
     ds: Dataset,
@@ -34,11 +89,9 @@ def decode_dataset(
     bf16: bool = True,
     on_progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
-    """Greedy-decode every utterance in eval mode; one row per utterance with its hypothesis and signals."""
+    """Greedy-decode every utterance of an in-memory dataset; one row per utterance with hypothesis and signals."""
     if not ds.utterances:
         return []
-    was_training = model.training
-    model.eval()
     lang_ids = {lang: i for i, lang in enumerate(languages)}
     sampler = DynamicBucketSampler(
         ds.durations(),
@@ -51,30 +104,12 @@ def decode_dataset(
     for idx in sampler.epoch_batches(0):
         utts = [ds.utterances[i] for i in idx]
         b = collate(utts, ds.features, tokenizer=None, language_ids=lang_ids)
-        with autocast(bf16):
-            out = model(b.feats, b.feat_lens)
-        hyps = greedy_ctc_decode(out.log_probs.float(), out.out_lens, blank=tokenizer.blank_id)
-        lid_probs = out.lid_logits.float().softmax(dim=-1)
-        for u, h, p in zip(utts, hyps, lid_probs, strict=True):
-            text = tokenizer.decode(h.tokens)
-            k = int(p.argmax())
-            rows.append(
-                {
-                    "id": u.id,
-                    "language": u.language,
-                    "audio": u.audio,
-                    "reference": u.text,
-                    "hypothesis": text,
-                    "num_tokens": len(h.tokens),
-                    "confidence": round(h.confidence, 5),
-                    "blank_ratio": round(h.blank_ratio, 5),
-                    "lid_pred": languages[k],
-                    "lid_prob": round(float(p[k]), 5),
-                }
-            )
+        decoded = decode_batch(model, b.feats, b.feat_lens, tokenizer=tokenizer, languages=languages, bf16=bf16)
+        for u, d in zip(utts, decoded, strict=True):
+            signals = {k: v for k, v in d.items() if k not in ("tokens", "num_frames")}
+            rows.append({"id": u.id, "language": u.language, "audio": u.audio, "reference": u.text} | signals)
         if on_progress is not None:
             on_progress(len(rows), len(ds.utterances), "decode")
-    model.train(was_training)
     return rows
 
 
@@ -128,9 +163,11 @@ def run_evaluate(
     batch: BatchConfig | None = None,
     policy: AudioPolicy | None = None,
     bf16: bool = True,
+    language: str | None = None,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Score a checkpoint on a manifest; write hypotheses, rejects, metrics JSON and Markdown to out_dir."""
+    """Score a checkpoint on a manifest (or on one language's rows of it); write hypotheses, rejects, metrics
+    JSON and Markdown to out_dir."""
     trained = load_trained(checkpoint_url)
     ds = load_dataset(
         manifest_url,
@@ -138,6 +175,7 @@ def run_evaluate(
         policy=policy or trained.audio_policy,
         require_text=False,
         languages=trained.languages,
+        language=language,
         on_progress=on_progress,
     )
     rows = decode_dataset(

@@ -1,6 +1,6 @@
 """espeak-ng speech, driven in-process through the library the `espeakng-loader` wheel ships.
 
-The corpus needs real speech without internet (DESIGN.md, "Environment facts"): espeak-ng covers ~114
+The corpus needs real speech without internet (docs/architecture.md, "Environment facts"): espeak-ng covers ~114
 languages with one engine, so a voice never gives a language away. We call its C API with ctypes in
 synchronous mode and collect 16-bit PCM at the engine's rate (22 050 Hz).
 

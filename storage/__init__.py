@@ -1,1 +1,1 @@
-"""The only layer that touches fsspec, pyarrow, webdataset and checkpoint files (DESIGN.md, "Layout")."""
+"""The only layer that touches fsspec, pyarrow, webdataset and checkpoint files (docs/architecture.md, "Layers")."""

@@ -114,3 +114,13 @@ def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:
 def copy_file(src: str, dst: str) -> None:
     """Copy a file atomically (read whole, write to a temp name, rename)."""
     atomic_write_bytes(dst, read_bytes(src))
+
+
+def open_binary(url: str):
+    """A readable binary file object for a URL (a context manager), for header-only reads.
+
+    Raises:
+        FileNotFoundError: when nothing is at the URL.
+    """
+    fs, path = _fs(url)
+    return fs.open(path, "rb")

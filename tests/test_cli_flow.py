@@ -11,8 +11,8 @@ from flows.cli import main
 
 
 def test_every_command_has_help():
-    for args in (["--help"], ["corpus", "build", "--help"], ["train", "--help"], ["evaluate", "--help"],
-                 ["demo", "--help"]):
+    for args in (["--help"], ["corpus", "build", "--help"], ["train", "--help"], ["finetune", "--help"],
+                 ["slimipl", "--help"], ["evaluate", "--help"], ["demo", "--help"], ["bench", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: mlpl" in proc.stdout
 
@@ -50,25 +50,37 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.supervised import demo_flow
+    from flows.demo import demo_flow
 
+    quick = {"max_updates": 6, "eval_every": 6, "save_every": 6, "log_every": 3,
+             "optim": {"name": "adamw", "lr": 1e-3, "warmup_updates": 1, "schedule": "constant"}}
+    slim = quick | {"pl_cache_size": 2, "unlabeled_ratio": 1, "cropping_warmup_updates": 2,
+                    "collapse": {"max_empty_share": 1.0, "max_blank_ratio": 1.0, "min_chars_per_s": 0.0},
+                    "pl_eval_max_utterances": 2}
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
-                        max_updates=30)
+                        max_updates=30, finetune_overrides=quick, slimipl_overrides=slim)
         with get_client(sync_client=True) as client:
             artifacts = {a.key: a for a in client.read_artifacts() if a.key}
-    # Ops see progress and the per-language tables in the UI.
-    assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics"} <= set(
-        artifacts
-    )
+    # Ops see progress and the per-language tables of every stage in the UI.
+    assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics",
+            "finetune-sl-training", "finetune-sl-test-metrics", "slimipl-sl-training", "slimipl-sl-test-metrics",
+            "slimipl-sl-pl-quality", "demo-recipe-table"} <= set(artifacts)
     assert artifacts["supervised-training"].type == "progress" and artifacts["supervised-training"].data == 100.0
+    assert artifacts["slimipl-sl-training"].data == 100.0
     table = artifacts["supervised-test-metrics"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert {row["language"] for row in table} >= {"es", "el", "sl"}
-    assert out["training"]["step"] == 30
-    table = out["test"]["metrics"]
-    assert set(table) >= {"es", "el", "sl", "all", "macro"}
-    assert (tmp_path / "run/eval/test/metrics.md").read_text().startswith("### ")
+    assert out["supervised"]["training"]["step"] == 30
+    assert set(out["supervised"]["test"]["metrics"]) >= {"es", "el", "sl", "all", "macro"}
+    # The smoke corpus has unlabeled audio for every language: each gets its fine-tune → slimIPL sub-pipeline.
+    assert set(out["languages"]) == {"es", "el", "sl"}
+    for lang, v in out["languages"].items():
+        assert set(v["finetune"]) == set(v["slimipl"]) == {lang, "all", "macro"}
+        assert v["slimipl_summary"]["step"] == 6 and v["slimipl_summary"]["extra"]["refreshes"] >= 2
+    report = (tmp_path / "run/report/recipe.md").read_text()
+    assert report.count("\n| ") == 4 and "| sl | low |" in report  # header + one row per language
+    assert (tmp_path / "run/eval/slimipl/sl/metrics.md").read_text().startswith("### ")
     assert (tmp_path / "corpus/corpus_card.md").exists()
 
 

@@ -187,4 +187,6 @@ def test_language_codes_are_normalized_and_bad_ones_rejected(tmp_path):
     only = load_dataset(url, features=FeatureConfig(), policy=AudioPolicy(), require_text=True, languages=["ES"],
                         language="es")
     assert [u.id for u in only.utterances] == ["a", "b"]
-    assert all(r.language in (None, "es") or r.id == "d" for r in only.rejects)
+    assert [r.id for r in only.rejects] == ["d"]  # not a language code: no language's stage would claim it
+    assert [r.id for r in load_dataset(url, features=FeatureConfig(), policy=AudioPolicy(), require_text=True,
+                                       languages=["es", "pt-br"], language="pt-br").rejects] == ["d"]

@@ -1,0 +1,37 @@
+"""Prefect artifacts fed by the pipeline: progress bars and per-language tables (keys: lowercase, dashes)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key from parts: lower case, digits and dashes only."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact fed by a pipeline `on_progress(done, total, desc)` callback, throttled."""
+
+    def __init__(self, key: str, description: str, min_interval_s: float = 2.0):
+        self.id = create_progress_artifact(progress=0.0, key=key, description=description)
+        self.min_interval_s = min_interval_s
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int, desc: str) -> None:
+        now = time.monotonic()
+        if done >= total or now - self._last >= self.min_interval_s:
+            update_progress_artifact(self.id, progress=100.0 * done / max(total, 1), description=desc)
+            self._last = now
+
+
+def metrics_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, object]]:
+    """Table-artifact rows of a per-language `score()` result."""
+    return [
+        {"language": lang, "utterances": int(v["n"]), "cer": round(v["cer"], 2), "wer": round(v["wer"], 2),
+         "lid_acc": round(v["lid_acc"], 2)}
+        for lang, v in metrics.items()
+    ]
