@@ -1,1 +1,1 @@
-"""Torch modules only: encoder, heads, loss, CTC decoding (DESIGN.md, "Layout")."""
+"""Torch modules only: encoder, heads, loss, CTC decoding (docs/architecture.md, "Layers")."""

@@ -1,4 +1,4 @@
-"""CTC + LID acoustic model of Lugosch et al. 2022, experimental setup (DESIGN.md recipe step 1).
+"""CTC + LID acoustic model of Lugosch et al. 2022, experimental setup (docs/architecture.md, "The recipe", step 1).
 
 80-dim log-mel → LayerNorm → Conv1d(k=7, stride 3) + GLU → N pre-LN transformer layers with a learned,
 clipped relative position bias (T5/Shaw-style, so it runs on utterances far longer than seen in training)

@@ -1,4 +1,4 @@
-"""Joint CTC + LID loss ℓ = ℓ_CTC + γ·ℓ_LID of Lugosch et al. 2022 (DESIGN.md recipe step 1; γ = 1 best)."""
+"""Joint CTC + LID loss ℓ = ℓ_CTC + γ·ℓ_LID of Lugosch et al. 2022 (docs/architecture.md, "The recipe"; γ = 1 best)."""
 
 from __future__ import annotations
 
