@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from pipeline.corpus import SPLITS, CorpusConfig, build_corpus, corpus_preset, draw_speakers, smoke
+from pipeline.corpus import (
+    SPLITS,
+    CorpusConfig,
+    allocate_sentences,
+    build_corpus,
+    corpus_preset,
+    draw_speakers,
+    smoke,
+)
 from pipeline.corpus_text import clean_sentence
 from pipeline.speech_synth import VOICE_VARIANTS
 from pipeline.text import normalize_text
@@ -38,7 +46,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def _tiny(**update) -> CorpusConfig:
     base = smoke().model_dump()
-    base.update(labeled_clips_high=2, labeled_clips_low=1, unlabeled_clips=0, dev_clips=1, test_clips=1)
+    base.update(labeled_clips_high=2, labeled_clips_low=1, unlabeled_clips_high=0, unlabeled_clips_low=0, dev_clips=1,
+                test_clips=1)
     base.update(update)
     return CorpusConfig(**base)
 
@@ -315,3 +324,25 @@ def test_bad_config_reports_every_problem_at_once():
     assert "'xx'" in message and "snr_db" in message and "reverb_prob" in message
     with pytest.raises(ValueError):
         CorpusConfig(unknown_field=1)
+
+
+def test_demo_has_at_least_4x_as_much_unlabeled_as_labeled_audio_for_its_low_resource_language():
+    cfg = corpus_preset("demo")
+    for lang in cfg.low_resource:
+        most_labeled_s = cfg.clips("labeled", "low") * cfg.short_clip_s[1]
+        least_unlabeled_s = cfg.clips("unlabeled", "low") * cfg.long_clip_s[0]
+        assert least_unlabeled_s >= 4 * most_labeled_s, (lang, least_unlabeled_s, most_labeled_s)
+    assert cfg.clips("unlabeled", "high") == 0  # as in the paper, only some languages have unlabeled audio
+
+
+def test_unlabeled_budget_leaves_eval_and_labeled_sentences_in_place():
+    sentences = [f"sentence number {i}" for i in range(3000)]
+    small = corpus_preset("demo").model_copy(update={"unlabeled_clips_low": 10})
+    large = corpus_preset("demo").model_copy(update={"unlabeled_clips_low": 100})
+    a, b = allocate_sentences(small, "sl", sentences), allocate_sentences(large, "sl", sentences)
+    for split in ("test", "dev", "labeled"):
+        assert a[split] == b[split], split
+    assert len(a["unlabeled"]) == 10 and len(b["unlabeled"]) == 100
+    assert b["unlabeled"][:10] == a["unlabeled"]
+    none = allocate_sentences(large, "es", sentences)  # a high-resource language: no unlabeled clips
+    assert none["unlabeled"] == [] and len(none["labeled"]) == large.labeled_clips_high
