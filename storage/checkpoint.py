@@ -22,7 +22,19 @@ def load_checkpoint(url: str) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: when no checkpoint is at the URL.
+        ValueError: one line naming the file when it is empty, truncated, corrupt or not a checkpoint.
     """
     if not exists(url):
         raise FileNotFoundError(f"no checkpoint at {url}")
-    return torch.load(io.BytesIO(read_bytes(url)), map_location="cpu", weights_only=True)
+    data = read_bytes(url)
+    fix = "pass a checkpoint written by mlpl, or delete it (resume then restarts the stage)"
+    if not data:
+        raise ValueError(f"{url} is not a readable mlpl checkpoint (empty file); {fix}")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/pickle/zip raise many types for damaged files
+        what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{url} is not a readable mlpl checkpoint ({type(err).__name__}: {what}); {fix}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{url} is not a readable mlpl checkpoint (holds a {type(state).__name__}); {fix}")
+    return state

@@ -1,4 +1,4 @@
-"""Utterance manifests and reject tables as JSONL or Parquet on any fsspec URL (DESIGN.md, "Data model").
+"""Utterance manifests and reject tables as JSONL or Parquet on any fsspec URL (docs/architecture.md, "Data model").
 
 Reading never raises on one bad line: a line that is not UTF-8 or not a JSON object becomes a reject
 with its line number and the reason, and the other lines are returned.
@@ -35,6 +35,8 @@ def read_manifest(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         return table.to_pylist(), []
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
+    # A UTF-8 byte-order mark (Windows tools write one) is not part of the first row.
+    data = data.removeprefix(b"\xef\xbb\xbf")
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue

@@ -1,0 +1,58 @@
+"""Storage: BOM manifests, damaged checkpoints as one-line errors, atomic writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.cli import main
+from storage.checkpoint import load_checkpoint, save_checkpoint
+from storage.files import atomic_write_text, list_files
+from storage.manifest import read_manifest
+
+
+def test_a_manifest_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "language": "es"}\n{"id": "b", "language": "es"}\n'
+                     b'{"id": "c", "text": "ni\xf1o"}\n')
+    rows, rejects = read_manifest(str(path))
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert len(rejects) == 1 and "not valid UTF-8" in rejects[0]["reason"]
+
+
+def test_a_good_checkpoint_round_trips(tmp_path):
+    url = str(tmp_path / "ok.pt")
+    save_checkpoint(url, {"step": 3, "w": torch.arange(4.0), "rng": (3, (1, 2), None)})
+    back = load_checkpoint(url)
+    assert back["step"] == 3 and torch.equal(back["w"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "not a dict"])
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, damage, capsys):
+    url = tmp_path / "last.pt"
+    save_checkpoint(str(url), {"step": 3, "w": torch.randn(1000)})
+    data = url.read_bytes()
+    if damage == "empty":
+        url.write_bytes(b"")
+    elif damage == "truncated":
+        url.write_bytes(data[: len(data) // 2])
+    elif damage == "text":
+        url.write_text("this is a manifest, not a checkpoint\n")
+    else:
+        save_checkpoint(str(url), [1, 2, 3])
+    with pytest.raises(ValueError, match="is not a readable mlpl checkpoint") as err:
+        load_checkpoint(str(url))
+    assert str(url) in str(err.value) and "\n" not in str(err.value)
+    # Through the CLI: `mlpl: error: …` on one line, exit 2, no traceback.
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("")
+    assert main(["evaluate", "--checkpoint", str(url), "--manifest", str(manifest), "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlpl: error:") and str(url) in lines[0]
+
+
+def test_atomic_writes_leave_no_temp_file(tmp_path):
+    atomic_write_text(str(tmp_path / "a.txt"), "one")
+    atomic_write_text(str(tmp_path / "a.txt"), "two")
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and list_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
