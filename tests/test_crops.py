@@ -52,7 +52,7 @@ def test_each_output_frame_comes_from_the_crop_where_it_is_most_central():
         c = int(owners[j])
         first = spans[c][0] // 3
         margin = min(j - first, first + 99 - j)
-        for k, (s, _) in enumerate(spans):
+        for s, _ in spans:
             if s // 3 <= j <= s // 3 + 99:
                 assert margin >= min(j - s // 3, s // 3 + 99 - j)  # no other crop has it more centrally
 
