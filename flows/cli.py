@@ -316,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlpl: error: invalid config: {msgs}", file=sys.stderr)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"mlpl: error: {err}", file=sys.stderr)
+    except RuntimeError as err:  # e.g. the corpus text could not be fetched; -v shows the traceback
+        if args.verbose:
+            raise
+        print(f"mlpl: error: {err}", file=sys.stderr)
     except KeyboardInterrupt:
         print("mlpl: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -90,3 +90,13 @@ def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, capsys):
     for name in ("decode FLAC + resample + log-mel", "train update, fp32", "greedy decode, fp32"):
         line = next(row for row in out.splitlines() if row.startswith(f"| {name} |"))
         assert float(line.split("|")[-2]) > 0  # audio-s/s
+
+
+def test_a_failed_corpus_text_fetch_is_a_one_line_error(tmp_path):
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no apt-get on PATH, empty text cache
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "corpus", "build", "--preset", "smoke", "--out",
+                           str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache")], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).parent.parent)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("mlpl: error:") and "--text-dir" in lines[0]
