@@ -28,7 +28,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import CollapseGuardConfig, SlimIPLConfig
-from pipeline.data import Batch, DynamicBucketSampler, ProgressFn, Utterance, collate
+from pipeline.data import Batch, DynamicBucketSampler, ProgressFn, Utterance, collate, normalize_language
 from pipeline.evaluate import CropSpec, decode_batch
 from pipeline.finetune import load_language_data, stage_meta, start_from
 from pipeline.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
@@ -166,7 +166,8 @@ def run_slimipl(
         ValueError: unknown language, no usable rows, or a checkpoint made with another config or data.
         FileNotFoundError: when the starting checkpoint is missing.
     """
-    init_url = cfg.init_checkpoint or join(run_dir, "finetune", cfg.language.lower(), "checkpoints", "best.pt")
+    init_url = cfg.init_checkpoint or join(run_dir, "finetune", normalize_language(cfg.language) or cfg.language,
+                                           "checkpoints", "best.pt")
     trained, lang = start_from(init_url, cfg.language, cfg.dropout, cfg.layerdrop)
     stage_dir = join(run_dir, "slimipl", lang)
     if cfg.num_threads:
