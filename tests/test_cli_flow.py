@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.cli import main
 
 
@@ -44,8 +46,26 @@ def test_train_and_evaluate_via_cli(smoke_corpus, tmp_path, capsys):
     assert set(metrics["metrics"]) >= {"es", "el", "sl", "all"}
     hyps = (tmp_path / "eval/hypotheses.jsonl").read_text().splitlines()
     assert len(hyps) == metrics["utterances"] > 0
+    # The fast path through every training stage: fine-tune, then slimIPL, on sl.
+    common = ["--language", "sl", "--train", str(m / "labeled.jsonl"), "--run-dir", str(run), "--max-updates", "4",
+              "--set", "optim.warmup_updates=1", "--set", "save_every=2"]
+    assert main(["finetune", *common, "--dev", str(m / "dev.jsonl"), "--set", "eval_every=4"]) == 0
+    assert "sl dev at update 4" in capsys.readouterr().out
+    lenient = ["collapse.max_empty_share=1", "collapse.max_blank_ratio=1", "collapse.min_chars_per_s=0",
+               "pl_cache_size=2", "unlabeled_ratio=1", "cropping_warmup_updates=2", "pl_eval_max_utterances=1"]
+    assert main(["slimipl", *common, "--unlabeled", str(m / "unlabeled.jsonl"), "--reference",
+                 str(Path(smoke_corpus) / "hidden/unlabeled_reference.jsonl"),
+                 *[x for kv in lenient for x in ("--set", kv)]]) == 0
+    out = capsys.readouterr().out
+    assert "PL quality" in out and "cache refreshes" in out
+    result = json.loads((run / "slimipl/sl/result.json").read_text())
+    assert result["step"] == 4 and result["extra"]["refreshes"] >= 2
+    assert result["extra"]["pl_updates"] + result["extra"]["labeled_updates"] == 4
+    assert main(["slimipl", *common, "--unlabeled", str(m / "unlabeled.jsonl"), "--set", "pl_cache_size=0"]) == 2
+    assert "pl_cache_size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
