@@ -52,7 +52,7 @@ def recipe_table(supervised: dict[str, dict[str, float]], per_language: dict[str
         sl = sl_table.get("cer")
         rel = f"{100 * (sl - ft) / ft:+.1f} %" if sl is not None and ft else "—"
         ev = (mine.get("slimipl_summary") or {}).get("extra", {}).get("pl_eval", {})
-        start, end = ev.get("start", {}).get("crop", {}), ev.get("end", {}).get("whole", {})
+        start, end = ev.get("start", {}).get("whole", {}), ev.get("end", {}).get("whole", {})
         pl = f"{_f(start.get('pl_cer'))} → {_f(end.get('pl_cer'))}" if start or end else "—"
         lines.append(f"| {lang} | {roles.get(lang, '')} | {_f(base)} | {_f(ft)} | {_f(sl)} | {rel} | {pl} | "
                      f"{_f(sl_table.get('lid_acc'))} |")

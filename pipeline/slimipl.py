@@ -45,6 +45,10 @@ class CollapseError(ValueError):
     """Self-training degenerated (mostly empty / all-blank pseudo-labels); the message says what to do."""
 
 
+class _RolledBack(Exception):
+    """The collapse guard restored the last good weights: the interrupted step is abandoned."""
+
+
 def choose_slot(rng: random.Random, size: int, p: float) -> tuple[int, bool]:
     """A uniformly random cache slot to train on, and whether to relabel it afterwards (probability p)."""
     return rng.randrange(size), rng.random() < p
@@ -290,6 +294,7 @@ def run_slimipl(
         guard.rollbacks, guard.streak = guard.rollbacks + 1, 0
         model.set_dropout(trained.checkpoint["model_kwargs"]["dropout"])
         model.set_layerdrop(trained.checkpoint["model_kwargs"]["layerdrop"])
+        raise _RolledBack
 
     def pl_step() -> bool:
         """One unlabeled step: fill the cache (no update), or train on a random slot and maybe relabel it."""
@@ -322,13 +327,17 @@ def run_slimipl(
                 s["iteration"] += 1
                 if labeled:
                     labeled_step()
-                elif not pl_step():
-                    continue  # no gradient step: nothing periodic to do
+                else:
+                    try:
+                        if not pl_step():
+                            continue  # no gradient step: nothing periodic to do
+                    except _RolledBack:
+                        continue  # the cache refills from the restored weights
             if ema is not None:
                 ema.update_parameters(model)
-            table = trainer.after_update(stage_state)
+            trainer.after_update(stage_state)
             if trainer.last_saved_step == trainer.step:
-                _after_save(trainer, stage_dir, base_rejects, loader, s, guard, table)
+                _after_save(trainer, stage_dir, base_rejects, loader, s, guard)
     finally:
         loader.close()
     if pl_eval_loader is not None:
@@ -354,7 +363,7 @@ def run_slimipl(
 
 
 def _after_save(trainer: Trainer, stage_dir: str, base_rejects: list[dict], loader: LazyBatchLoader,
-                s: dict[str, Any], guard: CollapseGuard, table: dict | None) -> None:
+                s: dict[str, Any], guard: CollapseGuard) -> None:
     """Files that follow each last.pt: PL metrics, rejects found so far, and good.pt while PLs look healthy."""
     write_manifest(join(stage_dir, "pl_metrics.jsonl"), s["pl_history"])
     write_rejects(join(stage_dir, "rejects.jsonl"), base_rejects + [r.as_row() for r in loader.rejects])

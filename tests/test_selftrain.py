@@ -4,6 +4,7 @@ collapse guard, bad unlabeled rows."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_continues_the_multilingual_model_on_one_language(smoke_corpus, teacher, tmp_path):
     cfg = finetune_tiny("SL", _m(smoke_corpus, "labeled"), _m(smoke_corpus, "dev"), init_checkpoint=teacher,
                         max_updates=20, eval_every=20, save_every=10, log_every=10,
@@ -81,6 +83,7 @@ def test_finetune_continues_the_multilingual_model_on_one_language(smoke_corpus,
     assert tuned.checkpoint["init_checkpoint"] == teacher
 
 
+@pytest.mark.slow
 def test_finetune_refuses_a_language_the_model_does_not_know(smoke_corpus, teacher, tmp_path):
     cfg = finetune_tiny("de", _m(smoke_corpus, "labeled"), None, init_checkpoint=teacher, max_updates=5)
     with pytest.raises(ValueError, match="not one of the checkpoint's languages"):
@@ -109,6 +112,7 @@ def test_each_cycle_has_one_labeled_step_and_lambda_unlabeled_in_shuffled_order(
     assert positions == set(range(5))  # the labeled step moves around within its cycle
 
 
+@pytest.mark.slow
 def test_cache_fills_without_updates_then_trains_and_relabels(smoke_corpus, teacher, tmp_path):
     cfg = _slim(smoke_corpus, teacher, max_updates=24, pl_cache_update_prob=0.5)
     result = run_slimipl(cfg, str(tmp_path))
@@ -136,6 +140,7 @@ def test_cache_fills_without_updates_then_trains_and_relabels(smoke_corpus, teac
             assert 0 <= ev[when][how]["empty_share"] <= 1 and ev[when][how]["pl_cer"] >= 0
 
 
+@pytest.mark.slow
 def test_pseudo_labels_are_made_in_eval_mode_without_specaugment(smoke_corpus, teacher):
     from pipeline.stream import LazyBatchLoader, load_unlabeled
     from pipeline.trainer import Trainer
@@ -166,6 +171,7 @@ def test_pseudo_labels_are_made_in_eval_mode_without_specaugment(smoke_corpus, t
     loader.close()
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_losses_and_cache(smoke_corpus, teacher, tmp_path):
     cfg = _slim(smoke_corpus, teacher, max_updates=14, save_every=5, ema_decay=0.9)
     run_slimipl(cfg, str(tmp_path / "straight"))
@@ -194,6 +200,7 @@ def test_a_killed_run_resumes_to_the_same_losses_and_cache(smoke_corpus, teacher
         torch.testing.assert_close(a["stage_state"]["ema"][k], b["stage_state"]["ema"][k])
 
 
+@pytest.mark.slow
 def test_the_collapse_guard_stops_a_run_whose_pseudo_labels_are_empty(smoke_corpus, newborn, tmp_path):
     cfg = _slim(smoke_corpus, newborn, collapse={"patience": 3}, pl_cache_size=5)
     with pytest.raises(CollapseError) as err:
@@ -204,13 +211,21 @@ def test_the_collapse_guard_stops_a_run_whose_pseudo_labels_are_empty(smoke_corp
     assert not (tmp_path / "slimipl/sl/checkpoints/last.pt").exists()  # nothing trained on collapsed PLs
 
 
-def test_the_collapse_guard_can_roll_back_instead(smoke_corpus, newborn, tmp_path):
-    cfg = _slim(smoke_corpus, newborn, collapse={"patience": 2, "action": "rollback", "max_rollbacks": 1},
-                pl_cache_size=3)
+@pytest.mark.slow
+def test_the_collapse_guard_can_roll_back_instead(smoke_corpus, teacher, tmp_path, caplog):
+    # Real PLs carry ≈ 10 chars/s; demanding 50 makes every refresh "bad". With patience 4 > N = 2 the guard
+    # trips on a relabel of a full cache: it rolls back once (cache emptied, refilled), then stops.
+    guard = {"min_chars_per_s": 50.0, "max_empty_share": 1.0, "max_blank_ratio": 1.0, "patience": 4,
+             "action": "rollback", "max_rollbacks": 1}
+    cfg = _slim(smoke_corpus, teacher, collapse=guard, pl_cache_size=2, pl_cache_update_prob=1.0, max_updates=40)
+    caplog.set_level(logging.INFO, logger="mlpl")
     with pytest.raises(CollapseError, match="collapse guard"):
-        run_slimipl(cfg, str(tmp_path))  # rolled back once, collapsed again, then stopped
+        run_slimipl(cfg, str(tmp_path))
+    assert "rolling back (1 of 1)" in caplog.text
+    assert caplog.text.count("PL cache full") == 2  # filled, rolled back and emptied, filled again
 
 
+@pytest.mark.slow
 def test_bad_unlabeled_rows_become_rejects_while_the_rest_trains(smoke_corpus, teacher, tmp_path):
     rows, _ = read_manifest(_m(smoke_corpus, "unlabeled"))
     bad = {kind: {k: v for k, v in row.items() if k != "text"} | {"language": "sl"}
