@@ -9,6 +9,7 @@ Output: `<run>/finetune/<language>/`, with the same checkpoints, resume, metrics
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -102,6 +103,7 @@ def run_finetune(
         ValueError: unknown language, no usable rows, or a checkpoint made with another config or data.
         FileNotFoundError: when the starting checkpoint is missing.
     """
+    started_at = time.perf_counter()
     init_url = cfg.init_checkpoint or join(run_dir, "supervised", "checkpoints", "best.pt")
     trained, lang = start_from(init_url, cfg.language, cfg.dropout, cfg.layerdrop)
     stage_dir = join(run_dir, "finetune", lang)
@@ -115,7 +117,7 @@ def run_finetune(
         stage=f"finetune/{lang}", stage_dir=stage_dir, cfg=cfg, model=trained.model,
         model_kwargs=trained.checkpoint["model_kwargs"], tokenizer=trained.tokenizer, languages=trained.languages,
         dev=dev, identity=input_identity(init=init_url, train=cfg.train_manifest, dev=cfg.dev_manifest),
-        meta=stage_meta(trained, init_url, lang), on_progress=on_progress,
+        meta=stage_meta(trained, init_url, lang), on_progress=on_progress, started_at=started_at,
     )
     sampler = DynamicBucketSampler(train.durations(), max_batch_duration_s=cfg.batch.max_batch_duration_s,
                                    max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets,

@@ -170,6 +170,7 @@ def run_slimipl(
         ValueError: unknown language, no usable rows, or a checkpoint made with another config or data.
         FileNotFoundError: when the starting checkpoint is missing.
     """
+    started_at = time.perf_counter()
     init_url = cfg.init_checkpoint or join(run_dir, "finetune", normalize_language(cfg.language) or cfg.language,
                                            "checkpoints", "best.pt")
     trained, lang = start_from(init_url, cfg.language, cfg.dropout, cfg.layerdrop)
@@ -193,7 +194,7 @@ def run_slimipl(
     trainer = Trainer(
         stage=f"slimipl/{lang}", stage_dir=stage_dir, cfg=cfg, model=model,
         model_kwargs=trained.checkpoint["model_kwargs"], tokenizer=trained.tokenizer, languages=trained.languages,
-        dev=dev, meta=stage_meta(trained, init_url, lang), on_progress=on_progress,
+        dev=dev, meta=stage_meta(trained, init_url, lang), on_progress=on_progress, started_at=started_at,
         identity=input_identity(init=init_url, train=cfg.train_manifest, unlabeled=cfg.unlabeled_manifest,
                                 dev=cfg.dev_manifest),
     )

@@ -71,6 +71,7 @@ def run_supervised(
     Raises:
         ValueError: when the checkpoint was made with another config or other data, or no row is usable.
     """
+    started_at = time.perf_counter()
     stage_dir = join(run_dir, "supervised")
     last_url = join(stage_dir, "checkpoints", "last.pt")
     if cfg.num_threads:
@@ -88,7 +89,7 @@ def run_supervised(
         tokenizer=tokenizer, languages=languages, dev=dev,
         identity=input_identity(train=cfg.train_manifest, dev=cfg.dev_manifest),
         meta={"features": cfg.features.model_dump(), "audio": cfg.audio.model_dump()},
-        on_progress=on_progress,
+        on_progress=on_progress, started_at=started_at,
     )
     sampler = DynamicBucketSampler(train.durations(), max_batch_duration_s=cfg.batch.max_batch_duration_s,
                                    max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets,

@@ -156,6 +156,7 @@ class Trainer:
         identity: dict[str, str | None],
         meta: dict[str, Any] | None = None,
         on_progress: ProgressFn | None = None,
+        started_at: float | None = None,  # perf_counter() when the stage began, so data loading counts
     ):
         self.stage, self.stage_dir, self.cfg = stage, stage_dir, cfg
         self.model, self.model_kwargs = model, model_kwargs
@@ -176,7 +177,7 @@ class Trainer:
         self.train_wall_s = self.audio_s = self.prior_stage_wall_s = 0.0
         self.losses: list[float] = []
         self.end = cfg.max_updates
-        self._t_stage = time.perf_counter()
+        self._t_stage = time.perf_counter() if started_at is None else started_at
         self._t_log, self._audio_log = time.perf_counter(), 0.0
 
     # --- resume -------------------------------------------------------------------------------------
