@@ -341,11 +341,12 @@ def run_slimipl(
                 _after_save(trainer, stage_dir, base_rejects, loader, s, guard)
     finally:
         loader.close()
-    if pl_eval_loader is not None:
+    if pl_eval_loader is not None and s["pl_eval"].get("end_step") != trainer.step:  # a rerun of a done stage skips it
         s["pl_eval"]["end"] = {
             "whole": measure_pls(labeler, pl_eval_loader, trainer, None, references),
             "crop": measure_pls(labeler, pl_eval_loader, trainer, crop, references),
         }
+        s["pl_eval"]["end_step"] = trainer.step
         log.info("slimipl/%s PLs of the final labeler: %s", lang, s["pl_eval"]["end"])
     write_manifest(join(stage_dir, "pl_metrics.jsonl"), s["pl_history"])
     write_rejects(join(stage_dir, "rejects.jsonl"), base_rejects + [r.as_row() for r in loader.rejects])
