@@ -12,6 +12,8 @@ _DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # Stage logs (rates, rejects, dev tables) appear in the Prefect UI beside the flow's own.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "mlpl",
+    # ...and outside a flow (plain `mlpl train`, tests) those loggers log locally without a warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -18,7 +18,7 @@ import torch
 
 from models.encoder import frames_after_subsampling
 from pipeline.audio import AudioError, load_audio, log_mel, spec_augment
-from pipeline.config import AudioPolicy, FeatureConfig, SpecAugmentConfig
+from pipeline.config import AudioPolicy, BatchConfig, FeatureConfig, SpecAugmentConfig
 from pipeline.tokenizer import Tokenizer, prepare_text
 from storage.manifest import read_manifest
 
@@ -155,6 +155,24 @@ def rejects_for_language(rejects: list[Reject], language: str, languages: Sequen
     return [r for r in rejects if normalize_language(r.language or "") not in others]
 
 
+def read_utterances(
+    manifest_url: str, *, require_text: bool, languages: Sequence[str] | None, language: str | None = None
+) -> tuple[list[Utterance], list[Reject]]:
+    """Manifest rows as validated utterances (no audio touched) and rejects; with `language`, that language's.
+
+    Raises:
+        FileNotFoundError: when the manifest itself is missing.
+    """
+    rows, line_rejects = read_manifest(manifest_url)
+    rejects = [Reject(r["id"], None, None, r["reason"], manifest_url) for r in line_rejects]
+    utts, row_rejects = validate_rows(rows, source=manifest_url, require_text=require_text, languages=languages)
+    rejects += row_rejects
+    if language is not None:
+        utts = [u for u in utts if u.language == language]
+        rejects = rejects_for_language(rejects, language, languages)
+    return utts, rejects
+
+
 def load_dataset(
     manifest_url: str,
     *,
@@ -173,13 +191,7 @@ def load_dataset(
     Raises:
         FileNotFoundError: when the manifest itself is missing.
     """
-    rows, line_rejects = read_manifest(manifest_url)
-    rejects = [Reject(r["id"], None, None, r["reason"], manifest_url) for r in line_rejects]
-    utts, row_rejects = validate_rows(rows, source=manifest_url, require_text=require_text, languages=languages)
-    rejects += row_rejects
-    if language is not None:
-        utts = [u for u in utts if u.language == language]
-        rejects = rejects_for_language(rejects, language, languages)
+    utts, rejects = read_utterances(manifest_url, require_text=require_text, languages=languages, language=language)
     kept: list[Utterance] = []
     feats: dict[str, torch.Tensor] = {}
     for i, u in enumerate(utts):
@@ -298,6 +310,13 @@ class DynamicBucketSampler:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a saved state."""
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+
+
+def batch_sampler(durations_s: Sequence[float], batch: BatchConfig, seed: int, shuffle: bool = True):
+    """A `DynamicBucketSampler` with a stage's batch settings."""
+    return DynamicBucketSampler(durations_s, max_batch_duration_s=batch.max_batch_duration_s,
+                                max_batch_size=batch.max_batch_size, num_buckets=batch.num_buckets, shuffle=shuffle,
+                                seed=seed)
 
 
 class Batch(NamedTuple):

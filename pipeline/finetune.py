@@ -16,8 +16,8 @@ import torch
 from pipeline.config import FinetuneConfig
 from pipeline.data import (
     Dataset,
-    DynamicBucketSampler,
     ProgressFn,
+    batch_sampler,
     load_dataset,
     normalize_language,
     reject_untrainable,
@@ -119,9 +119,7 @@ def run_finetune(
         dev=dev, identity=input_identity(init=init_url, train=cfg.train_manifest, dev=cfg.dev_manifest),
         meta=stage_meta(trained, init_url, lang), on_progress=on_progress, started_at=started_at,
     )
-    sampler = DynamicBucketSampler(train.durations(), max_batch_duration_s=cfg.batch.max_batch_duration_s,
-                                   max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets,
-                                   seed=cfg.seed)
+    sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
     stage_state = trainer.restore(resume, stop_after)
     if stage_state:
         sampler.load_state_dict(stage_state["sampler"])

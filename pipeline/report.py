@@ -32,28 +32,36 @@ def pl_quality_markdown(summary: dict[str, Any]) -> str:
 
 def recipe_table(supervised: dict[str, dict[str, float]], per_language: dict[str, dict[str, Any]],
                  roles: dict[str, str] | None = None) -> str:
-    """Test CER per language after each stage, with the relative change of slimIPL over fine-tuning and the
-    PL CER on the unlabeled clips at the start and end of slimIPL.
+    """Test CER % per stage (rows) and language (columns), as in the paper's Table 1, with slimIPL's relative
+    change over fine-tuning and the PL CER on the unlabeled clips at the start and end of slimIPL.
 
     `supervised` is the multilingual model's `score()` table; `per_language[lang]` holds the test tables
-    ("finetune", "slimipl": score() results or None) and the slimIPL summary ("slimipl_summary").
+    ("finetune", "slimipl": score() results) and the slimIPL summary ("slimipl_summary").
     """
     roles = roles or {}
-    lines = [
-        "| language | role | multilingual CER % | fine-tuned CER % | slimIPL CER % | slimIPL vs fine-tuned | "
-        "PL CER % start → end | LID acc % (slimIPL) |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
-    ]
-    for lang in sorted(k for k in supervised if k not in ("all", "macro")):
-        base = supervised[lang]["cer"]
-        mine = per_language.get(lang, {})
-        ft = (mine.get("finetune") or {}).get(lang, {}).get("cer")
-        sl_table = (mine.get("slimipl") or {}).get(lang, {})
-        sl = sl_table.get("cer")
-        rel = f"{100 * (sl - ft) / ft:+.1f} %" if sl is not None and ft else "—"
-        ev = (mine.get("slimipl_summary") or {}).get("extra", {}).get("pl_eval", {})
+    langs = sorted(k for k in supervised if k not in ("all", "macro"))
+
+    def cer(lang: str, stage: str) -> float | None:
+        table = supervised if stage == "supervised" else (per_language.get(lang, {}).get(stage) or {})
+        return table.get(lang, {}).get("cer")
+
+    def relative(lang: str) -> str:
+        ft, sl = cer(lang, "finetune"), cer(lang, "slimipl")
+        return f"{100 * (sl - ft) / ft:+.1f} %" if ft and sl is not None else "—"
+
+    def pl_cer(lang: str) -> str:
+        ev = (per_language.get(lang, {}).get("slimipl_summary") or {}).get("extra", {}).get("pl_eval", {})
         start, end = ev.get("start", {}).get("whole", {}), ev.get("end", {}).get("whole", {})
-        pl = f"{_f(start.get('pl_cer'))} → {_f(end.get('pl_cer'))}" if start or end else "—"
-        lines.append(f"| {lang} | {roles.get(lang, '')} | {_f(base)} | {_f(ft)} | {_f(sl)} | {rel} | {pl} | "
-                     f"{_f(sl_table.get('lid_acc'))} |")
-    return "\n".join(lines) + "\n"
+        return f"{_f(start.get('pl_cer'))} → {_f(end.get('pl_cer'))}" if start or end else "—"
+
+    header = "| test CER % | " + " | ".join(f"{lang} ({roles[lang]})" if lang in roles else lang for lang in langs)
+    rows = [
+        header + " |",
+        "|---|" + "---:|" * len(langs),
+        "| multilingual | " + " | ".join(_f(cer(lang, "supervised")) for lang in langs) + " |",
+        "| ↪ fine-tuned on the language | " + " | ".join(_f(cer(lang, "finetune")) for lang in langs) + " |",
+        "| ↪ slimIPL | " + " | ".join(_f(cer(lang, "slimipl")) for lang in langs) + " |",
+        "| slimIPL vs fine-tuned | " + " | ".join(relative(lang) for lang in langs) + " |",
+        "| PL CER % on unlabeled clips, start → end | " + " | ".join(pl_cer(lang) for lang in langs) + " |",
+    ]
+    return "\n".join(rows) + "\n"

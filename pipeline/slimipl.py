@@ -28,7 +28,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import CollapseGuardConfig, SlimIPLConfig
-from pipeline.data import Batch, DynamicBucketSampler, ProgressFn, Utterance, collate, normalize_language
+from pipeline.data import Batch, ProgressFn, Utterance, batch_sampler, collate, normalize_language
 from pipeline.evaluate import CropSpec, decode_batch
 from pipeline.finetune import load_language_data, stage_meta, start_from
 from pipeline.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
@@ -198,9 +198,7 @@ def run_slimipl(
         identity=input_identity(init=init_url, train=cfg.train_manifest, unlabeled=cfg.unlabeled_manifest,
                                 dev=cfg.dev_manifest),
     )
-    sampler = DynamicBucketSampler(train.durations(), max_batch_duration_s=cfg.batch.max_batch_duration_s,
-                                   max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets,
-                                   seed=cfg.seed)
+    sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
     ub = cfg.unlabeled_batch
     loader = LazyBatchLoader(unlabeled, features=trained.features, policy=trained.audio_policy,
                              max_batch_duration_s=ub.max_batch_duration_s, max_batch_size=ub.max_batch_size,

@@ -21,9 +21,8 @@ import torch
 
 from pipeline.audio import AudioError, load_audio, log_mel
 from pipeline.config import AudioPolicy, FeatureConfig
-from pipeline.data import DynamicBucketSampler, Reject, Utterance, rejects_for_language, validate_rows
+from pipeline.data import DynamicBucketSampler, Reject, Utterance, read_utterances
 from storage.files import open_binary
-from storage.manifest import read_manifest
 
 log = logging.getLogger("mlpl.stream")
 
@@ -49,13 +48,7 @@ def load_unlabeled(
     Raises:
         FileNotFoundError: when the manifest itself is missing.
     """
-    rows, line_rejects = read_manifest(manifest_url)
-    rejects = [Reject(r["id"], None, None, r["reason"], manifest_url) for r in line_rejects]
-    utts, row_rejects = validate_rows(rows, source=manifest_url, require_text=False, languages=languages)
-    rejects += row_rejects
-    if language is not None:
-        utts = [u for u in utts if u.language == language]
-        rejects = rejects_for_language(rejects, language, languages)
+    utts, rejects = read_utterances(manifest_url, require_text=False, languages=languages, language=language)
     kept = []
     for u in utts:
         duration_s = u.duration_s

@@ -14,7 +14,15 @@ import torch
 
 from models.encoder import CTCLIDModel
 from pipeline.config import SupervisedConfig, model_kwargs
-from pipeline.data import Dataset, DynamicBucketSampler, ProgressFn, collate, load_dataset, reject_untrainable
+from pipeline.data import (
+    Dataset,
+    DynamicBucketSampler,
+    ProgressFn,
+    batch_sampler,
+    collate,
+    load_dataset,
+    reject_untrainable,
+)
 from pipeline.tokenizer import tokenizer_from_dict, train_tokenizer
 from pipeline.trainer import StageResult, Trainer, input_identity
 from storage.checkpoint import load_checkpoint
@@ -91,9 +99,7 @@ def run_supervised(
         meta={"features": cfg.features.model_dump(), "audio": cfg.audio.model_dump()},
         on_progress=on_progress, started_at=started_at,
     )
-    sampler = DynamicBucketSampler(train.durations(), max_batch_duration_s=cfg.batch.max_batch_duration_s,
-                                   max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets,
-                                   seed=cfg.seed)
+    sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
     stage_state = trainer.restore(resume, stop_after)
     if stage_state:
         sampler.load_state_dict(stage_state["sampler"])

@@ -99,7 +99,8 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
         assert set(v["finetune"]) == set(v["slimipl"]) == {lang, "all", "macro"}
         assert v["slimipl_summary"]["step"] == 6 and v["slimipl_summary"]["extra"]["refreshes"] >= 2
     report = (tmp_path / "run/report/recipe.md").read_text()
-    assert report.count("\n| ") == 4 and "| sl | low |" in report  # header + one row per language
+    assert "| test CER % | el (high) | es (high) | sl (low) |" in report
+    assert report.count("\n| ") == 6  # header + a row per stage, the relative change and the PL CER
     assert (tmp_path / "run/eval/slimipl/sl/metrics.md").read_text().startswith("### ")
     assert (tmp_path / "corpus/corpus_card.md").exists()
 
