@@ -346,7 +346,7 @@ class Trainer:
             step=self.step,
             precision=self.precision,
             dev_metrics=dev_metrics,
-            best=self.best,
+            best={**self.best, "metric": None} if math.isinf(self.best["metric"]) else self.best,  # JSON has no inf
             num_train_utterances=num_train_utterances,
             num_rejects=num_rejects,
             num_parameters=count_parameters(self.model),

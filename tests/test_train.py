@@ -204,3 +204,13 @@ def test_transcripts_too_long_for_the_configured_stride_are_rejected(tmp_path):
     assert [u.id for u in out.utterances] == ["ok"]
     reason = {r.id: r.reason for r in out.rejects}["short"]
     assert "needs 24 CTC frames but the audio gives 17" in reason
+
+
+def test_result_json_is_strict_json_without_dev_data(smoke_corpus, tmp_path):
+    train, _ = _manifests(smoke_corpus)
+    cfg = supervised_tiny(train, None, max_updates=2, save_every=2,
+                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
+    run_supervised(cfg, str(tmp_path))
+    text = (tmp_path / "supervised/result.json").read_text()
+    result = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in result.json"))
+    assert result["best"]["metric"] is None and result["step"] == 2 and result["precision"] in ("fp32", "bf16")
