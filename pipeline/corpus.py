@@ -331,11 +331,11 @@ def allocate_sentences(cfg: CorpusConfig, language: str, sentences: list[str]) -
         ValueError: too few sentences for the requested clips.
     """
     role = cfg.role(language)
-    sizes = {
+    sizes = {  # in cutting order
         "test": SHORT_CANDIDATES,
         "dev": SHORT_CANDIDATES,
-        "unlabeled": LONG_CANDIDATES,
         "labeled": SHORT_CANDIDATES,
+        "unlabeled": LONG_CANDIDATES,
     }
     need = sum(cfg.clips(split, role) * k for split, k in sizes.items())
     if len(sentences) < need:
@@ -348,8 +348,7 @@ def allocate_sentences(cfg: CorpusConfig, language: str, sentences: list[str]) -
     pool = [sentences[i] for i in order]
     blocks: dict[str, list[tuple[str, ...]]] = {}
     start = 0
-    for split in ("test", "dev", "labeled", "unlabeled"):
-        k = sizes[split]
+    for split, k in sizes.items():
         blocks[split] = [tuple(pool[start + i * k : start + (i + 1) * k]) for i in range(cfg.clips(split, role))]
         start += k * cfg.clips(split, role)
     return blocks

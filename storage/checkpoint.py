@@ -9,6 +9,10 @@ import torch
 
 from storage.files import atomic_write_bytes, exists, read_bytes
 
+# torch.save writes a zip archive; anything else (a text file, a legacy pickle) is not an mlpl checkpoint.
+_ZIP_MAGIC = b"PK\x03\x04"
+_FIX = "pass a checkpoint written by mlpl, or delete it (resume then restarts the stage)"
+
 
 def save_checkpoint(url: str, state: dict[str, Any]) -> None:
     """Serialize a state record (tensors, numbers, strings, lists, dicts) and write it atomically."""
@@ -20,21 +24,37 @@ def save_checkpoint(url: str, state: dict[str, Any]) -> None:
 def load_checkpoint(url: str) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True (no pickled code runs).
 
+    Only the structure is checked: damage inside tensor data goes unnoticed, as torch keeps no checksum.
+
     Raises:
         FileNotFoundError: when no checkpoint is at the URL.
         ValueError: one line naming the file when it is empty, truncated, corrupt or not a checkpoint.
     """
     if not exists(url):
         raise FileNotFoundError(f"no checkpoint at {url}")
-    data = read_bytes(url)
-    fix = "pass a checkpoint written by mlpl, or delete it (resume then restarts the stage)"
+    try:
+        data = read_bytes(url)
+    except IsADirectoryError:
+        raise ValueError(f"{url} is not a readable mlpl checkpoint (a directory); {_FIX}") from None
     if not data:
-        raise ValueError(f"{url} is not a readable mlpl checkpoint (empty file); {fix}")
+        raise ValueError(f"{url} is not a readable mlpl checkpoint (empty file); {_FIX}")
+    if not data.startswith(_ZIP_MAGIC):
+        what = f"not a torch zip archive: starts {data[:8]!r}"
+        raise ValueError(f"{url} is not a readable mlpl checkpoint ({what}); {_FIX}")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch/pickle/zip raise many types for damaged files
-        what = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{url} is not a readable mlpl checkpoint ({type(err).__name__}: {what}); {fix}") from None
+        raise ValueError(f"{url} is not a readable mlpl checkpoint ({_reason(err)}); {_FIX}") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{url} is not a readable mlpl checkpoint (holds a {type(state).__name__}); {fix}")
+        raise ValueError(f"{url} is not a readable mlpl checkpoint (holds a {type(state).__name__}); {_FIX}")
     return state
+
+
+def _reason(err: Exception) -> str:
+    """The gist of a torch.load error in one short line, without torch's advice to drop weights_only."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # what the safe unpickler refused, not its long preamble
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = " ".join(text.split())
+    gist = text.split(". ", 1)[0].rstrip(".")[:120]
+    return f"{type(err).__name__}: {gist}" if gist else type(err).__name__

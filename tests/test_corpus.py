@@ -46,8 +46,14 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 def _tiny(**update) -> CorpusConfig:
     base = smoke().model_dump()
-    base.update(labeled_clips_high=2, labeled_clips_low=1, unlabeled_clips_high=0, unlabeled_clips_low=0, dev_clips=1,
-                test_clips=1)
+    base.update(
+        labeled_clips_high=2,
+        labeled_clips_low=1,
+        unlabeled_clips_high=0,
+        unlabeled_clips_low=0,
+        dev_clips=1,
+        test_clips=1,
+    )
     base.update(update)
     return CorpusConfig(**base)
 
@@ -346,3 +352,23 @@ def test_unlabeled_budget_leaves_eval_and_labeled_sentences_in_place():
     assert b["unlabeled"][:10] == a["unlabeled"]
     none = allocate_sentences(large, "es", sentences)  # a high-resource language: no unlabeled clips
     assert none["unlabeled"] == [] and len(none["labeled"]) == large.labeled_clips_high
+
+
+def test_languages_without_unlabeled_audio_have_none_anywhere(tmp_path):
+    out = tmp_path / "out"
+    cfg = _tiny(unlabeled_clips_high=0, unlabeled_clips_low=1)
+    card = build_corpus(cfg, str(out))
+    unlabeled = _read_jsonl(out / "manifests" / "unlabeled.jsonl")
+    reference = _read_jsonl(out / "hidden" / "unlabeled_reference.jsonl")
+    assert Counter(r["language"] for r in unlabeled) == {"sl": 1}
+    assert [r["id"] for r in reference] == [r["id"] for r in unlabeled]
+    assert sorted(p.parent.name for p in (out / "audio" / "unlabeled").rglob("*.flac")) == ["sl"]
+    for lang in ("es", "el"):
+        entry = card["splits"]["unlabeled"][lang]
+        assert entry == {"clips": 0, "hours": 0.0, "mean_duration_s": 0.0, "speakers": 0, "reverb_fraction": 0.0}
+    assert card["splits"]["unlabeled"]["sl"]["clips"] == 1 and card["splits"]["unlabeled"]["sl"]["hours"] > 0
+    md = (out / "corpus_card.md").read_text(encoding="utf-8")
+    assert "| unlabeled | 0 / 0.000 h / 0 | 0 / 0.000 h / 0 | 1 / " in md
+    calls = []
+    assert build_corpus(cfg, str(out), on_progress=lambda *a: calls.append(a)) == card
+    assert calls == []  # complete as it is: empty per-language splits do not make it look unfinished

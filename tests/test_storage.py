@@ -11,13 +11,26 @@ from storage.files import atomic_write_text, list_files
 from storage.manifest import read_manifest
 
 
+class _Foreign:
+    """A class no mlpl checkpoint holds."""
+
+
 def test_a_manifest_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
     path = tmp_path / "bom.jsonl"
-    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "language": "es"}\n{"id": "b", "language": "es"}\n'
-                     b'{"id": "c", "text": "ni\xf1o"}\n')
+    path.write_bytes(
+        b'\xef\xbb\xbf{"id": "a", "language": "es"}\n{"id": "b", "language": "es"}\n{"id": "c", "text": "ni\xf1o"}\n'
+    )
     rows, rejects = read_manifest(str(path))
-    assert [r["id"] for r in rows] == ["a", "b"]
-    assert len(rejects) == 1 and "not valid UTF-8" in rejects[0]["reason"]
+    assert [r["id"] for r in rows] == ["a", "b"] and set(rows[0]) == {"id", "language"}  # no BOM in a key
+    # A line that is not UTF-8 is still a reject naming its line, BOM or not.
+    assert len(rejects) == 1 and "not valid UTF-8" in rejects[0]["reason"] and rejects[0]["id"].endswith(":3")
+
+
+def test_a_manifest_without_a_byte_order_mark_reads_the_same(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_bytes(b'{"id": "a"}\r\n\xef\xbb\xbf{"id": "b"}\n')  # a BOM mid-file is not stripped
+    rows, rejects = read_manifest(str(path))
+    assert [r["id"] for r in rows] == ["a"] and len(rejects) == 1 and rejects[0]["id"].endswith(":2")
 
 
 def test_a_good_checkpoint_round_trips(tmp_path):
@@ -27,7 +40,7 @@ def test_a_good_checkpoint_round_trips(tmp_path):
     assert back["step"] == 3 and torch.equal(back["w"], torch.arange(4.0))
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "not a dict"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "corrupt", "text", "foreign class", "not a dict"])
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, damage, capsys):
     url = tmp_path / "last.pt"
     save_checkpoint(str(url), {"step": 3, "w": torch.randn(1000)})
@@ -36,6 +49,10 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, dama
         url.write_bytes(b"")
     elif damage == "truncated":
         url.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":
+        url.write_bytes(data[:-64] + bytes(64))  # the zip directory at the end is overwritten
+    elif damage == "foreign class":
+        torch.save({"model": _Foreign()}, url)  # another tool's checkpoint: weights_only refuses the class
     elif damage == "text":
         url.write_text("this is a manifest, not a checkpoint\n")
     else:
@@ -49,6 +66,13 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, dama
     assert main(["evaluate", "--checkpoint", str(url), "--manifest", str(manifest), "--out", str(tmp_path / "o")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mlpl: error:") and str(url) in lines[0]
+
+
+def test_a_missing_checkpoint_is_file_not_found_and_a_directory_a_value_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match=r"is not a readable mlpl checkpoint \(a directory\)"):
+        load_checkpoint(str(tmp_path))
 
 
 def test_atomic_writes_leave_no_temp_file(tmp_path):
