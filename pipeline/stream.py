@@ -11,10 +11,13 @@ exactly the same stream.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import soundfile as sf
 import torch
@@ -28,8 +31,11 @@ log = logging.getLogger("mlpl.stream")
 
 
 def _header_duration_s(url: str) -> float:
+    """Seconds of audio from the file header alone (no samples read)."""
     with open_binary(url) as f:
         info = sf.info(f)
+    if info.frames == 0:
+        raise AudioError("audio has no samples")
     return info.frames / info.samplerate
 
 
@@ -52,11 +58,14 @@ def load_unlabeled(
     kept = []
     for u in utts:
         duration_s = u.duration_s
-        if duration_s <= 0:
+        if not (math.isfinite(duration_s) and duration_s > 0):  # not declared (or nonsense): ask the header
             try:
                 duration_s = _header_duration_s(u.audio)
             except FileNotFoundError:
                 rejects.append(Reject(u.id, u.audio, u.language, f"audio file not found: {u.audio}", manifest_url))
+                continue
+            except AudioError as err:
+                rejects.append(Reject(u.id, u.audio, u.language, str(err), manifest_url))
                 continue
             except Exception as err:  # soundfile raises several types for unreadable headers
                 reason = f"audio header could not be read ({type(err).__name__}: {err})"
@@ -81,11 +90,31 @@ class LoadedBatch:
     features: list[torch.Tensor]
 
 
+class _Item(NamedTuple):
+    """What the prefetch thread hands over: the state after this batch, the batch, the rows it rejected."""
+
+    state: dict[str, int]
+    batch: LoadedBatch
+    rejects: list[Reject]
+
+
 _END = object()
 
 
+def _log_rate(epoch: int | None, seconds: float, t0: float) -> None:
+    if epoch is not None:
+        elapsed = time.perf_counter() - t0
+        log.debug("unlabeled epoch %d: %.0f s of audio decoded in %.1f s (%.0f× real time)", epoch, seconds,
+                  elapsed, seconds / max(elapsed, 1e-9))
+
+
 class LazyBatchLoader:
-    """Batches by audio seconds over many utterances, decoded and featurized in a prefetch thread."""
+    """Batches by audio seconds over many utterances, decoded and featurized in a prefetch thread.
+
+    Memory holds at most `prefetch_batches` queued batches, plus the one being decoded and the one handed
+    out; features are never cached. A row that fails to decode is dropped from its batch and recorded once
+    on `rejects` when its batch is handed out.
+    """
 
     def __init__(
         self,
@@ -101,32 +130,38 @@ class LazyBatchLoader:
         prefetch_batches: int = 2,
         source: str = "",
     ):
+        if prefetch_batches < 1:  # a queue of size 0 is unbounded, which is the memory this loader exists to save
+            raise ValueError(f"prefetch_batches must be at least 1 (got {prefetch_batches})")
         self.utterances = list(utterances)
         self.features, self.policy, self.source = features, policy, source
         self.prefetch_batches = prefetch_batches
+        # Batching trusts the declared durations; a clip that decodes longer still goes into its batch.
         self.sampler = DynamicBucketSampler(
             [u.duration_s for u in self.utterances], max_batch_duration_s=max_batch_duration_s,
             max_batch_size=max_batch_size, num_buckets=num_buckets, shuffle=shuffle, seed=seed,
         )
         self._state = self.sampler.state_dict()
         self._rejects: dict[str, Reject] = {}
-        self._lock = threading.Lock()
-        self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards _rejects and _streams, which callers may read from other threads
+        self._streams: list[tuple[threading.Event, threading.Thread]] = []
+        self._tracked: threading.Event | None = None  # stop event of the stream that moves the state
 
     # --- state ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        """Sampler position right after the last batch handed out (prefetched batches do not count)."""
-        return dict(self._state)
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler position after the last batch handed out (not the prefetched ones), and the rejects so far."""
+        return dict(self._state) | {"rejects": [r.as_row() for r in self.rejects]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue after the saved position on the next `iter()`."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the saved position on the next `iter()`; the saved seed wins."""
         self.close()
-        self._state = {k: int(v) for k, v in state.items()}
+        self._state = {k: int(state[k]) for k in ("epoch", "position", "seed")}
+        self.sampler.seed = self._state["seed"]
+        for row in state.get("rejects", []):
+            self.add_reject(Reject(row["id"], row["audio"], row["language"], row["reason"], row.get("source", "")))
 
     @property
     def rejects(self) -> list[Reject]:
-        """Rows that failed to decode so far, each once."""
+        """Rows that failed to decode so far, each once, in the order they were found."""
         with self._lock:
             return list(self._rejects.values())
 
@@ -136,25 +171,36 @@ class LazyBatchLoader:
             self._rejects.setdefault(reject.id, reject)
 
     # --- decoding ---------------------------------------------------------------------------------
-    def decode(self, u: Utterance) -> torch.Tensor | None:
-        """Features of one utterance, or None after recording why it cannot be used."""
+    def _decode(self, u: Utterance) -> torch.Tensor | Reject:
         try:
             return log_mel(load_audio(u.audio, self.policy, self.features.sample_rate_hz), self.features)
         except AudioError as err:
-            self.add_reject(Reject(u.id, u.audio, u.language, str(err), self.source))
+            return Reject(u.id, u.audio, u.language, str(err), self.source)
         except Exception as err:  # one unreadable row must never end the run
             reason = f"unexpected error reading audio ({type(err).__name__}: {err})"
-            self.add_reject(Reject(u.id, u.audio, u.language, reason, self.source))
-        return None
+            return Reject(u.id, u.audio, u.language, reason, self.source)
 
-    def _load(self, idx: list[int]) -> LoadedBatch:
-        utts, feats = [], []
+    def decode(self, u: Utterance) -> torch.Tensor | None:
+        """Features (T, n_mels) of one utterance, or None after recording why it cannot be used."""
+        out = self._decode(u)
+        if isinstance(out, Reject):
+            self.add_reject(out)
+            return None
+        return out
+
+    def _load(self, idx: list[int], stop: threading.Event) -> tuple[LoadedBatch, list[Reject]] | None:
+        """Decode one batch (None when stopped half-way: nobody will read it)."""
+        utts, feats, rejects = [], [], []
         for i in idx:
-            f = self.decode(self.utterances[i])
-            if f is not None:
+            if stop.is_set():
+                return None
+            out = self._decode(self.utterances[i])
+            if isinstance(out, Reject):
+                rejects.append(out)
+            else:
                 utts.append(self.utterances[i])
-                feats.append(f)
-        return LoadedBatch(utts, feats)
+                feats.append(out)
+        return LoadedBatch(utts, feats), rejects
 
     # --- iteration --------------------------------------------------------------------------------
     def _positions(self, start: dict[str, int], epochs: int | None) -> Iterator[tuple[dict[str, int], list[int]]]:
@@ -168,42 +214,70 @@ class LazyBatchLoader:
                 yield {"epoch": epoch, "position": pos, "seed": seed}, batches[pos - 1]
             epoch, pos = epoch + 1, 0
 
-    def _produce(self, positions, out: queue.Queue, stop: threading.Event) -> None:
-        try:
-            for state, idx in positions:
-                item = (state, self._load(idx))
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            out.put(_END)
-        except BaseException as err:  # handed to the consumer, which raises it
-            out.put(err)
+    def _produce(self, positions: Iterator[tuple[dict[str, int], list[int]]], out: queue.Queue,
+                 stop: threading.Event) -> None:
+        def put(item: object) -> bool:
+            # Never block for good: a consumer that went away sets `stop`, and the thread must notice.
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-    def _stream(self, positions, *, track_state: bool) -> Iterator[LoadedBatch]:
-        self.close()
+        try:
+            t0, seconds, epoch = time.perf_counter(), 0.0, None
+            for state, idx in positions:
+                if state["epoch"] != epoch:
+                    _log_rate(epoch, seconds, t0)
+                    t0, seconds, epoch = time.perf_counter(), 0.0, state["epoch"]
+                loaded = self._load(idx, stop)
+                if loaded is None or not put(_Item(state, *loaded)):
+                    return
+                seconds += sum(u.duration_s for u in loaded[0].utterances)
+                del loaded  # the queue holds the batch now; keep no second reference while decoding the next
+            _log_rate(epoch, seconds, t0)
+            put(_END)
+        except BaseException as err:  # handed to the consumer, which raises it
+            put(err)
+
+    def _stream(self, positions: Iterator[tuple[dict[str, int], list[int]]], *,
+                track_state: bool) -> Iterator[LoadedBatch]:
         out: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(positions, out, stop), daemon=True,
                                   name="mlpl-unlabeled-prefetch")
-        self._stop, self._thread = stop, thread
+        with self._lock:
+            self._streams = [(s, t) for s, t in self._streams if t.is_alive()] + [(stop, thread)]
+        if track_state:
+            # Two streams moving one state would interleave; the newer one wins.
+            if self._tracked is not None:
+                self._tracked.set()
+            self._tracked = stop
         thread.start()
         try:
             while True:
-                item = out.get()
+                try:
+                    item = out.get(timeout=0.1)
+                except queue.Empty:
+                    if stop.is_set():  # closed: end this stream instead of waiting for good
+                        return
+                    if not thread.is_alive() and out.empty():
+                        raise RuntimeError("unlabeled prefetch thread ended without a result") from None
+                    continue
                 if item is _END:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                state, batch = item
+                if stop.is_set():
+                    return
+                for r in item.rejects:
+                    self.add_reject(r)
                 if track_state:
-                    self._state = state
-                if batch.utterances:  # a batch whose every row failed is skipped
-                    yield batch
+                    self._state = item.state
+                if item.batch.utterances:  # a batch whose every row failed is skipped
+                    yield item.batch
         finally:
             stop.set()
 
@@ -213,19 +287,21 @@ class LazyBatchLoader:
 
     def iter_epoch(self, epoch: int = 0) -> Iterator[LoadedBatch]:
         """One whole epoch (length-sorted order when shuffle is off), for labeling a manifest once."""
-        return self._stream(self._positions({"epoch": epoch, "position": 0, "seed": self.sampler.seed}, 1),
-                            track_state=False)
+        start = {"epoch": epoch, "position": 0, "seed": self.sampler.seed}
+        return self._stream(self._positions(start, 1), track_state=False)
 
     def close(self) -> None:
-        """Stop the prefetch thread, if any."""
-        if self._stop is not None:
-            self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._stop = self._thread = None
+        """Stop every prefetch thread of this loader; their iterators end."""
+        with self._lock:
+            streams, self._streams = self._streams, []
+        for stop, _ in streams:
+            stop.set()
+        for _, thread in streams:
+            if thread.is_alive():
+                thread.join(timeout=5)
 
     def __enter__(self) -> LazyBatchLoader:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
