@@ -30,24 +30,60 @@ def load_audio(url: str, policy: AudioPolicy, sample_rate_hz: int = 16000) -> to
         AudioError: missing, corrupt, empty, NaN/Inf, silent, multichannel (unless downmixed),
             low sample rate, too short or overlong audio.
     """
+    return _decode(_read(url), policy, sample_rate_hz)[0]
+
+
+def load_audio_and_flac(url: str, policy: AudioPolicy, sample_rate_hz: int = 16000) -> tuple[torch.Tensor, bytes]:
+    """The waveform as `load_audio` gives it, and the same audio as 16-bit FLAC for a shard.
+
+    A file that already is mono FLAC at `sample_rate_hz` is passed through byte for byte (no re-encoding
+    cost, no second quantization); anything else is encoded from the converted waveform.
+
+    Raises:
+        AudioError: as `load_audio`.
+    """
+    data = _read(url)
+    wav, native = _decode(data, policy, sample_rate_hz)
+    return wav, data if native else encode_flac(wav, sample_rate_hz)
+
+
+def encode_flac(wav: torch.Tensor, sample_rate_hz: int) -> bytes:
+    """16-bit mono FLAC of a float waveform (S,), clipped to [-1, 1]."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wav.numpy(), -1.0, 1.0), sample_rate_hz, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _read(url: str) -> bytes:
     try:
         data = read_bytes(url)
     except FileNotFoundError:
         raise AudioError(f"audio file not found: {url}") from None
+    except IsADirectoryError:
+        raise AudioError(f"audio path is a directory, not a file: {url}") from None
     except OSError as err:
         raise AudioError(f"audio file unreadable: {url} ({err})") from None
     if not data:
         raise AudioError("audio file is empty (0 bytes)")
+    return data
+
+
+def _decode(data: bytes, policy: AudioPolicy, sample_rate_hz: int) -> tuple[torch.Tensor, bool]:
+    """(waveform, whether the bytes already were mono FLAC at the target rate)."""
     try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # (S, C)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            fmt = f.format
+            samples = f.read(dtype="float32", always_2d=True)  # (S, C)
+            sr = f.samplerate
     except Exception as err:  # soundfile raises several types for corrupt input
         raise AudioError(f"audio could not be decoded ({type(err).__name__}: {err})") from None
     if samples.shape[0] == 0:
         raise AudioError("audio has no samples")
-    if samples.shape[1] > 1:
+    channels = samples.shape[1]
+    if channels > 1:
         if not policy.downmix_multichannel:
             raise AudioError(
-                f"audio has {samples.shape[1]} channels; convert to mono or set audio.downmix_multichannel=true"
+                f"audio has {channels} channels; convert to mono or set audio.downmix_multichannel=true"
             )
         samples = samples.mean(axis=1, keepdims=True)
     if not np.isfinite(samples).all():
@@ -67,7 +103,7 @@ def load_audio(url: str, policy: AudioPolicy, sample_rate_hz: int = 16000) -> to
     wav = torch.from_numpy(np.ascontiguousarray(samples[:, 0]))
     if sr != sample_rate_hz:
         wav = torchaudio.functional.resample(wav, sr, sample_rate_hz)
-    return wav
+    return wav, fmt == "FLAC" and channels == 1 and sr == sample_rate_hz
 
 
 @lru_cache(maxsize=4)

@@ -402,3 +402,82 @@ def stage_preset(presets: dict[str, Any], name: str, *args: Any, **overrides: An
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
     return presets[name](*args, **overrides)
+
+
+class PLFilterConfig(_Config):
+    """Which pseudo-labels are kept (paper Sec. 5.1: drop empty PLs and PLs over 630 tokens)."""
+
+    min_tokens: int = Field(1, ge=0)  # 1: an empty PL is dropped
+    max_tokens: int = Field(630, gt=0)
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)  # mean top posterior per frame; None: keep all
+    require_lid_agreement: bool = False  # drop rows whose LID prediction is not the declared language
+
+
+def labeling_audio_policy() -> AudioPolicy:
+    """What labeling accepts: stereo is downmixed, clips up to 3 h (long ones are cropped and stitched)."""
+    return AudioPolicy(downmix_multichannel=True, max_duration_s=3 * 3600.0)
+
+
+class LabelConfig(_Config):
+    """Corpus-wide PL generation (recipe step 4): every unlabeled row labeled by its language's teacher."""
+
+    manifest: str  # unlabeled manifest (JSONL or Parquet, any fsspec URL)
+    teachers: dict[str, str]  # language → teacher checkpoint URL (normally <run>/slimipl/<lang>/checkpoints/best.pt)
+    batch: BatchConfig = Field(default_factory=lambda: BatchConfig(max_batch_duration_s=200.0, num_buckets=32))
+    max_whole_s: float = Field(60.0, gt=0.0)  # longer clips are labeled as crops stitched back together
+    crop_s: float = Field(10.0, gt=0.0)
+    crop_overlap_s: float = Field(2.0, ge=0.0)
+    audio: AudioPolicy = Field(default_factory=labeling_audio_policy)
+    filters: PLFilterConfig = Field(default_factory=PLFilterConfig)
+    unit_max_utterances: int = Field(1000, gt=0)  # a work unit = one Parquet file + one shard
+    unit_max_audio_s: float = Field(3600.0, gt=0.0)  # ≤ ≈ 115 MB of 16-bit FLAC per shard
+    bf16: bool = True  # autocast where the CPU has native bf16; fp32 elsewhere
+    num_threads: int | None = None
+    prefetch_batches: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        errors = []
+        if not self.teachers:
+            errors.append("teachers is empty: map each language to a checkpoint, e.g. {'sl': 'runs/x/slimipl/sl/"
+                          "checkpoints/best.pt'}")
+        if self.crop_overlap_s >= self.crop_s:
+            errors.append(f"crop_overlap_s={self.crop_overlap_s} must be below crop_s={self.crop_s}")
+        if self.batch.max_batch_duration_s < self.max_whole_s:
+            errors.append(
+                f"batch.max_batch_duration_s={self.batch.max_batch_duration_s} is below max_whole_s="
+                f"{self.max_whole_s}: the longest whole clips could never be batched"
+            )
+        if self.filters.min_tokens > self.filters.max_tokens:
+            errors.append(f"filters.min_tokens={self.filters.min_tokens} exceeds filters.max_tokens="
+                          f"{self.filters.max_tokens}: every PL would be dropped")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def decode_key(self, precision: str, features: dict[str, Any]) -> str:
+        """Hash of everything that changes a unit's rows: how audio is read, decoded and filtered, and the
+        precision that ran (not batching, threads or unit sizes)."""
+        blob = json.dumps(
+            {"audio": self.audio.model_dump(mode="json"), "filters": self.filters.model_dump(mode="json"),
+             "max_whole_s": self.max_whole_s, "crop_s": self.crop_s, "crop_overlap_s": self.crop_overlap_s,
+             "precision": precision, "features": features},
+            sort_keys=True,
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def label_tiny(manifest: str, teachers: dict[str, str], **overrides: Any) -> LabelConfig:
+    """CPU preset: 60 s batches (measured fastest on 2 cores), units of at most 200 clips."""
+    cfg = dict(manifest=manifest, teachers=teachers,
+               batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=32),
+               unit_max_utterances=200)
+    return LabelConfig(**(cfg | overrides))
+
+
+def label_paper(manifest: str, teachers: dict[str, str], **overrides: Any) -> LabelConfig:
+    """The paper's setting: 200 s batches, PLs of 1-630 tokens kept, no confidence or LID filter."""
+    return LabelConfig(manifest=manifest, teachers=teachers, **overrides)
+
+
+LABEL_PRESETS = {"tiny": label_tiny, "paper": label_paper}

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import soundfile as sf
 import torch
 
-from pipeline.audio import AudioError, load_audio, log_mel
+from pipeline.audio import AudioError, load_audio, load_audio_and_flac, log_mel
 from pipeline.config import AudioPolicy, FeatureConfig
 from pipeline.data import DynamicBucketSampler, Reject, Utterance, read_utterances
 from storage.files import open_binary
@@ -30,7 +30,7 @@ from storage.files import open_binary
 log = logging.getLogger("mlpl.stream")
 
 
-def _header_duration_s(url: str) -> float:
+def header_duration_s(url: str) -> float:
     """Seconds of audio from the file header alone (no samples read)."""
     with open_binary(url) as f:
         info = sf.info(f)
@@ -60,7 +60,7 @@ def load_unlabeled(
         duration_s = u.duration_s
         if not (math.isfinite(duration_s) and duration_s > 0):  # not declared (or nonsense): ask the header
             try:
-                duration_s = _header_duration_s(u.audio)
+                duration_s = header_duration_s(u.audio)
             except FileNotFoundError:
                 rejects.append(Reject(u.id, u.audio, u.language, f"audio file not found: {u.audio}", manifest_url))
                 continue
@@ -84,10 +84,13 @@ def load_unlabeled(
 
 @dataclass(frozen=True)
 class LoadedBatch:
-    """A batch's utterances with their log-mel features (T_i, n_mels), decoded on demand."""
+    """A batch's utterances with their log-mel features (T_i, n_mels), decoded on demand; with `with_flac`, also
+    each clip's 16 kHz mono FLAC bytes (for PL shards) and its decoded duration."""
 
     utterances: list[Utterance]
     features: list[torch.Tensor]
+    flac: list[bytes] | None = None
+    durations_s: list[float] | None = None
 
 
 class _Item(NamedTuple):
@@ -129,12 +132,14 @@ class LazyBatchLoader:
         shuffle: bool = True,
         prefetch_batches: int = 2,
         source: str = "",
+        with_flac: bool = False,
     ):
         if prefetch_batches < 1:  # a queue of size 0 is unbounded, which is the memory this loader exists to save
             raise ValueError(f"prefetch_batches must be at least 1 (got {prefetch_batches})")
         self.utterances = list(utterances)
         self.features, self.policy, self.source = features, policy, source
         self.prefetch_batches = prefetch_batches
+        self.with_flac = with_flac
         # Batching trusts the declared durations; a clip that decodes longer still goes into its batch.
         self.sampler = DynamicBucketSampler(
             [u.duration_s for u in self.utterances], max_batch_duration_s=max_batch_duration_s,
@@ -171,9 +176,15 @@ class LazyBatchLoader:
             self._rejects.setdefault(reject.id, reject)
 
     # --- decoding ---------------------------------------------------------------------------------
-    def _decode(self, u: Utterance) -> torch.Tensor | Reject:
+    def _decode(self, u: Utterance) -> tuple[torch.Tensor, bytes | None, float] | Reject:
+        """(features, FLAC bytes when asked for, decoded seconds), or the reject."""
         try:
-            return log_mel(load_audio(u.audio, self.policy, self.features.sample_rate_hz), self.features)
+            rate = self.features.sample_rate_hz
+            if self.with_flac:
+                wav, flac = load_audio_and_flac(u.audio, self.policy, rate)
+            else:
+                wav, flac = load_audio(u.audio, self.policy, rate), None
+            return log_mel(wav, self.features), flac, wav.numel() / rate
         except AudioError as err:
             return Reject(u.id, u.audio, u.language, str(err), self.source)
         except Exception as err:  # one unreadable row must never end the run
@@ -186,11 +197,11 @@ class LazyBatchLoader:
         if isinstance(out, Reject):
             self.add_reject(out)
             return None
-        return out
+        return out[0]
 
     def _load(self, idx: list[int], stop: threading.Event) -> tuple[LoadedBatch, list[Reject]] | None:
         """Decode one batch (None when stopped half-way: nobody will read it)."""
-        utts, feats, rejects = [], [], []
+        utts, feats, flacs, seconds, rejects = [], [], [], [], []
         for i in idx:
             if stop.is_set():
                 return None
@@ -199,8 +210,10 @@ class LazyBatchLoader:
                 rejects.append(out)
             else:
                 utts.append(self.utterances[i])
-                feats.append(out)
-        return LoadedBatch(utts, feats), rejects
+                feats.append(out[0])
+                flacs.append(out[1])
+                seconds.append(out[2])
+        return LoadedBatch(utts, feats, flacs if self.with_flac else None, seconds), rejects
 
     # --- iteration --------------------------------------------------------------------------------
     def _positions(self, start: dict[str, int], epochs: int | None) -> Iterator[tuple[dict[str, int], list[int]]]:

@@ -1,0 +1,343 @@
+"""The pseudo-label corpus on any fsspec URL: Parquet table, WebDataset shards, rejects and catalog.
+
+Layout under a labels root (docs/architecture.md, "Pseudo-label generation"):
+
+    pl/language=<lang>/part-<NNNNNN>.parquet       the PL table, one file per work unit
+    rejects/language=<lang>/part-<NNNNNN>.parquet  rows of that unit that were not kept, with the reason
+    rejects/language=<lang>/input-<hash>.parquet   manifest rows rejected before any unit (bad line, dup id)
+    shards/pl-<lang>-<NNNNNN>.tar                  WebDataset shard of the unit: <key>.flac + <key>.json
+    catalog/units/<lang>-<NNNNNN>.json             commit record of the unit (its keys, counts, files)
+    catalog/manifests/<hash>.json                  the unit numbers given to one input manifest
+
+A unit commits in this order: shard, rejects, PL file (all written under temp names and renamed), then its
+catalog record. Readers of the table see a unit once its PL file is in place; a unit without a record is
+redone on the next run and its files are replaced under the same names, so no row is ever seen twice.
+Every file carries the full schema (pandas drops columns missing from the first file it reads), and
+`language` is both the hive partition and a dictionary column inside each file, so pandas, pyarrow, duckdb
+and Hugging Face `datasets` all read it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import tarfile
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from storage.files import atomic_write_bytes, exists, join, list_files, read_bytes, read_json, write_json
+
+SCHEMA_VERSION = 1
+_LANG = pa.dictionary(pa.int32(), pa.string())
+_TIME = pa.timestamp("us", tz="UTC")
+
+PL_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("language", _LANG),
+        ("audio", pa.string()),
+        ("duration_s", pa.float64()),
+        ("text", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("confidence", pa.float32()),  # mean over frames of the top CTC posterior (models/decode.py)
+        ("lid_pred", pa.string()),
+        ("lid_prob", pa.float32()),
+        ("blank_ratio", pa.float32()),
+        ("teacher", pa.string()),  # "<stage>@<step>:<sha256 prefix>" of the teacher checkpoint
+        ("decode", pa.string()),  # hash of the decode and filter config
+        ("created_at", _TIME),
+        ("shard", pa.string()),  # shard path relative to the labels root
+        ("key", pa.string()),  # sample key inside the shard
+    ],
+    metadata={"mlpl.table": "pseudo_labels", "mlpl.schema_version": str(SCHEMA_VERSION)},
+)
+
+PL_REJECT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("language", _LANG),
+        ("audio", pa.string()),
+        ("duration_s", pa.float64()),
+        ("reason", pa.string()),  # full sentence with the numbers
+        ("category", pa.string()),  # short stable name for grouping (e.g. "low_confidence", "missing_file")
+        ("text", pa.string()),  # the dropped PL, for filter rejects
+        ("num_tokens", pa.int32()),
+        ("confidence", pa.float32()),
+        ("lid_pred", pa.string()),
+        ("lid_prob", pa.float32()),
+        ("blank_ratio", pa.float32()),
+        ("teacher", pa.string()),
+        ("decode", pa.string()),
+        ("created_at", _TIME),
+        ("source", pa.string()),
+    ],
+    metadata={"mlpl.table": "pseudo_label_rejects", "mlpl.schema_version": str(SCHEMA_VERSION)},
+)
+
+# Row groups of at most this many rows: small enough that a filtered read skips most of a big unit.
+_ROW_GROUP_ROWS = 50_000
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def sample_key(uid: str) -> str:
+    """A WebDataset key for an utterance id: the id itself when it is safe, else a sanitized id + its hash.
+
+    WebDataset splits a file name at its first dot into key and extension, so keys hold no dots or slashes.
+    """
+    if _SAFE_KEY.match(uid):
+        return uid
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", uid).strip("_")[:80]
+    return f"{safe}-{hashlib.sha1(uid.encode('utf-8')).hexdigest()[:10]}"
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url)
+
+
+def _table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=_ROW_GROUP_ROWS)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """One WebDataset tar written under a temp name in the shard folder and renamed by `commit()`.
+
+    Samples stream to the file as they come, so a unit's audio is never held in memory at once.
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.path = _fs(url)
+        parent, name = posixpath.split(self.path)
+        self.fs.makedirs(parent, exist_ok=True)
+        self.tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+        self._file = self.fs.open(self.tmp, "wb")
+        self._writer = wds.TarWriter(self._file, encoder=False)  # we hand it bytes
+        self.count = 0
+        self.bytes = 0
+
+    def write(self, key: str, flac: bytes, meta: dict[str, Any]) -> None:
+        """Add `<key>.flac` and `<key>.json`."""
+        payload = json.dumps(meta, ensure_ascii=False, default=str).encode("utf-8")
+        self._writer.write({"__key__": key, "flac": flac, "json": payload})
+        self.count += 1
+        self.bytes += len(flac) + len(payload)
+
+    def commit(self) -> None:
+        """Close the tar and rename it to its final name (replacing an older shard of the same unit)."""
+        self._writer.close()  # closes the tar stream; the file object is ours to close
+        if not self._file.closed:
+            self._file.close()
+        self.fs.mv(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temp file (an error half-way through the unit)."""
+        try:
+            self._writer.close()
+        except Exception:  # the stream may already be broken; the temp file goes either way
+            pass
+        if not self._file.closed:
+            self._file.close()
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
+
+
+class LabelStore:
+    """Paths, commits and reads of one labels root (any fsspec URL)."""
+
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    # --- names ------------------------------------------------------------------------------------
+    @staticmethod
+    def unit_name(language: str, index: int) -> str:
+        """Stable name of a work unit: `<lang>-<NNNNNN>`."""
+        return f"{language}-{index:06d}"
+
+    def shard_relpath(self, language: str, index: int) -> str:
+        """Shard path relative to the root, as recorded in the table's `shard` column."""
+        return f"shards/pl-{language}-{index:06d}.tar"
+
+    def pl_url(self, language: str, index: int) -> str:
+        """PL table file of a unit."""
+        return join(self.root, "pl", f"language={language}", f"part-{index:06d}.parquet")
+
+    def rejects_url(self, language: str, index: int) -> str:
+        """Rejects file of a unit."""
+        return join(self.root, "rejects", f"language={language}", f"part-{index:06d}.parquet")
+
+    def record_url(self, language: str, index: int) -> str:
+        """Catalog record of a unit."""
+        return join(self.root, "catalog", "units", f"{self.unit_name(language, index)}.json")
+
+    # --- units ------------------------------------------------------------------------------------
+    def open_shard(self, language: str, index: int) -> ShardWriter:
+        """A shard writer for a unit (temp name until the unit commits)."""
+        return ShardWriter(join(self.root, self.shard_relpath(language, index)))
+
+    def record(self, language: str, index: int) -> dict[str, Any] | None:
+        """The unit's commit record, or None when it never committed (or the record is unreadable)."""
+        url = self.record_url(language, index)
+        try:
+            return read_json(url)
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):  # a damaged record means: redo the unit
+            return None
+
+    def is_committed(self, language: str, index: int, keys: dict[str, str]) -> bool:
+        """Whether the unit committed with exactly these keys and its files are all still there."""
+        rec = self.record(language, index)
+        if rec is None or rec.get("keys") != keys:
+            return False
+        files = [self.pl_url(language, index), self.rejects_url(language, index),
+                 join(self.root, self.shard_relpath(language, index))]
+        return all(exists(f) for f in files)
+
+    def commit_unit(
+        self,
+        language: str,
+        index: int,
+        *,
+        shard: ShardWriter,
+        rows: Sequence[dict[str, Any]],
+        rejects: Sequence[dict[str, Any]],
+        record: dict[str, Any],
+    ) -> None:
+        """Make a unit visible: shard, rejects, PL file, then the catalog record (each atomically)."""
+        lang = {"language": language}
+        shard.commit()
+        atomic_write_bytes(self.rejects_url(language, index),
+                           _parquet_bytes(_table([r | lang for r in rejects], PL_REJECT_SCHEMA)))
+        atomic_write_bytes(self.pl_url(language, index), _parquet_bytes(_table([r | lang for r in rows], PL_SCHEMA)))
+        write_json(self.record_url(language, index), record)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every unit's commit record, sorted by language and unit number."""
+        out = []
+        for url in list_files(join(self.root, "catalog", "units"), "*.json"):
+            try:
+                out.append(read_json(url))
+            except (ValueError, UnicodeDecodeError):
+                continue
+        return sorted(out, key=lambda r: (r["language"], r["unit"]))
+
+    # --- manifests --------------------------------------------------------------------------------
+    def manifest_record(self, manifest_sha256: str) -> dict[str, Any] | None:
+        """Unit numbers given to a manifest earlier, or None."""
+        url = join(self.root, "catalog", "manifests", f"{manifest_sha256[:16]}.json")
+        return read_json(url) if exists(url) else None
+
+    def register_manifest(self, manifest_sha256: str, record: dict[str, Any],
+                          input_rejects: dict[str, list[dict[str, Any]]]) -> None:
+        """Record a manifest's unit numbers and write its input rejects (once per manifest)."""
+        for language, rows in sorted(input_rejects.items()):
+            url = join(self.root, "rejects", f"language={language}", f"input-{manifest_sha256[:16]}.parquet")
+            atomic_write_bytes(url, _parquet_bytes(_table([r | {"language": language} for r in rows],
+                                                          PL_REJECT_SCHEMA)))
+        write_json(join(self.root, "catalog", "manifests", f"{manifest_sha256[:16]}.json"), record)
+
+    def next_unit_numbers(self) -> dict[str, int]:
+        """Per language, the first unit number no registered manifest uses."""
+        nxt: dict[str, int] = {}
+        for url in list_files(join(self.root, "catalog", "manifests"), "*.json"):
+            for language, (first, count) in read_json(url)["units"].items():
+                nxt[language] = max(nxt.get(language, 0), first + count)
+        return nxt
+
+
+def _dataset(root: str, table: str, schema: pa.Schema, files: Iterable[str] | None = None) -> ds.Dataset | None:
+    fs, path = _fs(root)
+    if files is None:
+        base = posixpath.join(path, table)
+        if not fs.exists(base):
+            return None
+        paths = [p for p in fs.glob(posixpath.join(base, "language=*", "*.parquet"))
+                 if not posixpath.basename(p).startswith(".")]
+    else:
+        paths = [_fs(f)[1] for f in files]
+    if not paths:
+        return None
+    return ds.dataset(sorted(paths), schema=schema, format="parquet", filesystem=fs)
+
+
+def load_pseudo_labels(
+    root: str,
+    *,
+    languages: Sequence[str] | None = None,
+    min_confidence: float | None = None,
+    teacher: str | None = None,
+    columns: Sequence[str] | None = None,
+):
+    """The committed PL rows under a labels root as a pandas DataFrame, optionally filtered.
+
+    `teacher` matches the `teacher` column exactly, its "<stage>@<step>" part, or a sha256 prefix.
+    """
+    store = LabelStore(root)
+    files = [store.pl_url(r["language"], r["unit"]) for r in store.records()]
+    dataset = _dataset(root, "pl", PL_SCHEMA, files)
+    if dataset is None:
+        return PL_SCHEMA.empty_table().to_pandas()
+    expr = None
+
+    def both(e):
+        return e if expr is None else expr & e
+
+    if languages is not None:
+        expr = both(ds.field("language").isin(list(languages)))
+    if min_confidence is not None:
+        expr = both(ds.field("confidence") >= min_confidence)
+    table = dataset.to_table(filter=expr, columns=list(columns) if columns else None)
+    df = table.to_pandas()
+    if teacher is not None and "teacher" in df:
+        ident = df["teacher"].str.split(":", n=1).str[0]
+        sha = df["teacher"].str.split(":", n=1).str[1]
+        df = df[(df["teacher"] == teacher) | (ident == teacher) | sha.str.startswith(teacher.lower())]
+    return df.reset_index(drop=True)
+
+
+def load_rejects(root: str):
+    """Every reject row under a labels root (input rows and per-unit rows) as a pandas DataFrame."""
+    dataset = _dataset(root, "rejects", PL_REJECT_SCHEMA)
+    return PL_REJECT_SCHEMA.empty_table().to_pandas() if dataset is None else dataset.to_table().to_pandas()
+
+
+def read_shard_sample(root: str, shard: str, key: str) -> tuple[bytes, dict[str, Any]]:
+    """The FLAC bytes and JSON record of one sample of a shard (shard path relative to the root).
+
+    Raises:
+        KeyError: when the shard holds no such key.
+    """
+    data = read_bytes(join(root, shard))
+    flac = meta = None
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar:
+            if member.name == f"{key}.flac":
+                flac = tar.extractfile(member).read()
+            elif member.name == f"{key}.json":
+                meta = json.loads(tar.extractfile(member).read())
+    if flac is None or meta is None:
+        raise KeyError(f"no sample {key!r} in {join(root, shard)}")
+    return flac, meta
+
+
+def pl_audio(root: str, row: Any) -> bytes:
+    """The 16 kHz mono FLAC behind one PL row (a DataFrame row or dict), read from its shard."""
+    return read_shard_sample(root, row["shard"], row["key"])[0]
