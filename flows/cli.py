@@ -174,6 +174,56 @@ def cmd_slimipl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label_config(args: argparse.Namespace):
+    from pipeline.config import LABEL_PRESETS, LabelConfig, stage_preset
+    from pipeline.label import default_teachers
+    from pipeline.modeling import load_trained
+    from storage.files import join
+
+    teachers = {}
+    if args.run_dir:
+        languages = load_trained(join(args.run_dir, "supervised", "checkpoints", "best.pt")).languages
+        teachers = default_teachers(args.run_dir, languages)
+    for item in args.teacher or []:
+        if "=" not in item:
+            raise ValueError(f"--teacher {item!r}: expected LANG=CHECKPOINT, "
+                             "e.g. sl=runs/demo/slimipl/sl/checkpoints/best.pt")
+        lang, url = item.split("=", 1)
+        teachers[lang.strip().lower()] = url
+    if not teachers:
+        raise ValueError("no teachers: pass --run-dir (each language's best model there) or --teacher LANG=CHECKPOINT")
+    base = stage_preset(LABEL_PRESETS, args.preset, args.manifest, teachers).model_dump(mode="json")
+    sets = list(args.set or [])
+    if args.threads is not None:
+        sets.append(f"num_threads={args.threads}")
+    return LabelConfig(**apply_overrides(base, sets))
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    """Corpus-wide pseudo-labeling into a Parquet table + WebDataset shards (resumable, idempotent)."""
+    from flows.label import open_with_pandas
+    from pipeline.label import run_label, summary_markdown
+    from storage.files import join
+
+    cfg = _label_config(args)
+    out = args.out or (join(args.run_dir, "labels") if args.run_dir else None)
+    if out is None:
+        raise ValueError("--out is required without --run-dir")
+    if args.flow:
+        from flows.label import label_flow
+
+        result = label_flow(cfg, out)
+        summary, labeled, skipped = result["summary"], result["units_labeled"], result["units_skipped"]
+    else:
+        with progress_bar() as update:
+            res = run_label(cfg, out, on_progress=update)
+        summary, labeled, skipped = res.summary, res.units_labeled, res.units_skipped
+    print(summary_markdown(summary))
+    print(f"{labeled} units labeled, {skipped} already committed → {out}")
+    print(open_with_pandas(out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo recipe as a Prefect flow (embedded server, local files) and print the table."""
     from flows.demo import demo_flow
@@ -195,10 +245,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, summary in lines:
         print(f"{name:>14}: {summary['step']} updates, stage {summary['stage_wall_s']:.0f} s, training "
               f"{summary['train_audio_s_per_s']} audio-s/s ({summary['precision']})")
+    from flows.label import open_with_pandas
+    from pipeline.label import summary_markdown
+
+    labels = out["labels"]
+    print("### Pseudo-labels of the unlabeled audio\n")
+    print(summary_markdown(labels["summary"]))
+    print(f"labeling: {labels['units_labeled']} units labeled, {labels['units_skipped']} already committed, "
+          f"{labels['wall_s']:.0f} s")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"corpus:      {args.corpus_dir} (card: {args.corpus_dir}/corpus_card.md)")
     print(f"checkpoints: {args.run_dir}/{{supervised,finetune/<lang>,slimipl/<lang>}}/checkpoints/best.pt")
     print(f"reports:     {args.run_dir}/report/recipe.md, {args.run_dir}/eval/<stage>/metrics.md")
+    print(f"PL corpus:   {labels['root']} (pl/ table, shards/, rejects/, catalog/); open it with pandas:")
+    print(open_with_pandas(labels["root"]))
     return 0
 
 
@@ -290,6 +350,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-updates", type=int, default=None, help="override the supervised training length")
     d.add_argument("--text-dir", default=None, help="folder with <lang>.txt sentence files instead of Debian text")
     d.set_defaults(func=cmd_demo)
+
+    lb = sub.add_parser("label", help="pseudo-label an unlabeled manifest into Parquet + WebDataset shards "
+                        "(resumable: committed work units are skipped)")
+    lb.add_argument("--manifest", required=True, help="unlabeled manifest (JSONL or Parquet, any fsspec URL)")
+    lb.add_argument("--run-dir", default=None,
+                    help="take each language's teacher from this run (slimipl, else finetune, else supervised)")
+    lb.add_argument("--teacher", action="append", metavar="LANG=CHECKPOINT", help="teacher of one language "
+                    "(repeatable; overrides --run-dir's)")
+    lb.add_argument("--out", default=None, help="labels root (default: <run-dir>/labels)")
+    lb.add_argument("--preset", default="tiny", help="tiny (CPU) | paper (default: tiny)")
+    lb.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    lb.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="config override, e.g. filters.min_confidence=0.8")
+    lb.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-label (artifacts, task runs)")
+    lb.set_defaults(func=cmd_label)
 
     bn = sub.add_parser("bench", help="throughput figures (front end, training fp32 vs bf16, decoding)")
     bn.add_argument("--corpus", default="demo", help="corpus preset to build when missing (default: demo)")

@@ -1,7 +1,8 @@
 """The demo recipe as one Prefect flow on the embedded default (local Prefect, local files).
 
 corpus → supervised multilingual model → per language with unlabeled audio: fine-tune → slimIPL → test
-scoring of every stage → one per-language table (Markdown file and artifact).
+scoring of every stage → one per-language table (Markdown file and artifact) → the unlabeled audio
+pseudo-labeled by each language's best model into `<run>/labels` (Parquet table + WebDataset shards).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.label import label_flow
 from flows.selftrain import language_flow
 from flows.supervised import build_corpus_task, supervised_flow
-from pipeline.config import finetune_tiny, slimipl_tiny, supervised_tiny
+from pipeline.config import finetune_tiny, label_tiny, slimipl_tiny, supervised_tiny
+from pipeline.label import default_teachers
 from pipeline.report import recipe_table
 from storage.files import atomic_write_text, join
 
@@ -58,4 +61,6 @@ def demo_flow(
     table = recipe_table(sup["test"]["metrics"], per_language, roles)
     atomic_write_text(join(run_dir, "report", "recipe.md"), "### Test CER per stage\n\n" + table)
     create_markdown_artifact(markdown=table, key="demo-recipe-table", description="test CER per language and stage")
-    return {"supervised": sup, "languages": per_language, "table": table, "corpus": card}
+    teachers = default_teachers(run_dir, list(card["languages"]))
+    labels = label_flow(label_tiny(unlabeled, teachers), join(run_dir, "labels"))
+    return {"supervised": sup, "languages": per_language, "table": table, "corpus": card, "labels": labels}

@@ -479,3 +479,20 @@ def run_label(cfg: LabelConfig, root: str, *, on_progress: ProgressFn | None = N
     log.info("labeled %d units, skipped %d committed ones; model %.1f s, wall %.1f s", result.units_labeled,
              result.units_skipped, result.model_s, result.wall_s)
     return result
+
+
+def default_teachers(run_dir: str, languages: Sequence[str]) -> dict[str, str]:
+    """Each language's best model in a run: its slimIPL checkpoint, else its fine-tune, else the multilingual one.
+
+    Raises:
+        FileNotFoundError: when the run has none of them for a language.
+    """
+    out = {}
+    for lang in languages:
+        candidates = [join(run_dir, stage, lang, "checkpoints", "best.pt") for stage in ("slimipl", "finetune")]
+        candidates.append(join(run_dir, "supervised", "checkpoints", "best.pt"))
+        found = next((c for c in candidates if exists(c)), None)
+        if found is None:
+            raise FileNotFoundError(f"no teacher for {lang!r} in {run_dir}: none of {', '.join(candidates)} exists")
+        out[lang] = found
+    return out

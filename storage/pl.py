@@ -189,8 +189,16 @@ class LabelStore:
 
     # --- units ------------------------------------------------------------------------------------
     def open_shard(self, language: str, index: int) -> ShardWriter:
-        """A shard writer for a unit (temp name until the unit commits)."""
-        return ShardWriter(join(self.root, self.shard_relpath(language, index)))
+        """A shard writer for a unit (temp name until the unit commits); temp files that a killed earlier
+        attempt at this unit left behind are removed first."""
+        finals = [join(self.root, self.shard_relpath(language, index)), self.pl_url(language, index),
+                  self.rejects_url(language, index), self.record_url(language, index)]
+        for url in finals:
+            fs, path = _fs(url)
+            parent, name = posixpath.split(path)
+            for tmp in fs.glob(posixpath.join(parent, f".{name}.tmp-*")):
+                fs.rm(tmp)
+        return ShardWriter(finals[0])
 
     def record(self, language: str, index: int) -> dict[str, Any] | None:
         """The unit's commit record, or None when it never committed (or the record is unreadable)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.config import supervised_tiny
 from pipeline.corpus import build_corpus, corpus_preset
+from pipeline.supervised import run_supervised
 
 
 @pytest.fixture(scope="session")
@@ -13,3 +15,12 @@ def smoke_corpus(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("smoke-corpus")
     build_corpus(corpus_preset("smoke"), str(out))
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def teacher(smoke_corpus, tmp_path_factory) -> str:
+    """A multilingual smoke model good enough to make non-empty pseudo-labels (es, el, sl)."""
+    run = tmp_path_factory.mktemp("teacher")
+    cfg = supervised_tiny(f"{smoke_corpus}/manifests/labeled.jsonl", None, max_updates=250, save_every=250,
+                          log_every=125)
+    return run_supervised(cfg, str(run)).last_checkpoint

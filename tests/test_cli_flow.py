@@ -85,7 +85,9 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     # Ops see progress and the per-language tables of every stage in the UI.
     assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics",
             "finetune-sl-training", "finetune-sl-test-metrics", "slimipl-sl-training", "slimipl-sl-test-metrics",
-            "slimipl-sl-pl-quality", "demo-recipe-table"} <= set(artifacts)
+            "slimipl-sl-pl-quality", "demo-recipe-table", "label-progress", "label-summary",
+            "label-corpus"} <= set(artifacts)
+    assert artifacts["label-progress"].data == 100.0
     assert artifacts["supervised-training"].type == "progress" and artifacts["supervised-training"].data == 100.0
     assert artifacts["slimipl-sl-training"].data == 100.0
     table = artifacts["supervised-test-metrics"].data
@@ -103,6 +105,16 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     assert report.count("\n| ") == 6  # header + a row per stage, the relative change and the PL CER
     assert (tmp_path / "run/eval/slimipl/sl/metrics.md").read_text().startswith("### ")
     assert (tmp_path / "corpus/corpus_card.md").exists()
+    # Every unlabeled clip is labeled by its language's slimIPL model, or is a reject with a reason.
+    from storage.pl import load_pseudo_labels, load_rejects
+
+    labels = out["labels"]
+    pl, rejects = load_pseudo_labels(labels["root"]), load_rejects(labels["root"])
+    assert len(pl) + len(rejects) == 10 and set(labels["summary"]) == {"es", "el", "sl"}
+    assert set(pl["teacher"].str.split("@").str[0]) <= {"slimipl/es", "slimipl/el", "slimipl/sl"}
+    summary_rows = artifacts["label-summary"].data
+    summary_rows = json.loads(summary_rows) if isinstance(summary_rows, str) else summary_rows
+    assert sum(r["rows_kept"] + r["rows_rejected"] for r in summary_rows) == 10
 
 
 def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, capsys):

@@ -27,14 +27,6 @@ def _m(corpus: str, name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def teacher(smoke_corpus, tmp_path_factory) -> str:
-    """A multilingual smoke model good enough to make non-empty pseudo-labels."""
-    run = tmp_path_factory.mktemp("teacher")
-    cfg = supervised_tiny(_m(smoke_corpus, "labeled"), None, max_updates=250, save_every=250, log_every=125)
-    return run_supervised(cfg, str(run)).last_checkpoint
-
-
-@pytest.fixture(scope="module")
 def newborn(smoke_corpus, tmp_path_factory) -> str:
     """A model after 15 updates: CTC still emits only blanks, so its pseudo-labels are empty."""
     run = tmp_path_factory.mktemp("newborn")
