@@ -263,8 +263,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Measure throughput on the demo corpus (built first if missing)."""
-    from pipeline.bench import format_figures, run_bench
+    """Measure throughput on the demo corpus (built first if missing): training, decoding and labeling."""
+    import tempfile
+
+    from pipeline.bench import bench_teacher, format_figures, format_label_bench, run_bench, run_label_bench
     from pipeline.corpus import build_corpus, corpus_preset
     from storage.files import exists, join
 
@@ -272,6 +274,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with progress_bar(single=True) as update:
             build_corpus(corpus_preset(args.corpus), args.corpus_dir, on_progress=update)
     print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
+    if args.skip_labeling:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = args.teacher
+        if teacher is None and exists(args.default_teacher):
+            teacher = args.default_teacher
+        if teacher is None:
+            print(f"\nno teacher at {args.default_teacher} (run `make demo` first); training a quick one to label with")
+            teacher = bench_teacher(args.corpus_dir, join(tmp, "teacher"))
+        print()
+        print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
     return 0
 
 
@@ -370,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--corpus", default="demo", help="corpus preset to build when missing (default: demo)")
     bn.add_argument("--corpus-dir", default="data/demo")
     bn.add_argument("--updates", type=int, default=30, help="timed training updates per precision")
+    bn.add_argument("--teacher", default=None, help="checkpoint to label with (default: --default-teacher if present, "
+                    "else a model trained for 150 updates)")
+    bn.add_argument("--default-teacher", default="runs/demo/slimipl/sl/checkpoints/best.pt", help=argparse.SUPPRESS)
+    bn.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="corpus sizes for the memory/time figures")
+    bn.add_argument("--skip-labeling", action="store_true", help="training and decoding figures only")
     bn.set_defaults(func=cmd_bench)
     return p
 

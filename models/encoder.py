@@ -58,19 +58,58 @@ class RelativeSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
         # Zero init: the model starts position-agnostic and learns what distance matters.
         self.rel_bias = nn.Parameter(torch.zeros(n_heads, 2 * max_relative_distance + 1))
+        self._bias_cache: tuple[tuple, Tensor] | None = None  # inference only: the largest (H, n, n) built so far
 
-    def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor, lens: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        # Same table for any T: distances beyond K share one value, so long audio sees no unseen position.
-        bias = self.rel_bias[:, rel_index]  # (H, T, T)
-        mask = (bias.unsqueeze(0) + key_pad_bias).to(q.dtype)  # (B, H, T, T); SDPA wants the query dtype
-        p = self.attn_dropout.p if self.training else 0.0
-        # A mask that needs a gradient (the learned bias) sends CPU training to SDPA's math backend;
-        # under no_grad (labeling) the fused flash kernel runs.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
+        if lens is not None and not torch.is_grad_enabled():
+            y = self._inference_attention(q, k, v, lens)  # (B, H, T, D)
+        else:
+            # Same table for any T: distances beyond K share one value, so long audio sees no unseen position.
+            bias = self.rel_bias[:, rel_index]  # (H, T, T)
+            mask = (bias.unsqueeze(0) + key_pad_bias).to(q.dtype)  # (B, H, T, T); SDPA wants the query dtype
+            p = self.attn_dropout.p if self.training else 0.0
+            # A mask that needs a gradient (the learned bias) sends CPU training to SDPA's math backend.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+    def relative_bias(self, n: int, dtype: torch.dtype) -> Tensor:
+        """The (H, n, n) bias table[clip(j − i)] built as a Toeplitz matrix (a flipped sliding window over a
+        2n − 1 long row), several times cheaper than gathering n² indices."""
+        k = self.max_relative_distance
+        distances = torch.arange(2 * n - 1, device=self.rel_bias.device) - (n - 1)  # j − i for row n − 1
+        row = self.rel_bias[:, distances.clamp(-k, k) + k].to(dtype)  # (H, 2n − 1)
+        return row.unfold(-1, n, 1).flip(-2)  # (H, n, n): [i, j] = row[n − 1 − i + j]
+
+    def _cached_bias(self, n: int, dtype: torch.dtype) -> Tensor:
+        """`relative_bias(n)` from a cache: the top-left n × n of a larger Toeplitz matrix is the smaller one, so
+        one table serves every shorter batch. Rebuilt when the weights change; tables over 32 MB are not kept."""
+        key = (self.rel_bias._version, self.rel_bias.data_ptr(), dtype, self.rel_bias.device)
+        if self._bias_cache is not None and self._bias_cache[0] == key and self._bias_cache[1].shape[-1] >= n:
+            return self._bias_cache[1][:, :n, :n]
+        # Built with headroom, so length-sorted batches that grow a little reuse it instead of rebuilding.
+        roomy = -(-n * 3 // 2 // 128) * 128
+        if self.rel_bias.shape[0] * roomy * roomy * torch.finfo(dtype).bits // 8 <= 32 << 20:
+            self._bias_cache = (key, self.relative_bias(roomy, dtype))
+            return self._bias_cache[1][:, :n, :n]
+        return self.relative_bias(n, dtype)
+
+    def _inference_attention(self, q: Tensor, k: Tensor, v: Tensor, lens: Tensor) -> Tensor:
+        """Attention without a gradient: each utterance over its own valid frames, so no (B, H, T, T) mask is
+        built and padded keys need no masking; padded query rows come out as zeros (never read)."""
+        B, H, T, D = q.shape
+        bias = self._cached_bias(T, q.dtype)  # (H, T, T)
+        if bool((lens == T).all()):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        y = torch.zeros_like(q)
+        for b, n in enumerate(lens.tolist()):
+            if n > 0:
+                m = bias[:, :n, :n].unsqueeze(0)  # (1, H, n, n)
+                y[b : b + 1, :, :n] = F.scaled_dot_product_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n],
+                                                                     v[b : b + 1, :, :n], attn_mask=m)
+        return y
 
 
 class TransformerLayer(nn.Module):
@@ -86,8 +125,8 @@ class TransformerLayer(nn.Module):
         )
         self.residual_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor) -> Tensor:
-        x = x + self.residual_dropout(self.attn(self.attn_norm(x), key_pad_bias, rel_index))  # (B, T, C)
+    def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor, lens: Tensor | None = None) -> Tensor:
+        x = x + self.residual_dropout(self.attn(self.attn_norm(x), key_pad_bias, rel_index, lens))  # (B, T, C)
         return x + self.residual_dropout(self.ffn(self.ffn_norm(x)))  # (B, T, C)
 
 
@@ -127,6 +166,20 @@ class CTCLIDModel(nn.Module):
         self.ctc_head = nn.Linear(d_model, vocab_size)
         self.lid_head = nn.Linear(d_model, num_languages)
 
+    def matmul_flops(self, n_frames: int) -> int:
+        """FLOPs (2 per multiply-add) of the convolution and every matmul in one forward of one utterance of
+        `n_frames` fbank frames, attention included; elementwise work (norms, softmax, GELU) is not counted."""
+        t = int(frames_after_subsampling(n_frames, self.conv_kernel, self.conv_stride))
+        d = self.ctc_head.in_features
+        conv = 2 * t * self.conv.in_channels * self.conv_kernel * self.conv.out_channels
+        layers = 0
+        for layer in self.layers:
+            ffn = layer.ffn[0].out_features
+            # q, k, v and output projections; Q·Kᵀ and A·V; the two FFN matmuls
+            layers += 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * ffn
+        heads = 2 * t * d * (self.ctc_head.out_features + self.lid_head.out_features)
+        return conv + layers + heads
+
     def set_dropout(self, p: float) -> None:
         """Set every dropout (input, attention, FFN, residual) to ``p``; slimIPL lowers it for PL training."""
         for m in self.modules():
@@ -149,7 +202,7 @@ class CTCLIDModel(nn.Module):
             # Layerdrop skips a whole layer for the whole batch; never in eval, so labeling is deterministic.
             if self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop:
                 continue
-            x = layer(x, key_pad_bias, rel_index)  # (B, T', C)
+            x = layer(x, key_pad_bias, rel_index, out_lens)  # (B, T', C)
         x = self.final_norm(x)  # (B, T', C)
         log_probs = self.ctc_head(x).float().log_softmax(dim=-1)  # (B, T', V)
         frame_lid = self.lid_head(x).float()  # (B, T', L)

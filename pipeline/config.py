@@ -433,7 +433,7 @@ class LabelConfig(_Config):
     unit_max_audio_s: float = Field(3600.0, gt=0.0)  # ≤ ≈ 115 MB of 16-bit FLAC per shard
     bf16: bool = True  # autocast where the CPU has native bf16; fp32 elsewhere
     num_threads: int | None = None
-    prefetch_batches: int = Field(2, gt=0)
+    prefetch_batches: int = Field(2, ge=0)  # 0: decode in the labeling thread (no prefetch thread)
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:

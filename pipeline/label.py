@@ -15,6 +15,7 @@ files (no duplicate rows). A killed run redoes only the unit that was in flight.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -371,10 +372,20 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
     except BaseException:
         shard.abort()
         raise
+    _release_freed_memory()
     rate = stats.audio_s / max(wall_s, 1e-9)
     log.info("unit %s: %d kept, %d rejected, %.0f s of audio in %.1f s (%.0f audio-s/s; model %.1f s)",
              unit.name, len(rows), len(rejects), stats.audio_s, wall_s, rate, stats.model_s)
     return record | {"skipped": False}
+
+
+def _release_freed_memory() -> None:
+    """Hand the unit's freed buffers back to the OS (glibc keeps them otherwise, and fragmentation then grows
+    the peak RSS with the number of units labeled; docs/benchmarks.md). A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # --- the whole corpus ---------------------------------------------------------------------------------------

@@ -134,8 +134,9 @@ class LazyBatchLoader:
         source: str = "",
         with_flac: bool = False,
     ):
-        if prefetch_batches < 1:  # a queue of size 0 is unbounded, which is the memory this loader exists to save
-            raise ValueError(f"prefetch_batches must be at least 1 (got {prefetch_batches})")
+        if prefetch_batches < 0:
+            raise ValueError(f"prefetch_batches must be 0 (decode in the caller's thread) or more "
+                             f"(got {prefetch_batches})")
         self.utterances = list(utterances)
         self.features, self.policy, self.source = features, policy, source
         self.prefetch_batches = prefetch_batches
@@ -255,14 +256,43 @@ class LazyBatchLoader:
         except BaseException as err:  # handed to the consumer, which raises it
             put(err)
 
+    def _stream_inline(self, positions: Iterator[tuple[dict[str, int], list[int]]], *,
+                       track_state: bool) -> Iterator[LoadedBatch]:
+        """prefetch_batches=0: decode each batch in the caller's thread when it is asked for. On 2 cores a
+        prefetch thread competes with the model's own threads, and that costs more than the overlap gains
+        (docs/benchmarks.md, labeling)."""
+        stop = threading.Event()
+        with self._lock:
+            self._streams = [(s, t) for s, t in self._streams if not s.is_set()] + [(stop, None)]
+        if track_state:
+            if self._tracked is not None:
+                self._tracked.set()
+            self._tracked = stop
+        try:
+            for state, idx in positions:
+                loaded = None if stop.is_set() else self._load(idx, stop)
+                if loaded is None:
+                    return
+                for r in loaded[1]:
+                    self.add_reject(r)
+                if track_state:
+                    self._state = state
+                if loaded[0].utterances:
+                    yield loaded[0]
+        finally:
+            stop.set()
+
     def _stream(self, positions: Iterator[tuple[dict[str, int], list[int]]], *,
                 track_state: bool) -> Iterator[LoadedBatch]:
+        if self.prefetch_batches == 0:
+            yield from self._stream_inline(positions, track_state=track_state)
+            return
         out: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(positions, out, stop), daemon=True,
                                   name="mlpl-unlabeled-prefetch")
         with self._lock:
-            self._streams = [(s, t) for s, t in self._streams if t.is_alive()] + [(stop, thread)]
+            self._streams = [(s, t) for s, t in self._streams if t is not None and t.is_alive()] + [(stop, thread)]
         if track_state:
             # Two streams moving one state would interleave; the newer one wins.
             if self._tracked is not None:
@@ -310,7 +340,7 @@ class LazyBatchLoader:
         for stop, _ in streams:
             stop.set()
         for _, thread in streams:
-            if thread.is_alive():
+            if thread is not None and thread.is_alive():
                 thread.join(timeout=5)
 
     def __enter__(self) -> LazyBatchLoader:

@@ -117,12 +117,21 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     assert sum(r["rows_kept"] + r["rows_rejected"] for r in summary_rows) == 10
 
 
-def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, capsys):
-    assert main(["bench", "--corpus-dir", smoke_corpus, "--updates", "3"]) == 0
+def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, teacher, capsys):
+    argv = ["bench", "--corpus-dir", smoke_corpus, "--updates", "3", "--teacher", teacher, "--scales", "1", "2"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     for name in ("decode FLAC + resample + log-mel", "train update, fp32", "greedy decode, fp32"):
         line = next(row for row in out.splitlines() if row.startswith(f"| {name} |"))
         assert float(line.split("|")[-2]) > 0  # audio-s/s
+    # Labeling: fast path and naive loop side by side, with the GEMM peak, padding and scaling measured.
+    figures = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in out.splitlines()
+               if row.startswith("| ") and row.count("|") >= 4}
+    assert figures["fast / naive"].endswith("×") and float(figures["fast / naive"][:-1]) > 0
+    assert "GFLOP/s" in figures["GEMM peak, fp32 (1536³ matmul, best of 5)"]
+    assert figures["PL characters differing from the fp32 naive loop"] == "0.00 %"  # same precision, same PLs
+    assert float(figures["padding waste (padded frames / all frames fed)"].split()[0]) < 50
+    assert "1×" in figures and "2×" in figures
 
 
 def test_a_failed_corpus_text_fetch_is_a_one_line_error(tmp_path):

@@ -260,3 +260,42 @@ def test_tiny_model_overfits_four_utterances():
         out = model(feats, lens)
     assert [h.tokens for h in greedy_ctc_decode(out.log_probs, out.out_lens)] == targets_list
     assert out.lid_logits.argmax(-1).tolist() == lang_ids.tolist()
+
+
+def test_matmul_flops_match_torchs_flop_counter_on_the_math_attention_path():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = CTCLIDModel(vocab_size=40, num_languages=3, d_model=48, n_layers=2, n_heads=4, ffn_dim=96, n_mels=20)
+    model.eval()
+    for n in (90, 301):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+            model(torch.randn(1, n, 20), torch.tensor([n]))
+        # The counter also counts the LID mean (a tiny reduction it sees as a matmul); the rest must agree.
+        assert model.matmul_flops(n) == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_inference_attention_per_utterance_equals_the_masked_batch_path_and_follows_weight_changes():
+    torch.manual_seed(0)
+    model = CTCLIDModel(vocab_size=30, num_languages=2, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, n_mels=20,
+                        max_relative_distance=5)
+    for layer in model.layers:
+        nn.init.normal_(layer.attn.rel_bias)
+    model.eval()
+    feats, lens = torch.randn(3, 200, 20), torch.tensor([200, 150, 61])
+    with torch.inference_mode():
+        fast = model(feats, lens)  # per-utterance attention, cached Toeplitz bias
+    reference = model(feats, lens)  # grad enabled: the training path with one (B, H, T, T) mask
+    for b, n in enumerate(fast.out_lens.tolist()):
+        assert torch.allclose(fast.log_probs[b, :n], reference.log_probs[b, :n], atol=1e-5)
+    assert torch.allclose(fast.lid_logits, reference.lid_logits, atol=1e-5)
+    attn = model.layers[0].attn
+    assert torch.equal(attn.relative_bias(7, torch.float32)[1],
+                       attn.rel_bias.detach()[1][(torch.arange(7)[None] - torch.arange(7)[:, None]).clamp(-5, 5) + 5])
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attn.rel_bias.add_(torch.randn_like(layer.attn.rel_bias))  # an optimizer step: no stale table
+        after = model(feats, lens)
+    reference = model(feats, lens)
+    assert torch.allclose(after.log_probs[0], reference.log_probs[0], atol=1e-5)
