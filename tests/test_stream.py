@@ -106,6 +106,13 @@ def test_batches_follow_the_sampler_and_features_equal_eager_decoding(tmp_path):
         for u, f in zip(b.utterances, b.features, strict=True):
             assert torch.equal(f, log_mel(load_audio(u.audio, POLICY), FEATURES))
     assert len(utts) == 20 and loader.rejects == []
+    # Decoding in the caller's thread (prefetch 0) gives the same stream, and moves the state the same way.
+    inline = _loader(utts, prefetch_batches=0)
+    assert [[u.id for u in b.utterances] for b in inline.iter_epoch(0)] == [[u.id for u in b.utterances]
+                                                                          for b in batches]
+    stream = iter(inline)
+    next(stream), next(stream)
+    assert inline.state_dict()["position"] == 2
 
 
 def test_a_clip_longer_than_declared_still_goes_into_its_batch(tmp_path):
@@ -146,7 +153,7 @@ def test_close_stops_the_prefetch_thread_and_ends_its_iterators(tmp_path):
     utts, _ = load_unlabeled(write_jsonl(tmp_path / "u.jsonl", _rows(tmp_path, 12)), features=FEATURES,
                              policy=POLICY)
     with pytest.raises(ValueError, match="prefetch_batches"):
-        _loader(utts, prefetch_batches=0)
+        _loader(utts, prefetch_batches=-1)
     loader = _loader(utts, prefetch_batches=1)
     two = LazyBatchLoader(utts[:2], features=FEATURES, policy=POLICY, max_batch_duration_s=8.0, max_batch_size=1,
                           num_buckets=1, prefetch_batches=1)
