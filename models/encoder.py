@@ -197,7 +197,8 @@ class CTCLIDModel(nn.Module):
         valid = torch.arange(x.shape[1], device=x.device) < out_lens[:, None]  # (B, T')
         key_pad_bias = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, _MASK_VALUE)
         key_pad_bias = key_pad_bias[:, None, None, :]  # (B, 1, 1, T'): broadcasts over heads and queries
-        rel_index = self._relative_index(x.shape[1], x.device)  # (T', T')
+        # Without gradients attention builds its bias as a Toeplitz table instead (see _inference_attention).
+        rel_index = self._relative_index(x.shape[1], x.device) if torch.is_grad_enabled() else None  # (T', T')
         for layer in self.layers:
             # Layerdrop skips a whole layer for the whole batch; never in eval, so labeling is deterministic.
             if self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop:

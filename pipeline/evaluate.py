@@ -1,6 +1,7 @@
 """Greedy-CTC evaluation: per-language CER/WER (jiwer, on normalized text) and LID accuracy.
 
-Used for periodic validation during training and by `mlpl evaluate` on any manifest.
+Used for periodic validation during training (in-memory dev sets) and by `mlpl evaluate` on any manifest,
+streamed batch by batch. `decode_batch` is the one decode path of evaluation, slimIPL and PL generation.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from models.decode import greedy_ctc_decode
 from models.encoder import CTCLIDModel
 from pipeline.config import AudioPolicy, BatchConfig
 from pipeline.crops import crop_and_stitch
-from pipeline.data import Dataset, DynamicBucketSampler, ProgressFn, collate, load_dataset
+from pipeline.data import Dataset, DynamicBucketSampler, ProgressFn, collate
 from pipeline.modeling import autocast, load_trained
+from pipeline.stream import LazyBatchLoader, load_unlabeled
 from pipeline.text import normalize_text
 from pipeline.tokenizer import Tokenizer
 from storage.files import atomic_write_text, join, write_json
@@ -77,6 +79,21 @@ def decode_batch(
             }
         )
     return rows
+
+
+def decode_features(
+    model: CTCLIDModel,
+    features: Sequence[torch.Tensor],
+    *,
+    tokenizer: Tokenizer,
+    languages: Sequence[str],
+    bf16: bool = True,
+    crop: CropSpec | None = None,
+) -> list[dict[str, Any]]:
+    """`decode_batch` over unpadded per-utterance features [(T_i, n_mels)], e.g. a streamed batch's."""
+    lens = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
+    feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (B, T, n_mels)
+    return decode_batch(model, feats, lens, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop)
 
 
 def decode_dataset(
@@ -169,33 +186,38 @@ def run_evaluate(
     """Score a checkpoint on a manifest (or on one language's rows of it); write hypotheses, rejects, metrics
     JSON and Markdown to out_dir."""
     trained = load_trained(checkpoint_url)
-    ds = load_dataset(
-        manifest_url,
-        features=trained.features,
-        policy=policy or trained.audio_policy,
-        require_text=False,
-        languages=trained.languages,
-        language=language,
-        on_progress=on_progress,
-    )
-    rows = decode_dataset(
-        trained.model,
-        ds,
-        tokenizer=trained.tokenizer,
-        languages=trained.languages,
-        batch=batch or BatchConfig(max_batch_duration_s=120.0, max_batch_size=64),
-        bf16=bf16,
-        on_progress=on_progress,
-    )
+    policy = policy or trained.audio_policy
+    batch = batch or BatchConfig(max_batch_duration_s=120.0, max_batch_size=64)
+    # Streamed: validated without decoding, then decoded batch by batch, so a manifest of any size fits.
+    utts, rejects = load_unlabeled(manifest_url, features=trained.features, policy=policy,
+                                   languages=trained.languages, language=language)
+    rows: list[dict[str, Any]] = []
+    if utts:
+        loader = LazyBatchLoader(
+            utts, features=trained.features, policy=policy, shuffle=False, source=manifest_url,
+            max_batch_duration_s=max(batch.max_batch_duration_s, max(u.duration_s for u in utts)),
+            max_batch_size=batch.max_batch_size, num_buckets=batch.num_buckets,
+        )
+        with loader:
+            for b in loader.iter_epoch(0):
+                decoded = decode_features(trained.model, b.features, tokenizer=trained.tokenizer,
+                                          languages=trained.languages, bf16=bf16)
+                for u, d in zip(b.utterances, decoded, strict=True):
+                    signals = {k: v for k, v in d.items() if k not in ("tokens", "num_frames")}
+                    rows.append({"id": u.id, "language": u.language, "audio": u.audio, "reference": u.text}
+                                | signals)
+                if on_progress is not None:
+                    on_progress(len(rows), len(utts), "decode")
+        rejects += loader.rejects
     table = score(rows)
     markdown = format_table(table, f"{manifest_url} — {checkpoint_url}")
     write_manifest(join(out_dir, "hypotheses.jsonl"), rows)
-    write_rejects(join(out_dir, "rejects.jsonl"), [r.as_row() for r in ds.rejects])
+    write_rejects(join(out_dir, "rejects.jsonl"), [r.as_row() for r in rejects])
     result = {
         "checkpoint": checkpoint_url,
         "manifest": manifest_url,
         "utterances": len(rows),
-        "rejects": len(ds.rejects),
+        "rejects": len(rejects),
         "metrics": table,
     }
     write_json(join(out_dir, "metrics.json"), result)

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.config import LabelConfig
 from pipeline.data import ProgressFn, Reject, Utterance, read_utterances
-from pipeline.evaluate import CropSpec, decode_batch
+from pipeline.evaluate import CropSpec, decode_features
 from pipeline.modeling import Trained, bf16_supported, load_trained
 from pipeline.stream import LazyBatchLoader, LoadedBatch, header_duration_s
 from storage.files import atomic_write_text, exists, join, read_text, sha256_of
@@ -284,14 +284,13 @@ def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig):
 
 def _decode(batch: LoadedBatch, trained: Trained, cfg: LabelConfig, crop: CropSpec | None,
             stats: UnitStats) -> list[dict[str, Any]]:
-    lens = torch.tensor([f.shape[0] for f in batch.features], dtype=torch.long)
-    feats = torch.nn.utils.rnn.pad_sequence(batch.features, batch_first=True)  # (B, T, n_mels)
     t0 = time.perf_counter()
-    out = decode_batch(trained.model, feats, lens, tokenizer=trained.tokenizer, languages=trained.languages,
-                       bf16=cfg.bf16, crop=crop)
+    out = decode_features(trained.model, batch.features, tokenizer=trained.tokenizer, languages=trained.languages,
+                          bf16=cfg.bf16, crop=crop)
     stats.model_s += time.perf_counter() - t0
-    stats.frames += int(lens.sum())
-    stats.padded_frames += int(feats.shape[0] * feats.shape[1])
+    lens = [f.shape[0] for f in batch.features]
+    stats.frames += sum(lens)
+    stats.padded_frames += len(lens) * max(lens)
     stats.audio_s += sum(batch.durations_s or [])
     return out
 

@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import CollapseGuardConfig, SlimIPLConfig
 from pipeline.data import Batch, ProgressFn, Utterance, batch_sampler, collate, normalize_language
-from pipeline.evaluate import CropSpec, decode_batch
+from pipeline.evaluate import CropSpec, decode_features
 from pipeline.finetune import load_language_data, stage_meta, start_from
 from pipeline.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
 from pipeline.text import normalize_text
@@ -139,10 +139,8 @@ def pl_stats(utts: list[Utterance], decoded: list[dict], references: dict[str, s
 
 def label_batch(model, batch: LoadedBatch, trainer: Trainer, crop: CropSpec | None) -> list[dict]:
     """Pseudo-label a loaded batch with `model` in eval mode (no dropout, no SpecAugment): greedy CTC, no LM."""
-    lens = torch.tensor([f.shape[0] for f in batch.features], dtype=torch.long)
-    feats = torch.nn.utils.rnn.pad_sequence(batch.features, batch_first=True)
-    return decode_batch(model, feats, lens, tokenizer=trainer.tokenizer, languages=trainer.languages,
-                        bf16=trainer.cfg.bf16, crop=crop)
+    return decode_features(model, batch.features, tokenizer=trainer.tokenizer, languages=trainer.languages,
+                           bf16=trainer.cfg.bf16, crop=crop)
 
 
 def measure_pls(model, loader: LazyBatchLoader, trainer: Trainer, crop: CropSpec | None,
