@@ -299,7 +299,10 @@ def load_pseudo_labels(
     `teacher` matches the `teacher` column exactly, its "<stage>@<step>" part, or a sha256 prefix.
     """
     store = LabelStore(root)
-    files = [store.pl_url(r["language"], r["unit"]) for r in store.records()]
+    committed = {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in store.records()}
+    # Committed units whose file is there (one listing, not a request per unit).
+    files = [f for f in list_files(join(root, "pl"), "language=*/*.parquet")
+             if "/".join(f.rsplit("/", 2)[-2:]) in committed]
     dataset = _dataset(root, "pl", PL_SCHEMA, files)
     if dataset is None:
         return PL_SCHEMA.empty_table().to_pandas()
@@ -312,12 +315,16 @@ def load_pseudo_labels(
         expr = both(ds.field("language").isin(list(languages)))
     if min_confidence is not None:
         expr = both(ds.field("confidence") >= min_confidence)
-    table = dataset.to_table(filter=expr, columns=list(columns) if columns else None)
-    df = table.to_pandas()
-    if teacher is not None and "teacher" in df:
+    wanted = list(columns) if columns else None
+    if wanted and teacher is not None and "teacher" not in wanted:
+        wanted.append("teacher")
+    df = dataset.to_table(filter=expr, columns=wanted).to_pandas()
+    if teacher is not None:
         ident = df["teacher"].str.split(":", n=1).str[0]
         sha = df["teacher"].str.split(":", n=1).str[1]
         df = df[(df["teacher"] == teacher) | (ident == teacher) | sha.str.startswith(teacher.lower())]
+        if columns and "teacher" not in columns:
+            df = df.drop(columns="teacher")
     return df.reset_index(drop=True)
 
 

@@ -391,3 +391,15 @@ def test_label_cli_prints_the_summary_and_how_to_open_it(smoke_corpus, teacher, 
     assert len(load_pseudo_labels(out)) == 4
     assert main(["label", "--manifest", _unlabeled(smoke_corpus), "--out", out]) == 2
     assert "no teachers" in capsys.readouterr().err
+
+
+def test_the_query_helper_reads_committed_units_only_also_from_a_relative_root(labeled_root, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(labeled_root, tmp_path / "labels")
+    (tmp_path / "labels/catalog/units/sl-000002.json").unlink()  # as if killed before its record was written
+    monkeypatch.chdir(tmp_path)
+    df = load_pseudo_labels("labels", columns=["id", "shard"])
+    assert list(df.columns) == ["id", "shard"] and len(df) == 8
+    assert "shards/pl-sl-000002.tar" not in set(df["shard"])
+    assert len(pd.read_parquet("labels/pl")) == 10  # plain readers see the file; the rerun redoes it in place
