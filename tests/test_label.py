@@ -403,3 +403,17 @@ def test_the_query_helper_reads_committed_units_only_also_from_a_relative_root(l
     assert list(df.columns) == ["id", "shard"] and len(df) == 8
     assert "shards/pl-sl-000002.tar" not in set(df["shard"])
     assert len(pd.read_parquet("labels/pl")) == 10  # plain readers see the file; the rerun redoes it in place
+
+
+def test_labeling_reads_and_writes_any_fsspec_url(smoke_corpus, teacher):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/mlpl-test/u.jsonl", Path(_unlabeled(smoke_corpus)).read_bytes())
+    cfg = label_tiny("memory://mlpl-test/u.jsonl", {"sl": teacher})
+    result = run_label(cfg, "memory://mlpl-test/labels")
+    df = load_pseudo_labels("memory://mlpl-test/labels")
+    assert len(df) == 6 and result.units_labeled == 3
+    assert sf.info(io.BytesIO(pl_audio("memory://mlpl-test/labels", df.iloc[0]))).samplerate == 16000
+    assert run_label(cfg, "memory://mlpl-test/labels").units_skipped == 3
+    fs.rm("/mlpl-test", recursive=True)
