@@ -248,6 +248,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flows.label import open_with_pandas
     from pipeline.label import summary_markdown
 
+    print("### Report (paper Tables 2-3 layout)\n")
+    print(out["report"]["markdown"])
     labels = out["labels"]
     print("### Pseudo-labels of the unlabeled audio\n")
     print(summary_markdown(labels["summary"]))
@@ -256,9 +258,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"corpus:      {args.corpus_dir} (card: {args.corpus_dir}/corpus_card.md)")
     print(f"checkpoints: {args.run_dir}/{{supervised,finetune/<lang>,slimipl/<lang>}}/checkpoints/best.pt")
-    print(f"reports:     {args.run_dir}/report/recipe.md, {args.run_dir}/eval/<stage>/metrics.md")
+    print(f"reports:     {args.run_dir}/report/{{recipe.md,report.md,report.json,dev_cer.png}}, "
+          f"{args.run_dir}/eval/<stage>/metrics.md")
     print(f"PL corpus:   {labels['root']} (pl/ table, shards/, rejects/, catalog/); open it with pandas:")
     print(open_with_pandas(labels["root"]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write and print a run's report: test CER per stage and language, averages, LID, PL CER, dev-CER plot."""
+    from pipeline.report import write_report
+
+    report = write_report(args.run_dir)
+    print(report["markdown"])
+    print(f"→ {args.run_dir}/report/report.{{md,json}}, plot {report['plot']}")
     return 0
 
 
@@ -378,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config override, e.g. filters.min_confidence=0.8")
     lb.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-label (artifacts, task runs)")
     lb.set_defaults(func=cmd_label)
+
+    rp = sub.add_parser("report", help="the run's table in the layout of the paper's Tables 2-3, and a dev-CER plot")
+    rp.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    rp.set_defaults(func=cmd_report)
 
     bn = sub.add_parser("bench", help="throughput figures (front end, training fp32 vs bf16, decoding)")
     bn.add_argument("--corpus", default="demo", help="corpus preset to build when missing (default: demo)")

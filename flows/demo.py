@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.label import label_flow
+from flows.report import report_task
 from flows.selftrain import language_flow
 from flows.supervised import build_corpus_task, supervised_flow
 from pipeline.config import finetune_tiny, label_tiny, slimipl_tiny, supervised_tiny
@@ -63,4 +64,6 @@ def demo_flow(
     create_markdown_artifact(markdown=table, key="demo-recipe-table", description="test CER per language and stage")
     teachers = default_teachers(run_dir, list(card["languages"]))
     labels = label_flow(label_tiny(unlabeled, teachers), join(run_dir, "labels"))
-    return {"supervised": sup, "languages": per_language, "table": table, "corpus": card, "labels": labels}
+    report = report_task(run_dir)
+    return {"supervised": sup, "languages": per_language, "table": table, "corpus": card, "labels": labels,
+            "report": report}

@@ -86,7 +86,7 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics",
             "finetune-sl-training", "finetune-sl-test-metrics", "slimipl-sl-training", "slimipl-sl-test-metrics",
             "slimipl-sl-pl-quality", "demo-recipe-table", "label-progress", "label-summary",
-            "label-corpus"} <= set(artifacts)
+            "label-corpus", "recipe-report", "recipe-dev-cer-plot"} <= set(artifacts)
     assert artifacts["label-progress"].data == 100.0
     assert artifacts["supervised-training"].type == "progress" and artifacts["supervised-training"].data == 100.0
     assert artifacts["slimipl-sl-training"].data == 100.0
@@ -115,6 +115,11 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     summary_rows = artifacts["label-summary"].data
     summary_rows = json.loads(summary_rows) if isinstance(summary_rows, str) else summary_rows
     assert sum(r["rows_kept"] + r["rows_rejected"] for r in summary_rows) == 10
+    # The run report: a row per stage, every language with unlabeled audio, the plot as a file and artifact.
+    assert [r["stage"] for r in out["report"]["rows"]] == ["supervised", "finetune", "slimipl"]
+    assert out["report"]["with_unlabeled"] == ["el", "es", "sl"]
+    assert (tmp_path / "run/report/dev_cer.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in artifacts["recipe-dev-cer-plot"].data
 
 
 def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, teacher, capsys):

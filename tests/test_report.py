@@ -1,0 +1,85 @@
+"""The run report: paper Tables 2-3 layout from a run directory, averages, PL CER, and the dev-CER plot."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from pipeline.report import build_report, dev_curves, report_markdown, write_report
+
+
+def _metrics(cers: dict[str, float]) -> dict:
+    per = {lang: {"n": 10.0, "cer": c, "wer": 2 * c, "lid_acc": 90.0 + i} for i, (lang, c) in enumerate(cers.items())}
+    return {"metrics": per | {"macro": {"cer": sum(cers.values()) / len(cers), "wer": 0.0, "lid_acc": 0.0}}}
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _dev(steps: list[int], cer: float) -> list[dict]:
+    return [{"step": s, "metrics": {"macro": {"cer": cer - i, "wer": 0, "lid_acc": 0}}} for i, s in enumerate(steps)]
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    """A run where es and sl got fine-tunes, and only sl (the language with unlabeled audio) slimIPL."""
+    r = tmp_path / "run"
+    _write(r / "supervised/result.json", {"stage": "supervised"})
+    _write(r / "supervised/dev_evals.json", _dev([500, 1000, 1500], 50.0))
+    _write(r / "eval/supervised/metrics.json", _metrics({"de": 28.0, "es": 24.0, "sl": 32.0}))
+    for lang, cer in (("es", 23.0), ("sl", 29.0)):
+        _write(r / f"finetune/{lang}/result.json", {"stage": f"finetune/{lang}"})
+        _write(r / f"finetune/{lang}/dev_evals.json", _dev([100, 200], cer + 2))
+        _write(r / f"eval/finetune/{lang}/metrics.json", _metrics({lang: cer}))
+    pl_eval = {"start": {"whole": {"pl_cer": 30.4}}, "end": {"whole": {"pl_cer": 28.6}}}
+    _write(r / "slimipl/sl/result.json", {"stage": "slimipl/sl", "extra": {"pl_eval": pl_eval}})
+    _write(r / "slimipl/sl/dev_evals.json", _dev([100, 200, 300], 30.0))
+    _write(r / "eval/slimipl/sl/metrics.json", _metrics({"sl": 28.0}))
+    return r
+
+
+def test_rows_are_stages_and_every_average_is_the_mean_of_its_columns(run):
+    report = build_report(str(run))
+    assert report["languages"] == ["de", "es", "sl"] and report["with_unlabeled"] == ["sl"]
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert list(rows) == ["supervised", "finetune", "slimipl"]
+    sup, ft, sl = rows["supervised"], rows["finetune"], rows["slimipl"]
+    assert sup["cer_all"] == pytest.approx((28.0 + 24.0 + 32.0) / 3) and sup["cer_unlabeled"] == 32.0
+    assert sup["lid_acc_mean"] == pytest.approx(sum(sup["lid_acc"].values()) / 3)
+    assert ft["cer"] == {"es": 23.0, "sl": 29.0} and ft["cer_all"] is None and ft["cer_unlabeled"] == 29.0
+    assert sl["cer_unlabeled"] == 28.0 and sl["pl_cer"] == {"sl": [30.4, 28.6]}
+    for r in report["rows"]:  # every average is exactly the mean of the columns it covers
+        for key, over in (("cer_all", report["languages"]), ("cer_unlabeled", report["with_unlabeled"])):
+            if r[key] is not None:
+                assert r[key] == pytest.approx(sum(r["cer"][lang] for lang in over) / len(over))
+    md = report_markdown(report)
+    assert "| supervised multilingual | 28.0 | 32.0 | 28.0 | 24.0 | 32.0 |" in md
+    assert "sl 30.4 → 28.6" in md and "| de | es | sl* |" in md
+
+
+def test_the_plot_is_a_valid_png_with_one_curve_per_stage(run):
+    from PIL import Image
+
+    out = write_report(str(run))
+    assert set(out["dev_curves"]) == {"supervised", "finetune/es", "finetune/sl", "slimipl/sl"}
+    assert dev_curves(str(run))["supervised"] == [(500, 50.0), (1000, 49.0), (1500, 48.0)]
+    png = Path(out["plot"]).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    image = Image.open(io.BytesIO(png))
+    image.verify()
+    assert image.size[0] > 300 and image.size[1] > 200
+    assert json.loads((run / "report/report.json").read_text())["rows"][0]["stage"] == "supervised"
+
+
+def test_report_cli_prints_the_table_and_says_what_is_missing(run, tmp_path, capsys):
+    assert main(["report", "--run-dir", str(run)]) == 0
+    assert "↪ per-language slimIPL" in capsys.readouterr().out
+    assert (run / "report/report.md").exists() and (run / "report/dev_cer.png").exists()
+    assert main(["report", "--run-dir", str(tmp_path / "empty")]) == 2
+    assert "no supervised test metrics" in capsys.readouterr().err
