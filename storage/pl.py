@@ -292,11 +292,16 @@ def load_pseudo_labels(
     languages: Sequence[str] | None = None,
     min_confidence: float | None = None,
     teacher: str | None = None,
+    min_tokens: int | None = None,
+    max_tokens: int | None = None,
+    lid_agreement: bool = False,
     columns: Sequence[str] | None = None,
 ):
-    """The committed PL rows under a labels root as a pandas DataFrame, optionally filtered.
+    """The committed PL rows under a labels root as a pandas DataFrame, optionally filtered (read-time
+    filters: one PL corpus serves students with different thresholds).
 
-    `teacher` matches the `teacher` column exactly, its "<stage>@<step>" part, or a sha256 prefix.
+    `teacher` matches the `teacher` column exactly, its "<stage>@<step>" part, or a sha256 prefix;
+    `lid_agreement` keeps rows whose LID prediction is their declared language.
     """
     store = LabelStore(root)
     committed = {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in store.records()}
@@ -315,16 +320,23 @@ def load_pseudo_labels(
         expr = both(ds.field("language").isin(list(languages)))
     if min_confidence is not None:
         expr = both(ds.field("confidence") >= min_confidence)
+    if min_tokens is not None:
+        expr = both(ds.field("num_tokens") >= min_tokens)
+    if max_tokens is not None:
+        expr = both(ds.field("num_tokens") <= max_tokens)
     wanted = list(columns) if columns else None
-    if wanted and teacher is not None and "teacher" not in wanted:
-        wanted.append("teacher")
+    for needed in (["teacher"] if teacher is not None else []) + (["lid_pred", "language"] if lid_agreement else []):
+        if wanted and needed not in wanted:
+            wanted.append(needed)
     df = dataset.to_table(filter=expr, columns=wanted).to_pandas()
+    if lid_agreement:
+        df = df[df["lid_pred"] == df["language"].astype(str)]
     if teacher is not None:
         ident = df["teacher"].str.split(":", n=1).str[0]
         sha = df["teacher"].str.split(":", n=1).str[1]
         df = df[(df["teacher"] == teacher) | (ident == teacher) | sha.str.startswith(teacher.lower())]
-        if columns and "teacher" not in columns:
-            df = df.drop(columns="teacher")
+    if columns:
+        df = df[list(columns)]
     return df.reset_index(drop=True)
 
 
@@ -356,3 +368,24 @@ def read_shard_sample(root: str, shard: str, key: str) -> tuple[bytes, dict[str,
 def pl_audio(root: str, row: Any) -> bytes:
     """The 16 kHz mono FLAC behind one PL row (a DataFrame row or dict), read from its shard."""
     return read_shard_sample(root, row["shard"], row["key"])[0]
+
+
+def iter_shard_samples(root: str, shard: str, keys: Iterable[str] | None = None):
+    """Stream (key, FLAC bytes, JSON record) of one shard in file order, only `keys` when given.
+
+    The tar is read as a stream through fsspec (one member at a time), so memory holds one sample whatever the
+    shard's size, and any fsspec URL works.
+    """
+    wanted = None if keys is None else set(keys)
+    fs, path = _fs(join(root, shard))
+    pending: dict[str, dict[str, bytes]] = {}
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if not member.isfile() or (wanted is not None and key not in wanted):
+                continue
+            parts = pending.setdefault(key, {})
+            parts[ext] = tar.extractfile(member).read()
+            if "flac" in parts and "json" in parts:
+                del pending[key]
+                yield key, parts["flac"], json.loads(parts["json"])

@@ -24,7 +24,7 @@ from flows.cli import main
 from pipeline.config import label_tiny
 from pipeline.label import filter_reason, reject_category, run_label, split_units
 from storage.checkpoint import load_checkpoint, save_checkpoint
-from storage.pl import PL_SCHEMA, load_pseudo_labels, load_rejects, pl_audio, sample_key
+from storage.pl import PL_SCHEMA, iter_shard_samples, load_pseudo_labels, load_rejects, pl_audio, sample_key
 from tests.dummies import write_flac, write_jsonl
 
 ROOT = Path(__file__).parent.parent
@@ -417,3 +417,19 @@ def test_labeling_reads_and_writes_any_fsspec_url(smoke_corpus, teacher):
     assert sf.info(io.BytesIO(pl_audio("memory://mlpl-test/labels", df.iloc[0]))).samplerate == 16000
     assert run_label(cfg, "memory://mlpl-test/labels").units_skipped == 3
     fs.rm("/mlpl-test", recursive=True)
+
+
+def test_read_time_filters_select_exactly_what_a_pandas_query_selects_and_the_shards_stream_them(labeled_root):
+    raw = pd.read_parquet(f"{labeled_root}/pl")
+    conf = float(raw["confidence"].quantile(0.3))
+    tokens = int(raw["num_tokens"].median())
+    got = load_pseudo_labels(labeled_root, languages=["sl", "el"], min_confidence=conf, max_tokens=tokens,
+                             min_tokens=2, lid_agreement=True, columns=["id", "shard", "key"])
+    want = raw[raw["language"].isin(["sl", "el"]) & (raw["confidence"] >= conf) & (raw["num_tokens"] <= tokens)
+               & (raw["num_tokens"] >= 2) & (raw["lid_pred"] == raw["language"].astype(str))]
+    assert sorted(got["id"]) == sorted(want["id"]) and 0 < len(got) < len(raw)
+    assert list(got.columns) == ["id", "shard", "key"]
+    streamed = []
+    for shard, keys in got.groupby("shard")["key"]:
+        streamed += [(key, meta["id"], flac[:4]) for key, flac, meta in iter_shard_samples(labeled_root, shard, keys)]
+    assert sorted(s[1] for s in streamed) == sorted(got["id"]) and {s[2] for s in streamed} == {b"fLaC"}
