@@ -129,7 +129,7 @@ def _stage_config(cls, base: dict[str, Any], args: argparse.Namespace):
     sets = list(args.set or [])
     if args.threads is not None:
         sets.append(f"num_threads={args.threads}")
-    if args.max_updates is not None:
+    if getattr(args, "max_updates", None) is not None:  # labeling has no update budget
         sets.append(f"max_updates={args.max_updates}")
     return cls(**apply_overrides(base, sets))
 
@@ -193,16 +193,12 @@ def _label_config(args: argparse.Namespace):
     if not teachers:
         raise ValueError("no teachers: pass --run-dir (each language's best model there) or --teacher LANG=CHECKPOINT")
     base = stage_preset(LABEL_PRESETS, args.preset, args.manifest, teachers).model_dump(mode="json")
-    sets = list(args.set or [])
-    if args.threads is not None:
-        sets.append(f"num_threads={args.threads}")
-    return LabelConfig(**apply_overrides(base, sets))
+    return _stage_config(LabelConfig, base, args)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     """Corpus-wide pseudo-labeling into a Parquet table + WebDataset shards (resumable, idempotent)."""
-    from flows.label import open_with_pandas
-    from pipeline.label import run_label, summary_markdown
+    from pipeline.label import open_with_pandas, run_label, summary_markdown
     from storage.files import join
 
     cfg = _label_config(args)
@@ -245,8 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, summary in lines:
         print(f"{name:>14}: {summary['step']} updates, stage {summary['stage_wall_s']:.0f} s, training "
               f"{summary['train_audio_s_per_s']} audio-s/s ({summary['precision']})")
-    from flows.label import open_with_pandas
-    from pipeline.label import summary_markdown
+    from pipeline.label import open_with_pandas, summary_markdown
 
     print("### Report (paper Tables 2-3 layout)\n")
     print(out["report"]["markdown"])

@@ -17,26 +17,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import ProgressArtifact, artifact_key
 from pipeline.config import LabelConfig
-from pipeline.label import LabelPlan, WorkUnit, finish, label_unit, plan_labeling, summary_markdown
+from pipeline.label import LabelPlan, WorkUnit, finish, label_unit, open_with_pandas, plan_labeling, summary_markdown
 
 
 @task(cache_policy=NO_CACHE, retries=1, task_run_name="label-{unit.name}")
 def label_unit_task(plan: LabelPlan, unit: WorkUnit) -> dict:
     """Label and commit one work unit (skipped when already committed with the same keys)."""
     return label_unit(plan, unit)
-
-
-def open_with_pandas(root: str) -> str:
-    """The lines that open a labels root with pandas and play a row's audio."""
-    return (
-        "```python\n"
-        "import pandas as pd\n"
-        f"df = pd.read_parquet('{root}/pl')  # or: from storage.pl import load_pseudo_labels\n"
-        "df[df.confidence > 0.9].groupby('language').size()\n"
-        "from storage.pl import pl_audio; import IPython.display as ipd\n"
-        f"ipd.Audio(pl_audio('{root}', df.iloc[0]))  # the 16 kHz FLAC behind a row\n"
-        "```\n"
-    )
 
 
 @flow(name="mlpl-label", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))

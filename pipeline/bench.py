@@ -26,9 +26,9 @@ from models.encoder import CTCLIDModel
 from pipeline.audio import load_audio, log_mel
 from pipeline.config import SupervisedConfig, label_tiny, labeling_audio_policy, model_kwargs, supervised_tiny
 from pipeline.data import DynamicBucketSampler, collate, load_dataset, read_utterances, reject_untrainable
-from pipeline.evaluate import decode_batch, decode_dataset
+from pipeline.evaluate import decode_dataset, decode_features
 from pipeline.label import run_label
-from pipeline.modeling import bf16_supported, load_trained
+from pipeline.modeling import bf16_supported, load_trained, precision_used
 from pipeline.tokenizer import train_tokenizer
 from pipeline.trainer import make_optimizer, train_step
 from storage.files import join
@@ -134,8 +134,8 @@ def naive_label(manifest_url: str, teacher_url: str) -> tuple[dict[str, str], fl
     for u in utts:
         wav = load_audio(u.audio, policy, trained.features.sample_rate_hz)
         feats = log_mel(wav, trained.features)
-        out = decode_batch(trained.model, feats[None], torch.tensor([feats.shape[0]]), tokenizer=trained.tokenizer,
-                           languages=trained.languages, bf16=False)
+        out = decode_features(trained.model, [feats], tokenizer=trained.tokenizer, languages=trained.languages,
+                              bf16=False)
         texts[u.id] = out[0]["hypothesis"]
         audio_s += wav.numel() / trained.features.sample_rate_hz
     return texts, audio_s, time.perf_counter() - t0
@@ -177,7 +177,7 @@ def run_label_bench(corpus_dir: str, teacher_url: str, scales: Sequence[int] = (
     manifest = join(corpus_dir, "manifests", "unlabeled.jsonl")
     trained = load_trained(teacher_url)
     teachers = {lang: teacher_url for lang in trained.languages}
-    precision = "bf16" if bf16_supported() else "fp32"
+    precision = precision_used(True)
     peak = gemm_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
     peak_fp32 = peak if precision == "fp32" else gemm_peak_flops(torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +203,8 @@ def run_label_bench(corpus_dir: str, teacher_url: str, scales: Sequence[int] = (
     frames = sum(r["frames"] for r in records)
     padded = sum(r["padded_frames"] for r in records)
     # Useful FLOPs: each clip alone at its own length (padding excluded), by the model's own count.
-    useful_flops = sum(trained.model.matmul_flops(round(d * 100)) for d in fast["duration_s"])
+    frames_per_s = 1000.0 / trained.features.hop_ms
+    useful_flops = sum(trained.model.matmul_flops(round(d * frames_per_s)) for d in fast["duration_s"])
     pairs = [(naive_texts[i], t) for i, t in zip(fast["id"], fast["text"], strict=True) if naive_texts.get(i)]
     chars_differ = jiwer.cer([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else math.nan
     base = scale_runs[scales[0]]

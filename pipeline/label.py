@@ -33,7 +33,7 @@ import torch
 from pipeline.config import LabelConfig
 from pipeline.data import ProgressFn, Reject, Utterance, read_utterances
 from pipeline.evaluate import CropSpec, decode_features
-from pipeline.modeling import Trained, bf16_supported, load_trained
+from pipeline.modeling import Trained, load_trained, precision_used
 from pipeline.stream import LazyBatchLoader, LoadedBatch, header_duration_s
 from storage.files import atomic_write_text, exists, join, read_text, sha256_of
 from storage.pl import LabelStore, sample_key
@@ -200,7 +200,7 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
         raise FileNotFoundError(f"manifest not found: {cfg.manifest}")
     manifest_sha = sha256_of(cfg.manifest)
     teachers = {lang: _teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
-    precision = "bf16" if cfg.bf16 and bf16_supported() else "fp32"
+    precision = precision_used(cfg.bf16)
     decode_keys = {
         lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"))
         for lang, t in teachers.items()
@@ -300,10 +300,11 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
     with the same keys. Returns the unit's record plus `skipped`."""
     store, cfg = LabelStore(plan.root), plan.cfg
     keys = plan.unit_keys(unit)
-    if store.is_committed(unit.language, unit.index, keys):
+    committed = store.committed_record(unit.language, unit.index, keys)
+    if committed is not None:
         if on_progress is not None:
             on_progress(unit.audio_s)
-        return store.record(unit.language, unit.index) | {"skipped": True}
+        return committed | {"skipped": True}
     t_start = time.perf_counter()
     teacher = plan.teachers.get(unit.language)
     created_at = datetime.now(UTC)
@@ -489,6 +490,19 @@ def run_label(cfg: LabelConfig, root: str, *, on_progress: ProgressFn | None = N
     log.info("labeled %d units, skipped %d committed ones; model %.1f s, wall %.1f s", result.units_labeled,
              result.units_skipped, result.model_s, result.wall_s)
     return result
+
+
+def open_with_pandas(root: str) -> str:
+    """The lines that open a labels root with pandas and play a row's audio."""
+    return (
+        "```python\n"
+        "import pandas as pd\n"
+        f"df = pd.read_parquet('{root}/pl')  # or: from storage.pl import load_pseudo_labels\n"
+        "df[df.confidence > 0.9].groupby('language').size()\n"
+        "from storage.pl import pl_audio; import IPython.display as ipd\n"
+        f"ipd.Audio(pl_audio('{root}', df.iloc[0]))  # the 16 kHz FLAC behind a row\n"
+        "```\n"
+    )
 
 
 def default_teachers(run_dir: str, languages: Sequence[str]) -> dict[str, str]:

@@ -26,6 +26,11 @@ def bf16_supported() -> bool:
         return False
 
 
+def precision_used(bf16: bool) -> str:
+    """What autocast(bf16) really runs on this machine."""
+    return "bf16" if bf16 and bf16_supported() else "fp32"
+
+
 def autocast(enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CPUs that support it, else a no-op."""
     if enabled and bf16_supported():

@@ -30,7 +30,7 @@ from models.loss import ctc_lid_loss
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.data import Batch, Dataset, ProgressFn
 from pipeline.evaluate import decode_dataset, format_table, score
-from pipeline.modeling import autocast, bf16_supported
+from pipeline.modeling import autocast, precision_used
 from pipeline.tokenizer import Tokenizer
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.files import atomic_write_text, exists, join, remove, sha256_of, write_json
@@ -132,11 +132,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def precision_used(bf16: bool) -> str:
-    """What autocast(bf16) really runs on this machine."""
-    return "bf16" if bf16 and bf16_supported() else "fp32"
 
 
 class Trainer:

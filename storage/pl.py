@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from storage.files import atomic_write_bytes, exists, join, list_files, read_bytes, read_json, write_json
+from storage.files import atomic_write_bytes, exists, join, list_files, read_json, write_json
 
 SCHEMA_VERSION = 1
 _LANG = pa.dictionary(pa.int32(), pa.string())
@@ -210,14 +210,14 @@ class LabelStore:
         except (ValueError, UnicodeDecodeError):  # a damaged record means: redo the unit
             return None
 
-    def is_committed(self, language: str, index: int, keys: dict[str, str]) -> bool:
-        """Whether the unit committed with exactly these keys and its files are all still there."""
+    def committed_record(self, language: str, index: int, keys: dict[str, str]) -> dict[str, Any] | None:
+        """The unit's record when it committed with exactly these keys and its files are all still there."""
         rec = self.record(language, index)
         if rec is None or rec.get("keys") != keys:
-            return False
+            return None
         files = [self.pl_url(language, index), self.rejects_url(language, index),
                  join(self.root, self.shard_relpath(language, index))]
-        return all(exists(f) for f in files)
+        return rec if all(exists(f) for f in files) else None
 
     def commit_unit(
         self,
@@ -347,22 +347,14 @@ def load_rejects(root: str):
 
 
 def read_shard_sample(root: str, shard: str, key: str) -> tuple[bytes, dict[str, Any]]:
-    """The FLAC bytes and JSON record of one sample of a shard (shard path relative to the root).
+    """The FLAC bytes and JSON record of one sample of a shard (shard path relative to the root), streamed.
 
     Raises:
         KeyError: when the shard holds no such key.
     """
-    data = read_bytes(join(root, shard))
-    flac = meta = None
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        for member in tar:
-            if member.name == f"{key}.flac":
-                flac = tar.extractfile(member).read()
-            elif member.name == f"{key}.json":
-                meta = json.loads(tar.extractfile(member).read())
-    if flac is None or meta is None:
-        raise KeyError(f"no sample {key!r} in {join(root, shard)}")
-    return flac, meta
+    for _, flac, meta in iter_shard_samples(root, shard, [key]):
+        return flac, meta
+    raise KeyError(f"no sample {key!r} in {join(root, shard)}")
 
 
 def pl_audio(root: str, row: Any) -> bytes:
