@@ -220,43 +220,92 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the demo recipe as a Prefect flow (embedded server, local files) and print the table."""
-    from flows.demo import demo_flow
+def _recipe_config(args: argparse.Namespace):
+    from pipeline.config import RECIPE_PRESETS, RecipeConfig
+    from storage.files import read_json
 
+    if args.config:
+        base = read_json(args.config)
+    else:
+        if args.recipe not in RECIPE_PRESETS:
+            raise ValueError(f"unknown recipe preset {args.recipe!r}; choose one of {sorted(RECIPE_PRESETS)}")
+        base = RECIPE_PRESETS[args.recipe](args.corpus_dir, args.run_dir, seed=args.seed).model_dump(mode="json")
+    return RecipeConfig(**apply_overrides(base, list(args.set or [])))
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """Run the whole recipe as the Prefect flow mlpl-recipe (building the corpus first unless --config)."""
     t0 = time.perf_counter()
-    out = demo_flow(
-        corpus_dir=args.corpus_dir, run_dir=args.run_dir, corpus=args.corpus, seed=args.seed,
-        max_updates=args.max_updates, text_dir=args.text_dir,
-    )
-    sup = out["supervised"]
-    print()
-    print(sup["test"]["markdown"])
-    print("### Test CER per stage\n")
-    print(out["table"])
-    lines = [("supervised", sup["training"])] + [
-        (f"{stage} {lang}", v[f"{stage}_summary"]) for lang, v in out["languages"].items()
-        for stage in ("finetune", "slimipl")
-    ]
-    for name, summary in lines:
-        print(f"{name:>14}: {summary['step']} updates, stage {summary['stage_wall_s']:.0f} s, training "
-              f"{summary['train_audio_s_per_s']} audio-s/s ({summary['precision']})")
+    cfg = _recipe_config(args)
+    if args.config:
+        from flows.recipe import recipe_flow
+
+        out = recipe_flow(cfg)
+    else:
+        from flows.demo import demo_flow
+
+        overrides = cfg.model_dump(mode="json", exclude={"run_dir"})
+        out = demo_flow(corpus_dir=args.corpus_dir, run_dir=args.run_dir, corpus=args.corpus, seed=args.seed,
+                        text_dir=args.text_dir, recipe=args.recipe, overrides=overrides)
+    wall = time.perf_counter() - t0
+    print_recipe(out, cfg.run_dir, wall)
+    if args.results:
+        from pipeline.bench import cpu_name
+        from pipeline.report import write_results
+
+        roles = {lang: v.get("role", "") for lang, v in out.get("corpus", {}).get("languages", {}).items()}
+        write_results(args.results, out, wall_s=wall, command=args.results_command or "mlpl recipe",
+                      machine=cpu_name(), roles=roles)
+        print(f"results → {args.results}")
+    return 0
+
+
+def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
+    """The report table, each stage's wall time and where everything is."""
     from pipeline.label import open_with_pandas, summary_markdown
 
-    print("### Report (paper Tables 2-3 layout)\n")
+    print("\n### Report (paper Tables 2-3 layout)\n")
     print(out["report"]["markdown"])
+    print("### Wall time per stage (training, dev evaluation and test scoring)\n")
+    print("| stage | wall s |\n|---|---:|")
+    for name, seconds in out["wall_s"].items():
+        print(f"| {name} | {seconds:.0f} |")
+    for name, st in out["stages"].items():
+        print(f"{name:>32}: {st['step']} updates, {st['train_audio_s_per_s']} audio-s/s training ({st['precision']})")
     labels = out["labels"]
-    print("### Pseudo-labels of the unlabeled audio\n")
+    print("\n### Pseudo-labels of the unlabeled audio\n")
     print(summary_markdown(labels["summary"]))
-    print(f"labeling: {labels['units_labeled']} units labeled, {labels['units_skipped']} already committed, "
-          f"{labels['wall_s']:.0f} s")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
-    print(f"corpus:      {args.corpus_dir} (card: {args.corpus_dir}/corpus_card.md)")
-    print(f"checkpoints: {args.run_dir}/{{supervised,finetune/<lang>,slimipl/<lang>}}/checkpoints/best.pt")
-    print(f"reports:     {args.run_dir}/report/{{recipe.md,report.md,report.json,dev_cer.png}}, "
-          f"{args.run_dir}/eval/<stage>/metrics.md")
+    print(f"recipe finished in {wall_s:.0f} s")
+    print(f"checkpoints: {run_dir}/{{supervised,finetune/<lang>,slimipl/<lang>,student/<variant>}}/checkpoints/best.pt")
+    print(f"report:      {run_dir}/report/{{report.md,report.json,dev_cer.png,recipe_run.json}}, "
+          f"{run_dir}/eval/<stage>/metrics.md")
     print(f"PL corpus:   {labels['root']} (pl/ table, shards/, rejects/, catalog/); open it with pandas:")
     print(open_with_pandas(labels["root"]))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the demo corpus and run the whole recipe on it as a Prefect flow; print the report."""
+    args.config, args.recipe, args.set, args.results = None, "demo", args.set, None
+    return cmd_recipe(args)
+
+
+def cmd_student(args: argparse.Namespace) -> int:
+    """Train a student on labeled + pseudo-labeled data (stage 5), resumable."""
+    from pipeline.config import STUDENT_PRESETS, StudentConfig, stage_preset
+    from pipeline.evaluate import format_table
+    from pipeline.student import run_student
+
+    base = stage_preset(STUDENT_PRESETS, args.preset, args.mode, args.train, args.dev, init_checkpoint=args.init,
+                        labels_root=args.labels, labeled_only=args.labeled_only).model_dump(mode="json")
+    cfg = _stage_config(StudentConfig, base, args)
+    with progress_bar() as update:
+        result = run_student(cfg, args.run_dir, resume=args.resume, on_progress=update)
+    if result.dev_metrics:
+        print(format_table(result.dev_metrics, f"student {cfg.stage_name()} dev at update {result.step}"))
+    extra = result.extra
+    print(f"updates by source {extra['updates_by_source']} (weights {extra['weights']}); "
+          f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
+          f"best: {result.best_checkpoint}")
     return 0
 
 
@@ -303,6 +352,16 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the stage's checkpoints/last.pt when present (default: on)")
+
+
+def _recipe_arguments(p: argparse.ArgumentParser, *, corpus: str, corpus_dir: str, run_dir: str) -> None:
+    p.add_argument("--corpus", default=corpus, help=f"corpus preset to build (default: {corpus})")
+    p.add_argument("--corpus-dir", default=corpus_dir)
+    p.add_argument("--run-dir", default=run_dir)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-dir", default=None, help="folder with <lang>.txt sentence files instead of Debian text")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="recipe config override, e.g. student.max_updates=500 or student_modes='[\"finetune\"]'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,14 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
     e.set_defaults(func=cmd_evaluate)
 
-    d = sub.add_parser("demo", help="build the demo corpus and run the main job as a Prefect flow")
-    d.add_argument("--corpus", default="demo", help="corpus preset (default: demo)")
-    d.add_argument("--corpus-dir", default="data/demo")
-    d.add_argument("--run-dir", default="runs/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-updates", type=int, default=None, help="override the supervised training length")
-    d.add_argument("--text-dir", default=None, help="folder with <lang>.txt sentence files instead of Debian text")
+    d = sub.add_parser("demo", help="build the demo corpus and run the whole recipe as a Prefect flow")
+    _recipe_arguments(d, corpus="demo", corpus_dir="data/demo", run_dir="runs/demo")
     d.set_defaults(func=cmd_demo)
+
+    rc = sub.add_parser("recipe", help="the whole recipe (supervised → fine-tune → slimIPL → labeling → student → "
+                        "report) as the Prefect flow mlpl-recipe")
+    _recipe_arguments(rc, corpus="bench", corpus_dir="data/bench", run_dir="runs/bench")
+    rc.add_argument("--recipe", default="bench", help="recipe preset: demo | bench (default: bench)")
+    rc.add_argument("--config", default=None, help="RecipeConfig JSON for your own data (no corpus is built)")
+    rc.add_argument("--results", default=None, help="also write a results page (table, plot, orderings) here")
+    rc.add_argument("--results-command", default=None, help=argparse.SUPPRESS)  # the command the page quotes
+    rc.set_defaults(func=cmd_recipe)
+
+    st = sub.add_parser("student", help="train a student on labeled + pseudo-labeled data (resumes by default)")
+    st.add_argument("--mode", default="from_scratch", choices=["from_scratch", "finetune"],
+                    help="from_scratch: new model on the init checkpoint's vocabulary; finetune: its weights")
+    st.add_argument("--train", required=True, help="labeled manifest (every language)")
+    st.add_argument("--dev", default=None, help="dev manifest")
+    st.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    st.add_argument("--labels", default=None, help="PL corpus root (default: <run-dir>/labels)")
+    st.add_argument("--init", default=None, help="init checkpoint (default: <run-dir>/supervised/checkpoints/best.pt)")
+    st.add_argument("--labeled-only", action="store_true", help="no PL source: fine-tune on labeled data only")
+    _stage_arguments(st)
+    st.set_defaults(func=cmd_student)
 
     lb = sub.add_parser("label", help="pseudo-label an unlabeled manifest into Parquet + WebDataset shards "
                         "(resumable: committed work units are skipped)")

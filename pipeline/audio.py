@@ -47,6 +47,17 @@ def load_audio_and_flac(url: str, policy: AudioPolicy, sample_rate_hz: int = 160
     return wav, data if native else encode_flac(wav, sample_rate_hz)
 
 
+def decode_audio(data: bytes, policy: AudioPolicy, sample_rate_hz: int = 16000) -> torch.Tensor:
+    """`load_audio` for bytes already in memory (e.g. a FLAC member of a PL shard).
+
+    Raises:
+        AudioError: as `load_audio`.
+    """
+    if not data:
+        raise AudioError("audio is empty (0 bytes)")
+    return _decode(data, policy, sample_rate_hz)[0]
+
+
 def encode_flac(wav: torch.Tensor, sample_rate_hz: int) -> bytes:
     """16-bit mono FLAC of a float waveform (S,), clipped to [-1, 1]."""
     buf = io.BytesIO()

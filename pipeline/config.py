@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -481,3 +482,223 @@ def label_paper(manifest: str, teachers: dict[str, str], **overrides: Any) -> La
 
 
 LABEL_PRESETS = {"tiny": label_tiny, "paper": label_paper}
+
+
+class PLReadFilter(_Config):
+    """Which rows of a PL corpus a student reads (applied at read time: one corpus serves many students)."""
+
+    min_tokens: int = Field(1, ge=0)
+    max_tokens: int = Field(630, gt=0)  # paper Sec. 5.1: PLs over 630 tokens are dropped
+    min_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    require_lid_agreement: bool = False
+    teacher: str | None = None  # exact teacher, its "<stage>@<step>", or a sha256 prefix; None: every teacher
+
+
+class StudentConfig(TrainingConfig):
+    """Stage 5 (paper Sec. 5.1, Tables 2-3): one model trained on the labeled data plus every language's PLs.
+
+    `from_scratch` builds a new model (its size may differ from the teachers') with the vocabulary, languages
+    and front end of `init_checkpoint`; `finetune` continues `init_checkpoint`'s weights. `labeled_only` turns
+    the PL source off: the optional last step, a student fine-tuned on labeled data alone.
+    """
+
+    mode: Literal["from_scratch", "finetune"] = "from_scratch"
+    train_manifest: str  # labeled rows of every language
+    dev_manifest: str | None = None
+    labels_root: str | None = None  # the PL corpus; None: <run>/labels
+    init_checkpoint: str | None = None  # None: <run>/supervised/checkpoints/best.pt
+    model: ModelConfig | None = None  # from_scratch only; None: the init checkpoint's architecture
+    labeled_only: bool = False
+    source_weights: dict[str, float] | None = None  # {"labeled": w, "pl": w}; None: natural (audio seconds)
+    pl_filter: PLReadFilter = Field(default_factory=PLReadFilter)
+    pl_batch: BatchConfig = Field(default_factory=BatchConfig)  # batches of PL clips (long: few per batch)
+    pl_window_shards: int = Field(4, gt=0)  # shards whose audio is held at once: the shuffle window
+    specaugment_start_updates: int = Field(0, ge=0)  # paper, from scratch: SpecAugment only after a delay
+    variant: str | None = None  # stage folder <run>/student/<variant>; None: mode (+ "-labeled-ft")
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentConfig:
+        errors = self._loop_errors(None)
+        if self.model is not None and self.mode == "finetune":
+            errors.append("model is only for mode=from_scratch: a fine-tuned student keeps its checkpoint's shape")
+        if self.source_weights is not None:
+            unknown = sorted(set(self.source_weights) - {"labeled", "pl"})
+            if unknown:
+                errors.append(f"source_weights has unknown source(s) {unknown}; the sources are 'labeled' and 'pl'")
+            if any(w < 0 for w in self.source_weights.values()) or not any(self.source_weights.values()):
+                errors.append(f"source_weights={self.source_weights}: weights must be >= 0 with one above 0")
+        if self.pl_filter.min_tokens > self.pl_filter.max_tokens:
+            errors.append(f"pl_filter.min_tokens={self.pl_filter.min_tokens} exceeds pl_filter.max_tokens="
+                          f"{self.pl_filter.max_tokens}: no PL would be read")
+        if self.variant is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", self.variant):
+            errors.append(f"variant={self.variant!r}: use lower-case letters, digits, '-' and '_' (a folder name)")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def stage_name(self) -> str:
+        """Folder under `<run>/student/`: the variant, else the mode (+ "-labeled-ft" for labeled only)."""
+        return self.variant or (f"{self.mode}-labeled-ft" if self.labeled_only else self.mode)
+
+
+def student_tiny(mode: str, train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> StudentConfig:
+    """CPU preset. finetune: AdamW at a third of stage 1's peak LR, 300 updates; from_scratch: stage 1's
+    recipe at a lower peak LR (2e-3 vs 3e-3), SpecAugment from update 200, 2000 updates. 60 s batches."""
+    common = dict(
+        mode=mode, train_manifest=train_manifest, dev_manifest=dev_manifest,
+        batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=8),
+        pl_batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=16, num_buckets=8),
+        specaugment=tiny_specaugment(), log_every=50,
+    )
+    if mode == "finetune":
+        cfg = common | dict(optim=OptimConfig(name="adamw", lr=1e-3, warmup_updates=20, schedule="cosine",
+                                              weight_decay=0.01),
+                            max_updates=300, eval_every=100, save_every=50)
+    else:
+        cfg = common | dict(optim=OptimConfig(name="adamw", lr=2e-3, warmup_updates=60, schedule="cosine",
+                                              weight_decay=0.01),
+                            specaugment_start_updates=200, max_updates=2000, eval_every=500, save_every=100)
+    return StudentConfig(**_with_overrides(cfg, overrides))
+
+
+def student_paper(mode: str, train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> StudentConfig:
+    """The paper's students: from scratch at a lower peak LR than stage 1 (Adagrad 0.02 vs 0.03) with
+    SpecAugment after 10k updates; fine-tuned from stage 1 at Adagrad 0.01. 200 s batches."""
+    if mode == "finetune":
+        cfg = dict(optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=100000, eval_every=5000)
+    else:
+        cfg = dict(optim=OptimConfig(lr=0.02), specaugment_start_updates=10000)
+    return StudentConfig(mode=mode, train_manifest=train_manifest, dev_manifest=dev_manifest, **(cfg | overrides))
+
+
+STUDENT_PRESETS = {"tiny": student_tiny, "paper": student_paper}
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied; nested dicts merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _configured(cls, preset_cfg: _Config, overrides: dict[str, Any]):
+    """A preset's config with nested overrides; a shortened budget keeps a proportionate warmup."""
+    flat = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
+    base = cls(**_with_overrides(dict(preset_cfg), flat)) if flat else preset_cfg
+    return cls(**deep_merge(base.model_dump(mode="json"), {k: v for k, v in overrides.items() if isinstance(v, dict)}))
+
+
+_RECIPE_LANGUAGE_PLACEHOLDER = "xx"  # validates per-language configs before the languages are known
+
+
+class RecipeConfig(_Config):
+    """The whole recipe as one config (paper Sec. 4-5): supervised → per-language fine-tune → slimIPL → labeling →
+    student(s) (→ labeled-only fine-tune) → report. Each stage's config is its preset plus the overrides here."""
+
+    run_dir: str = Field("runs/recipe", description="run directory (any fsspec URL): every stage writes below it")
+    labeled_manifest: str = Field(description="labeled rows of every language (JSONL or Parquet)")
+    dev_manifest: str | None = Field(None, description="dev rows for validation and best-checkpoint choice")
+    test_manifest: str | None = Field(None, description="test rows: every stage's model is scored on them")
+    unlabeled_manifest: str = Field(description="unlabeled rows; languages with rows here get self-training")
+    reference_manifest: str | None = Field(
+        None, description="hidden true transcripts of unlabeled clips: PL CER only, never training")
+    preset: Literal["tiny", "paper"] = Field("paper", description="stage presets: paper defaults or tiny (CPU)")
+    self_train_languages: list[str] | None = Field(
+        None, description="languages that get fine-tune + slimIPL; None: every language with unlabeled rows")
+    seed: int = Field(0, description="seed of every stage")
+    supervised: dict[str, Any] = Field(default_factory=dict, description="overrides of the supervised config")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="overrides of each per-language fine-tune")
+    slimipl: dict[str, Any] = Field(default_factory=dict, description="overrides of each per-language slimIPL")
+    label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config")
+    student_modes: list[Literal["from_scratch", "finetune"]] = Field(
+        default_factory=lambda: ["from_scratch"], description="students to train: from_scratch and/or finetune")
+    student: dict[str, Any] = Field(default_factory=dict, description="overrides of every student config")
+    student_labeled_finetune: bool = Field(
+        True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
+    labeled_finetune: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the labeled-only fine-tune of the students")
+
+    @model_validator(mode="after")
+    def _check(self) -> RecipeConfig:
+        # Every stage's config is built once now, so a bad override fails before any stage runs.
+        lang = _RECIPE_LANGUAGE_PLACEHOLDER
+        self.supervised_config()
+        self.finetune_config(lang)
+        self.slimipl_config(lang)
+        self.label_config({lang: "teacher.pt"})
+        for mode in self.student_modes:
+            self.student_config(mode)
+            if self.student_labeled_finetune:
+                self.labeled_finetune_config(mode, "student.pt")
+        if len(set(self.student_modes)) != len(self.student_modes):
+            raise ValueError(f"student_modes has duplicates: {self.student_modes}")
+        return self
+
+    def _common(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def supervised_config(self) -> SupervisedConfig:
+        """Stage 1's config."""
+        base = SUPERVISED_PRESETS[self.preset](self.labeled_manifest, self.dev_manifest, **self._common())
+        return _configured(SupervisedConfig, base, self.supervised)
+
+    def finetune_config(self, language: str) -> FinetuneConfig:
+        """Stage 2's config for one language."""
+        base = FINETUNE_PRESETS[self.preset](language, self.labeled_manifest, self.dev_manifest, **self._common())
+        return _configured(FinetuneConfig, base, self.finetune)
+
+    def slimipl_config(self, language: str) -> SlimIPLConfig:
+        """Stage 3's config for one language."""
+        base = SLIMIPL_PRESETS[self.preset](language, self.labeled_manifest, self.unlabeled_manifest,
+                                            self.dev_manifest, reference_manifest=self.reference_manifest,
+                                            **self._common())
+        return _configured(SlimIPLConfig, base, self.slimipl)
+
+    def label_config(self, teachers: dict[str, str]) -> LabelConfig:
+        """Step 4's config with each language's teacher."""
+        return _configured(LabelConfig, LABEL_PRESETS[self.preset](self.unlabeled_manifest, teachers), self.label)
+
+    def student_config(self, mode: str) -> StudentConfig:
+        """Stage 5's config for one student mode."""
+        base = STUDENT_PRESETS[self.preset](mode, self.labeled_manifest, self.dev_manifest, **self._common())
+        return _configured(StudentConfig, base, self.student)
+
+    def labeled_finetune_config(self, mode: str, student_checkpoint: str) -> StudentConfig:
+        """The optional last step: the `mode` student fine-tuned on labeled data only."""
+        base = STUDENT_PRESETS[self.preset]("finetune", self.labeled_manifest, self.dev_manifest, **self._common())
+        base = base.model_copy(update={"labeled_only": True, "init_checkpoint": student_checkpoint,
+                                       "variant": f"{mode}-labeled-ft"})
+        return _configured(StudentConfig, base, self.labeled_finetune)
+
+
+def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
+    """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
+    m = f"{corpus_dir.rstrip('/')}/manifests"
+    cfg = dict(
+        run_dir=run_dir, labeled_manifest=f"{m}/labeled.jsonl", dev_manifest=f"{m}/dev.jsonl",
+        test_manifest=f"{m}/test.jsonl", unlabeled_manifest=f"{m}/unlabeled.jsonl",
+        reference_manifest=f"{corpus_dir.rstrip('/')}/hidden/unlabeled_reference.jsonl", preset="tiny",
+        supervised={"max_updates": 1200, "eval_every": 400},
+        finetune={"max_updates": 200},
+        slimipl={"max_updates": 250, "cropping_warmup_updates": 60},
+        student_modes=["finetune"],
+        student={"max_updates": 250, "eval_every": 125},
+        labeled_finetune={"max_updates": 100, "eval_every": 50},
+    )
+    return RecipeConfig(**deep_merge(cfg, fields))
+
+
+def recipe_bench(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
+    """`make reproduce`: the tiny presets at their full budgets on the bench corpus, both students."""
+    m = f"{corpus_dir.rstrip('/')}/manifests"
+    cfg = dict(
+        run_dir=run_dir, labeled_manifest=f"{m}/labeled.jsonl", dev_manifest=f"{m}/dev.jsonl",
+        test_manifest=f"{m}/test.jsonl", unlabeled_manifest=f"{m}/unlabeled.jsonl",
+        reference_manifest=f"{corpus_dir.rstrip('/')}/hidden/unlabeled_reference.jsonl", preset="tiny",
+        student_modes=["from_scratch", "finetune"],
+    )
+    return RecipeConfig(**deep_merge(cfg, fields))
+
+
+RECIPE_PRESETS = {"demo": recipe_demo, "bench": recipe_bench}

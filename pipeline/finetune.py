@@ -58,10 +58,11 @@ def start_from(url: str, language: str, dropout: float | None, layerdrop: float 
 
 
 def load_language_data(
-    trained: Trained, language: str, train_manifest: str, dev_manifest: str | None, stage_dir: str,
+    trained: Trained, language: str | None, train_manifest: str, dev_manifest: str | None, stage_dir: str,
     on_progress: ProgressFn | None = None, extra_rejects: list | None = None,
 ) -> tuple[Dataset, Dataset | None, int]:
-    """One language's labeled train and dev rows, validated against the checkpoint; rejects written.
+    """One language's labeled train and dev rows (every language's with None), validated against the
+    checkpoint; rejects written.
 
     Raises:
         ValueError: when the manifest has no usable row of the language.
@@ -73,12 +74,13 @@ def load_language_data(
     train = reject_untrainable(train, trained.tokenizer, model.conv_kernel, model.conv_stride)
     if not train.utterances:
         raise ValueError(
-            f"no usable {language!r} training utterances in {train_manifest} ({len(train.rejects)} rejected; "
-            f"see {join(stage_dir, 'rejects.jsonl')})"
+            f"no usable {language or 'labeled'!r} training utterances in {train_manifest} "
+            f"({len(train.rejects)} rejected; see {join(stage_dir, 'rejects.jsonl')})"
         )
     dev = load_dataset(dev_manifest, **common) if dev_manifest else None
     if dev is not None and not dev.utterances:
-        log.warning("no usable %s rows in dev manifest %s: training without dev evaluation", language, dev_manifest)
+        log.warning("no usable %s rows in dev manifest %s: training without dev evaluation", language or "labeled",
+                    dev_manifest)
         dev_rejects, dev = dev.rejects, None
     else:
         dev_rejects = dev.rejects if dev else []

@@ -5,9 +5,19 @@ from __future__ import annotations
 
 import io
 import math
+import posixpath
 from typing import Any
 
-from storage.files import atomic_write_bytes, atomic_write_text, exists, join, list_files, read_json, write_json
+from storage.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    exists,
+    join,
+    list_files,
+    read_bytes,
+    read_json,
+    write_json,
+)
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -99,13 +109,38 @@ def _stage_dirs(run_dir: str, stage: str) -> dict[str | None, str]:
     return out
 
 
+STUDENT_TITLES = {
+    "from_scratch": "student, from scratch",
+    "finetune": "student, fine-tuned from stage 1",
+}
+
+
+def _student_title(variant: str) -> str:
+    if variant.endswith("-labeled-ft"):
+        return "↪ + labeled-only fine-tune"
+    return STUDENT_TITLES.get(variant, f"student {variant}")
+
+
+def student_variants(run_dir: str) -> list[str]:
+    """The run's students in the paper's row order: each mode, then its labeled-only fine-tune; others after."""
+    found = {url.rsplit("/", 2)[-2] for url in list_files(join(run_dir, "student"), "*/result.json")}
+
+    def order(v: str) -> tuple:
+        base = v.removesuffix("-labeled-ft")
+        known = list(STUDENT_TITLES)
+        return (known.index(base) if base in known else len(known), base, v != base)
+
+    return sorted(found, key=order)
+
+
 def build_report(run_dir: str) -> dict[str, Any]:
     """Test CER per stage and language from a run directory, with the averages of the paper's tables.
 
-    Columns: CER averaged over all languages and over those with unlabeled audio (the languages that got a
-    slimIPL stage), CER per language, LID accuracy averaged over languages, PL CER on the unlabeled clips
-    (start → end of slimIPL) where hidden references were given. An average is left empty when a language
-    of its set has no figure for that row, so every average is the mean of its row's columns.
+    Rows: supervised multilingual, per-language fine-tune, per-language slimIPL, each student (and its
+    labeled-only fine-tune). Columns: CER averaged over all languages and over those with unlabeled audio (the
+    languages that got a slimIPL stage), CER per language, LID accuracy averaged over languages, PL CER on the
+    unlabeled clips (start → end of slimIPL) where hidden references were given. An average is left empty when
+    a language of its set has no figure for that row, so every average is the mean of its row's columns.
     """
     sup = _read_json(join(run_dir, "eval", "supervised", "metrics.json"))
     if sup is None:
@@ -114,31 +149,39 @@ def build_report(run_dir: str) -> dict[str, Any]:
     languages = sorted(k for k in sup["metrics"] if k not in ("all", "macro"))
     with_unlabeled = sorted(_stage_dirs(run_dir, "slimipl"))
     rows = []
+
+    def add_row(stage: str, title: str, metrics_of, pl: dict | None = None) -> None:
+        cer, lid = {}, {}
+        for lang in languages:
+            metrics = metrics_of(lang)
+            if metrics and lang in metrics:
+                cer[lang], lid[lang] = metrics[lang]["cer"], metrics[lang]["lid_acc"]
+        rows.append({
+            "stage": stage, "title": title, "cer": cer, "lid_acc": lid, "pl_cer": pl or {},
+            "cer_all": _mean(cer, languages), "cer_unlabeled": _mean(cer, with_unlabeled),
+            "lid_acc_mean": _mean(lid, languages),
+        })
+
+    def eval_metrics(*parts: str) -> dict:
+        return (_read_json(join(run_dir, "eval", *parts, "metrics.json")) or {}).get("metrics", {})
+
     for stage, title in REPORT_STAGES:
         dirs = _stage_dirs(run_dir, stage)
         if not dirs:
             continue
-        cer, lid, pl = {}, {}, {}
-        for lang in languages:
-            if None in dirs:
-                metrics = sup["metrics"] if stage == "supervised" else (
-                    _read_json(join(run_dir, "eval", stage, "metrics.json")) or {}).get("metrics", {})
-            elif lang in dirs:
-                metrics = (_read_json(join(run_dir, "eval", stage, lang, "metrics.json")) or {}).get("metrics", {})
-            else:
-                continue
-            if lang in metrics:
-                cer[lang], lid[lang] = metrics[lang]["cer"], metrics[lang]["lid_acc"]
-            if stage == "slimipl" and lang in dirs:
-                ev = ((_read_json(join(dirs[lang], "result.json")) or {}).get("extra", {}).get("pl_eval", {}))
-                start, end = ev.get("start", {}).get("whole", {}), ev.get("end", {}).get("whole", {})
-                if start.get("pl_cer") is not None or end.get("pl_cer") is not None:
-                    pl[lang] = [start.get("pl_cer"), end.get("pl_cer")]
-        rows.append({
-            "stage": stage, "title": title, "cer": cer, "lid_acc": lid, "pl_cer": pl,
-            "cer_all": _mean(cer, languages), "cer_unlabeled": _mean(cer, with_unlabeled),
-            "lid_acc_mean": _mean(lid, languages),
-        })
+        if None in dirs:
+            add_row(stage, title, lambda lang, st=stage: sup["metrics"] if st == "supervised" else eval_metrics(st))
+            continue
+        pl = {}
+        for lang in dirs if stage == "slimipl" else ():
+            ev = ((_read_json(join(dirs[lang], "result.json")) or {}).get("extra", {}).get("pl_eval", {}))
+            start, end = ev.get("start", {}).get("whole", {}), ev.get("end", {}).get("whole", {})
+            if start.get("pl_cer") is not None or end.get("pl_cer") is not None:
+                pl[lang] = [start.get("pl_cer"), end.get("pl_cer")]
+        add_row(stage, title, lambda lang, st=stage, d=dirs: eval_metrics(st, lang) if lang in d else None, pl)
+    for variant in student_variants(run_dir):
+        metrics = eval_metrics("student", variant)
+        add_row(f"student/{variant}", _student_title(variant), lambda lang, m=metrics: m)
     return {"run_dir": run_dir, "languages": languages, "with_unlabeled": with_unlabeled, "rows": rows}
 
 
@@ -168,13 +211,18 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def dev_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Validation CER (macro over the stage's dev languages) against updates, per stage and language."""
-    curves = {}
+    dirs = {}
     for stage, _ in REPORT_STAGES:
         for lang, d in sorted(_stage_dirs(run_dir, stage).items(), key=lambda kv: kv[0] or ""):
-            evals = _read_json(join(d, "dev_evals.json")) or []
-            points = [(e["step"], e["metrics"]["macro"]["cer"]) for e in evals if "macro" in e.get("metrics", {})]
-            if points:
-                curves[stage if lang is None else f"{stage}/{lang}"] = points
+            dirs[stage if lang is None else f"{stage}/{lang}"] = d
+    for variant in student_variants(run_dir):
+        dirs[f"student/{variant}"] = join(run_dir, "student", variant)
+    curves = {}
+    for name, d in dirs.items():
+        evals = _read_json(join(d, "dev_evals.json")) or []
+        points = [(e["step"], e["metrics"]["macro"]["cer"]) for e in evals if "macro" in e.get("metrics", {})]
+        if points:
+            curves[name] = points
     return curves
 
 
@@ -195,7 +243,8 @@ def plot_dev_curves(curves: dict[str, list[tuple[int, float]]], title: str = "")
     if curves:
         ax.legend()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    # The curve names ride in a PNG text chunk, so a reader (or a test) can tell what was drawn.
+    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Description": "curves: " + ", ".join(curves)})
     plt.close(fig)
     return buf.getvalue()
 
@@ -212,3 +261,62 @@ def write_report(run_dir: str) -> dict[str, Any]:
     png = join(out, "dev_cer.png")
     atomic_write_bytes(png, plot_dev_curves(curves, f"validation CER per stage — {run_dir}"))
     return report | {"markdown": markdown, "plot": png, "dev_curves": curves}
+
+
+# --- the results page of `make reproduce` -----------------------------------------------------------------
+
+
+def orderings(report: dict[str, Any], roles: dict[str, str]) -> list[dict[str, Any]]:
+    """The paper's orderings checked on a report, for every student row: (1) the student's CER averaged over
+    the languages with unlabeled audio is below the supervised model's; (2) among those languages, a
+    low-resource one gains the most (relative CER reduction from the supervised model to the student)."""
+    rows = {r["stage"]: r for r in report["rows"]}
+    base, unl = rows.get("supervised"), report["with_unlabeled"]
+    out = []
+    for stage, r in rows.items():
+        if not stage.startswith("student/") or base is None:
+            continue
+        a, b = base["cer_unlabeled"], r["cer_unlabeled"]
+        out.append({"student": stage, "check": "student below base on the languages with unlabeled audio",
+                    "holds": None if a is None or b is None else b < a,
+                    "detail": f"avg CER {_f(a)} → {_f(b)} over {', '.join(unl)}"})
+        gains = {lang: 100 * (base["cer"][lang] - r["cer"][lang]) / base["cer"][lang]
+                 for lang in unl if lang in r["cer"] and base["cer"].get(lang)}
+        low = [lang for lang in unl if roles.get(lang) == "low"]
+        holds = None
+        if gains and low and len(unl) > len(low):
+            holds = max(gains, key=gains.get) in low
+        out.append({"student": stage, "check": "the low-resource language gains the most",
+                    "holds": holds,
+                    "detail": ", ".join(f"{lang}{' (low)' if lang in low else ''} {g:+.1f} %"
+                                        for lang, g in sorted(gains.items(), key=lambda kv: -kv[1]))
+                    or "no figures"})
+    return out
+
+
+def orderings_markdown(checks: list[dict[str, Any]]) -> str:
+    """The ordering checks as a table: holds / fails / not measurable, with the numbers."""
+    word = {True: "holds", False: "**fails**", None: "not measurable"}
+    lines = ["| student | paper's ordering | here | numbers |", "|---|---|---|---|"]
+    lines += [f"| {c['student']} | {c['check']} | {word[c['holds']]} | {c['detail']} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str, machine: str,
+                  roles: dict[str, str]) -> str:
+    """The results page of a recipe run (table, plot beside it, orderings, wall times, command); returns it."""
+    report = out["report"]
+    checks = orderings(build_report(out["run_dir"]), roles)
+    plot_name = posixpath.basename(path).rsplit(".", 1)[0] + "_dev_cer.png"
+    atomic_write_bytes(join(posixpath.dirname(path) or ".", plot_name), read_bytes(report["plot"]))
+    walls = "\n".join(f"| {name} | {s:.0f} |" for name, s in out["wall_s"].items())
+    text = (
+        f"# Results: the whole recipe on the `{out.get('corpus', {}).get('name', 'bench')}` corpus\n\n"
+        f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores. Run directory `{out['run_dir']}`.\n\n"
+        f"## Test CER (paper Tables 2-3 layout)\n\n{report['markdown']}\n"
+        f"## Do the paper's orderings hold?\n\n{orderings_markdown(checks)}\n"
+        f"## Validation CER per stage\n\n![validation CER per stage]({plot_name})\n\n"
+        f"## Wall time per stage\n\n| stage | wall s |\n|---|---:|\n{walls}\n"
+    )
+    atomic_write_text(path, text)
+    return text
