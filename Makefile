@@ -7,7 +7,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench reproduce clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/mlpl bench --corpus demo --corpus-dir data/demo
 
+# The whole recipe on the bench corpus (six languages, both students); writes docs/results.md (≈ 1 h on 2 cores).
+reproduce: $(STAMP)
+	$(BIN)/mlpl recipe --corpus bench --corpus-dir data/bench --run-dir runs/bench --recipe bench \
+		--results docs/results.md --results-command "make reproduce"
+
 clean:
-	rm -rf runs data/demo .pytest_cache
+	rm -rf runs data/demo data/bench .pytest_cache

@@ -24,5 +24,5 @@ def demo_flow(
 ) -> dict:
     """Build the corpus, then run the recipe on it (`overrides`: fields of the recipe config)."""
     card = build_corpus_task(corpus, corpus_dir, seed, text_dir)
-    cfg = RECIPE_PRESETS[recipe](corpus_dir, run_dir, seed=seed, **(overrides or {}))
+    cfg = RECIPE_PRESETS[recipe](corpus_dir, run_dir, **({"seed": seed} | (overrides or {})))
     return recipe_flow(cfg) | {"corpus": card}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run, task_run
 
 from flows.artifacts import ProgressArtifact, artifact_key, metrics_rows
 from flows.supervised import evaluate_task
@@ -16,7 +17,13 @@ from pipeline.student import run_student
 from storage.files import join
 
 
-@task(cache_policy=NO_CACHE, retries=1, task_run_name="student-{cfg.mode}")
+def _run_name() -> str:
+    cfg = (flow_run.parameters if flow_run.parameters else task_run.parameters)["cfg"]
+    name = cfg.stage_name() if isinstance(cfg, StudentConfig) else StudentConfig(**cfg).stage_name()
+    return f"student-{name}"
+
+
+@task(cache_policy=NO_CACHE, retries=1, task_run_name=_run_name)
 def student_task(cfg: StudentConfig, run_dir: str) -> dict:
     """Train one student on labeled + PL data (or labeled only); resumes from its last checkpoint."""
     name = cfg.stage_name()
@@ -29,7 +36,7 @@ def student_task(cfg: StudentConfig, run_dir: str) -> dict:
     return result.summary()
 
 
-@flow(name="mlpl-student", log_prints=True, flow_run_name="student-{cfg.mode}")
+@flow(name="mlpl-student", log_prints=True, flow_run_name=_run_name)
 def student_flow(cfg: StudentConfig, run_dir: str, test_manifest: str | None = None) -> dict:
     """Stage 5 as a flow: train the student, then score it on every language's test rows."""
     name = cfg.stage_name()

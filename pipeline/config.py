@@ -614,6 +614,8 @@ class RecipeConfig(_Config):
     student_modes: list[Literal["from_scratch", "finetune"]] = Field(
         default_factory=lambda: ["from_scratch"], description="students to train: from_scratch and/or finetune")
     student: dict[str, Any] = Field(default_factory=dict, description="overrides of every student config")
+    student_by_mode: dict[Literal["from_scratch", "finetune"], dict[str, Any]] = Field(
+        default_factory=dict, description="overrides of one student mode's config, after `student`'s")
     student_labeled_finetune: bool = Field(
         True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
     labeled_finetune: dict[str, Any] = Field(
@@ -662,7 +664,7 @@ class RecipeConfig(_Config):
     def student_config(self, mode: str) -> StudentConfig:
         """Stage 5's config for one student mode."""
         base = STUDENT_PRESETS[self.preset](mode, self.labeled_manifest, self.dev_manifest, **self._common())
-        return _configured(StudentConfig, base, self.student)
+        return _configured(StudentConfig, base, deep_merge(self.student, self.student_by_mode.get(mode, {})))
 
     def labeled_finetune_config(self, mode: str, student_checkpoint: str) -> StudentConfig:
         """The optional last step: the `mode` student fine-tuned on labeled data only."""
@@ -679,24 +681,32 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
         run_dir=run_dir, labeled_manifest=f"{m}/labeled.jsonl", dev_manifest=f"{m}/dev.jsonl",
         test_manifest=f"{m}/test.jsonl", unlabeled_manifest=f"{m}/unlabeled.jsonl",
         reference_manifest=f"{corpus_dir.rstrip('/')}/hidden/unlabeled_reference.jsonl", preset="tiny",
-        supervised={"max_updates": 1200, "eval_every": 400},
-        finetune={"max_updates": 200},
-        slimipl={"max_updates": 250, "cropping_warmup_updates": 60},
+        supervised={"max_updates": 800, "eval_every": 400},
+        finetune={"max_updates": 150, "eval_every": 75},
+        slimipl={"max_updates": 150, "cropping_warmup_updates": 40, "eval_every": 75},
         student_modes=["finetune"],
-        student={"max_updates": 250, "eval_every": 125},
-        labeled_finetune={"max_updates": 100, "eval_every": 50},
+        student={"max_updates": 150, "eval_every": 75},
+        labeled_finetune={"max_updates": 50, "eval_every": 25},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
 
 
 def recipe_bench(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
-    """`make reproduce`: the tiny presets at their full budgets on the bench corpus, both students."""
+    """`make reproduce` (≈ 40 min on 2 slow CPU cores): the tiny presets on the bench corpus, six languages with
+    unlabeled audio, both students (from scratch on the supervised stage's budget: 1000 updates; fine-tuned: 200);
+    short per-language stages, as six of them run one after another."""
     m = f"{corpus_dir.rstrip('/')}/manifests"
     cfg = dict(
         run_dir=run_dir, labeled_manifest=f"{m}/labeled.jsonl", dev_manifest=f"{m}/dev.jsonl",
         test_manifest=f"{m}/test.jsonl", unlabeled_manifest=f"{m}/unlabeled.jsonl",
         reference_manifest=f"{corpus_dir.rstrip('/')}/hidden/unlabeled_reference.jsonl", preset="tiny",
+        supervised={"max_updates": 1000, "eval_every": 250},
+        finetune={"max_updates": 100, "eval_every": 50},
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50},
         student_modes=["from_scratch", "finetune"],
+        student_by_mode={"from_scratch": {"max_updates": 1000, "eval_every": 250, "specaugment_start_updates": 100},
+                         "finetune": {"max_updates": 200, "eval_every": 100}},
+        labeled_finetune={"max_updates": 50, "eval_every": 25},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
 

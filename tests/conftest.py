@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import supervised_tiny
+from pipeline.config import label_tiny, supervised_tiny
 from pipeline.corpus import build_corpus, corpus_preset
+from pipeline.label import run_label
 from pipeline.supervised import run_supervised
 
 
@@ -24,3 +25,13 @@ def teacher(smoke_corpus, tmp_path_factory) -> str:
     cfg = supervised_tiny(f"{smoke_corpus}/manifests/labeled.jsonl", None, max_updates=250, save_every=250,
                           log_every=125)
     return run_supervised(cfg, str(run)).last_checkpoint
+
+
+@pytest.fixture(scope="session")
+def labeled_root(smoke_corpus, teacher, tmp_path_factory) -> str:
+    """The smoke corpus' unlabeled clips labeled once by `teacher`, uninterrupted, in units of 2 clips."""
+    root = str(tmp_path_factory.mktemp("labels"))
+    cfg = label_tiny(f"{smoke_corpus}/manifests/unlabeled.jsonl", {lang: teacher for lang in ("es", "el", "sl")},
+                     unit_max_utterances=2)
+    run_label(cfg, root)
+    return root

@@ -63,10 +63,25 @@ def test_train_and_evaluate_via_cli(smoke_corpus, tmp_path, capsys):
     assert result["extra"]["pl_updates"] + result["extra"]["labeled_updates"] == 4
     assert main(["slimipl", *common, "--unlabeled", str(m / "unlabeled.jsonl"), "--set", "pl_cache_size=0"]) == 2
     assert "pl_cache_size" in capsys.readouterr().err
+    # ...then labeling with each language's best model, and a student on labeled + PL data.
+    assert main(["label", "--manifest", str(m / "unlabeled.jsonl"), "--run-dir", str(run)]) == 0
+    assert "units labeled" in capsys.readouterr().out
+    student = ["--train", str(m / "labeled.jsonl"), "--run-dir", str(run), "--max-updates", "6",
+               "--set", "optim.warmup_updates=1", "--set", "save_every=3"]
+    assert main(["student", "--mode", "finetune", *student, "--dev", str(m / "dev.jsonl")]) == 0
+    assert "student finetune dev at update 6" in capsys.readouterr().out
+    result = json.loads((run / "student/finetune/result.json").read_text())
+    assert result["extra"]["sources"]["pl"]["rows_read"] > 0 and result["extra"]["init_checkpoint"].endswith(
+        "supervised/checkpoints/best.pt")
+    assert main(["student", "--mode", "finetune", "--labeled-only", "--init",
+                 str(run / "student/finetune/checkpoints/best.pt"), *student]) == 0
+    assert "'pl': 0" in capsys.readouterr().out and (run / "student/finetune-labeled-ft/result.json").exists()
+    assert main(["student", "--mode", "finetune", *student, "--set", "source_weights={\"web\": 1}"]) == 2
+    assert "unknown source" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
+def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
@@ -77,34 +92,40 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     slim = quick | {"pl_cache_size": 2, "unlabeled_ratio": 1, "cropping_warmup_updates": 2,
                     "collapse": {"max_empty_share": 1.0, "max_blank_ratio": 1.0, "min_chars_per_s": 0.0},
                     "pl_eval_max_utterances": 2}
+    overrides = {"supervised": {"max_updates": 30, "eval_every": 15}, "finetune": quick, "slimipl": slim,
+                 "student": quick, "labeled_finetune": quick | {"max_updates": 3, "eval_every": 3},
+                 "student_modes": ["finetune", "from_scratch"]}
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
-                        max_updates=30, finetune_overrides=quick, slimipl_overrides=slim)
+                        overrides=overrides)
         with get_client(sync_client=True) as client:
             artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+            flows = {f.name for f in client.read_flows()}
+    assert {"mlpl-demo", "mlpl-recipe", "mlpl-supervised", "mlpl-language", "mlpl-label", "mlpl-student"} <= flows
     # Ops see progress and the per-language tables of every stage in the UI.
     assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics",
             "finetune-sl-training", "finetune-sl-test-metrics", "slimipl-sl-training", "slimipl-sl-test-metrics",
-            "slimipl-sl-pl-quality", "demo-recipe-table", "label-progress", "label-summary",
-            "label-corpus", "recipe-report", "recipe-dev-cer-plot"} <= set(artifacts)
-    assert artifacts["label-progress"].data == 100.0
-    assert artifacts["supervised-training"].type == "progress" and artifacts["supervised-training"].data == 100.0
-    assert artifacts["slimipl-sl-training"].data == 100.0
+            "slimipl-sl-pl-quality", "label-progress", "label-summary", "label-corpus", "student-finetune-training",
+            "student-finetune-test-metrics", "student-from-scratch-labeled-ft-test-metrics", "recipe-report",
+            "recipe-dev-cer-plot"} <= set(artifacts)
+    assert artifacts["label-progress"].data == 100.0 and artifacts["student-finetune-training"].data == 100.0
     table = artifacts["supervised-test-metrics"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert {row["language"] for row in table} >= {"es", "el", "sl"}
-    assert out["supervised"]["training"]["step"] == 30
-    assert set(out["supervised"]["test"]["metrics"]) >= {"es", "el", "sl", "all", "macro"}
-    # The smoke corpus has unlabeled audio for every language: each gets its fine-tune → slimIPL sub-pipeline.
-    assert set(out["languages"]) == {"es", "el", "sl"}
-    for lang, v in out["languages"].items():
-        assert set(v["finetune"]) == set(v["slimipl"]) == {lang, "all", "macro"}
-        assert v["slimipl_summary"]["step"] == 6 and v["slimipl_summary"]["extra"]["refreshes"] >= 2
-    report = (tmp_path / "run/report/recipe.md").read_text()
-    assert "| test CER % | el (high) | es (high) | sl (low) |" in report
-    assert report.count("\n| ") == 6  # header + a row per stage, the relative change and the PL CER
-    assert (tmp_path / "run/eval/slimipl/sl/metrics.md").read_text().startswith("### ")
-    assert (tmp_path / "corpus/corpus_card.md").exists()
+    # Stages hand on small records: URIs, updates, wall times, metrics.
+    stages = out["stages"]
+    assert list(stages) == ["supervised", "finetune/el", "slimipl/el", "finetune/es", "slimipl/es", "finetune/sl",
+                            "slimipl/sl", "student/finetune", "student/finetune-labeled-ft", "student/from_scratch",
+                            "student/from_scratch-labeled-ft"]
+    assert stages["supervised"]["step"] == 30 and stages["student/finetune"]["step"] == 6
+    assert stages["student/from_scratch-labeled-ft"]["step"] == 3
+    for name, v in stages.items():  # per-language stages are scored on their language, the rest on all
+        langs = {name.split("/")[1]} if name.startswith(("finetune/", "slimipl/")) else {"es", "el", "sl"}
+        assert set(v["test"]) == langs | {"all", "macro"}, name
+    assert set(out["wall_s"]) == {"supervised", "finetune+slimipl el", "finetune+slimipl es", "finetune+slimipl sl",
+                                  "labeling", "student finetune", "student finetune-labeled-ft",
+                                  "student from_scratch", "student from_scratch-labeled-ft", "report"}
+    assert json.loads((tmp_path / "run/report/recipe_run.json").read_text())["stages"] == stages
     # Every unlabeled clip is labeled by its language's slimIPL model, or is a reject with a reason.
     from storage.pl import load_pseudo_labels, load_rejects
 
@@ -112,14 +133,17 @@ def test_demo_flow_runs_every_stage_under_prefect(tmp_path):
     pl, rejects = load_pseudo_labels(labels["root"]), load_rejects(labels["root"])
     assert len(pl) + len(rejects) == 10 and set(labels["summary"]) == {"es", "el", "sl"}
     assert set(pl["teacher"].str.split("@").str[0]) <= {"slimipl/es", "slimipl/el", "slimipl/sl"}
-    summary_rows = artifacts["label-summary"].data
-    summary_rows = json.loads(summary_rows) if isinstance(summary_rows, str) else summary_rows
-    assert sum(r["rows_kept"] + r["rows_rejected"] for r in summary_rows) == 10
-    # The run report: a row per stage, every language with unlabeled audio, the plot as a file and artifact.
-    assert [r["stage"] for r in out["report"]["rows"]] == ["supervised", "finetune", "slimipl"]
+    # The student read the PL corpus; its labeled-only fine-tune did not.
+    student = json.loads((tmp_path / "run/student/finetune/result.json").read_text())
+    assert student["extra"]["sources"]["pl"]["rows_read"] == len(pl)
+    # The run report: a row per stage and student, the plot as a file and artifact.
+    assert [r["stage"] for r in out["report"]["rows"]] == [
+        "supervised", "finetune", "slimipl", "student/from_scratch", "student/from_scratch-labeled-ft",
+        "student/finetune", "student/finetune-labeled-ft"]
     assert out["report"]["with_unlabeled"] == ["el", "es", "sl"]
     assert (tmp_path / "run/report/dev_cer.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in artifacts["recipe-dev-cer-plot"].data
+    assert (tmp_path / "corpus/corpus_card.md").exists()
 
 
 def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, teacher, capsys):

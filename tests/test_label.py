@@ -39,14 +39,6 @@ def _cfg(corpus: str, teacher: str, manifest: str | None = None, **overrides):
     return label_tiny(manifest or _unlabeled(corpus), teachers, **({"unit_max_utterances": 2} | overrides))
 
 
-@pytest.fixture(scope="module")
-def labeled_root(smoke_corpus, teacher, tmp_path_factory) -> str:
-    """The smoke corpus' unlabeled clips labeled once, uninterrupted (the reference for other tests)."""
-    root = str(tmp_path_factory.mktemp("labels"))
-    run_label(_cfg(smoke_corpus, teacher), root)
-    return root
-
-
 def _snapshot(root: str) -> dict[str, tuple[int, str]]:
     out = {}
     for p in sorted(Path(root).rglob("*")):
