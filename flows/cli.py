@@ -285,7 +285,7 @@ def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Build the demo corpus and run the whole recipe on it as a Prefect flow; print the report."""
-    args.config, args.recipe, args.set, args.results = None, "demo", args.set, None
+    args.config, args.recipe, args.results, args.results_command = None, "demo", None, None
     return cmd_recipe(args)
 
 

@@ -674,18 +674,24 @@ class RecipeConfig(_Config):
         return _configured(StudentConfig, base, self.labeled_finetune)
 
 
+def corpus_data(corpus_dir: str, run_dir: str) -> dict[str, str]:
+    """The data fields of a `RecipeConfig` for a corpus built by `mlpl corpus build` (its folder layout)."""
+    root = corpus_dir.rstrip("/")
+    return dict(run_dir=run_dir, labeled_manifest=f"{root}/manifests/labeled.jsonl",
+                dev_manifest=f"{root}/manifests/dev.jsonl", test_manifest=f"{root}/manifests/test.jsonl",
+                unlabeled_manifest=f"{root}/manifests/unlabeled.jsonl",
+                reference_manifest=f"{root}/hidden/unlabeled_reference.jsonl")
+
+
 def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
-    m = f"{corpus_dir.rstrip('/')}/manifests"
-    cfg = dict(
-        run_dir=run_dir, labeled_manifest=f"{m}/labeled.jsonl", dev_manifest=f"{m}/dev.jsonl",
-        test_manifest=f"{m}/test.jsonl", unlabeled_manifest=f"{m}/unlabeled.jsonl",
-        reference_manifest=f"{corpus_dir.rstrip('/')}/hidden/unlabeled_reference.jsonl", preset="tiny",
-        supervised={"max_updates": 800, "eval_every": 400},
+    cfg = corpus_data(corpus_dir, run_dir) | dict(
+        preset="tiny",
+        supervised={"max_updates": 700, "eval_every": 350},
         finetune={"max_updates": 150, "eval_every": 75},
         slimipl={"max_updates": 150, "cropping_warmup_updates": 40, "eval_every": 75},
         student_modes=["finetune"],
-        student={"max_updates": 150, "eval_every": 75},
+        student={"max_updates": 120, "eval_every": 60},
         labeled_finetune={"max_updates": 50, "eval_every": 25},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
@@ -695,11 +701,8 @@ def recipe_bench(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     """`make reproduce` (≈ 40 min on 2 slow CPU cores): the tiny presets on the bench corpus, six languages with
     unlabeled audio, both students (from scratch on the supervised stage's budget: 1000 updates; fine-tuned: 200);
     short per-language stages, as six of them run one after another."""
-    m = f"{corpus_dir.rstrip('/')}/manifests"
-    cfg = dict(
-        run_dir=run_dir, labeled_manifest=f"{m}/labeled.jsonl", dev_manifest=f"{m}/dev.jsonl",
-        test_manifest=f"{m}/test.jsonl", unlabeled_manifest=f"{m}/unlabeled.jsonl",
-        reference_manifest=f"{corpus_dir.rstrip('/')}/hidden/unlabeled_reference.jsonl", preset="tiny",
+    cfg = corpus_data(corpus_dir, run_dir) | dict(
+        preset="tiny",
         supervised={"max_updates": 1000, "eval_every": 250},
         finetune={"max_updates": 100, "eval_every": 50},
         slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50},

@@ -83,3 +83,52 @@ def test_report_cli_prints_the_table_and_says_what_is_missing(run, tmp_path, cap
     assert (run / "report/report.md").exists() and (run / "report/dev_cer.png").exists()
     assert main(["report", "--run-dir", str(tmp_path / "empty")]) == 2
     assert "no supervised test metrics" in capsys.readouterr().err
+
+
+def test_student_rows_follow_the_paper_order_and_the_plot_names_one_curve_per_stage(run):
+    from PIL import Image
+
+    from pipeline.report import orderings
+
+    for variant, cers in (("finetune", {"de": 29.0, "es": 23.5, "sl": 26.0}),
+                          ("from_scratch", {"de": 30.0, "es": 25.0, "sl": 27.0}),
+                          ("from_scratch-labeled-ft", {"de": 27.0, "es": 24.0, "sl": 25.0})):
+        _write(run / f"student/{variant}/result.json", {"stage": f"student/{variant}"})
+        _write(run / f"student/{variant}/dev_evals.json", _dev([50, 100], 30.0))
+        _write(run / f"eval/student/{variant}/metrics.json", _metrics(cers))
+    report = build_report(str(run))
+    rows = report["rows"]
+    assert [r["stage"] for r in rows] == ["supervised", "finetune", "slimipl", "student/from_scratch",
+                                          "student/from_scratch-labeled-ft", "student/finetune"]
+    assert [r["title"] for r in rows[3:]] == ["student, from scratch", "↪ + labeled-only fine-tune",
+                                              "student, fine-tuned from stage 1"]
+    for r in rows[3:]:  # students are scored on every language: both averages are means of their columns
+        assert r["cer_all"] == pytest.approx(sum(r["cer"].values()) / 3)
+        assert r["cer_unlabeled"] == r["cer"]["sl"]
+        assert r["lid_acc_mean"] == pytest.approx(sum(r["lid_acc"].values()) / 3)
+    md = report_markdown(report)
+    assert "| student, from scratch | 27.3 | 27.0 | 30.0 | 25.0 | 27.0 |" in md
+    out = write_report(str(run))
+    image = Image.open(io.BytesIO(Path(out["plot"]).read_bytes()))
+    drawn = image.text["Description"].removeprefix("curves: ").split(", ")
+    assert drawn == list(out["dev_curves"]) == ["supervised", "finetune/es", "finetune/sl", "slimipl/sl",
+                                                "student/from_scratch", "student/from_scratch-labeled-ft",
+                                                "student/finetune"]
+    # The paper's orderings, checked per student: below base on sl; with one language, no "gains the most".
+    checks = orderings(report, {"de": "high", "es": "high", "sl": "low"})
+    below = [c for c in checks if c["check"].startswith("student below base")]
+    assert [c["holds"] for c in below] == [True, True, True] and "32.0 → 27.0" in below[0]["detail"]
+    assert {c["holds"] for c in checks if "gains the most" in c["check"]} == {None}
+
+
+def test_the_low_resource_ordering_is_checked_across_languages_with_unlabeled_audio(run):
+    from pipeline.report import orderings
+
+    _write(run / "slimipl/es/result.json", {"stage": "slimipl/es"})
+    _write(run / "eval/slimipl/es/metrics.json", _metrics({"es": 22.0}))
+    _write(run / "student/finetune/result.json", {"stage": "student/finetune"})
+    _write(run / "eval/student/finetune/metrics.json", _metrics({"de": 28.0, "es": 18.0, "sl": 30.0}))
+    checks = {c["check"]: c for c in orderings(build_report(str(run)), {"es": "high", "sl": "low", "de": "high"})}
+    gain = checks["the low-resource language gains the most"]
+    assert gain["holds"] is False and gain["detail"].startswith("es +25.0 %, sl (low) +6.2 %")
+    assert checks["student below base on the languages with unlabeled audio"]["holds"] is True  # 28 → 24
