@@ -31,7 +31,7 @@ def test_bad_arguments_exit_nonzero_with_one_line_reason(tmp_path, capsys):
     assert proc.returncode == 2 and "--train" in proc.stderr
 
 
-def test_train_and_evaluate_via_cli(smoke_corpus, tmp_path, capsys):
+def test_train_and_evaluate_via_cli(smoke_corpus, teacher, tmp_path, capsys):
     m = Path(smoke_corpus) / "manifests"
     run = tmp_path / "run"
     assert main(["train", "--train", str(m / "labeled.jsonl"), "--dev", str(m / "dev.jsonl"), "--run-dir",
@@ -63,9 +63,15 @@ def test_train_and_evaluate_via_cli(smoke_corpus, tmp_path, capsys):
     assert result["extra"]["pl_updates"] + result["extra"]["labeled_updates"] == 4
     assert main(["slimipl", *common, "--unlabeled", str(m / "unlabeled.jsonl"), "--set", "pl_cache_size=0"]) == 2
     assert "pl_cache_size" in capsys.readouterr().err
-    # ...then labeling with each language's best model, and a student on labeled + PL data.
+    # ...then labeling with each language's best model: after 4 updates every PL is empty, so the student
+    # says what to do; with a trained teacher's labels it trains on labeled + PL data.
     assert main(["label", "--manifest", str(m / "unlabeled.jsonl"), "--run-dir", str(run)]) == 0
     assert "units labeled" in capsys.readouterr().out
+    assert main(["student", "--train", str(m / "labeled.jsonl"), "--run-dir", str(run)]) == 2
+    assert "no pseudo-labels" in capsys.readouterr().err
+    assert main(["label", "--manifest", str(m / "unlabeled.jsonl"), "--out", str(run / "labels"),
+                 *[x for lang in ("es", "el", "sl") for x in ("--teacher", f"{lang}={teacher}")]]) == 0
+    capsys.readouterr()
     student = ["--train", str(m / "labeled.jsonl"), "--run-dir", str(run), "--max-updates", "6",
                "--set", "optim.warmup_updates=1", "--set", "save_every=3"]
     assert main(["student", "--mode", "finetune", *student, "--dev", str(m / "dev.jsonl")]) == 0
