@@ -6,6 +6,8 @@ streamed batch by batch. `decode_batch` is the one decode path of evaluation, sl
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pipeline.modeling import autocast, load_trained
 from pipeline.stream import LazyBatchLoader, load_unlabeled
 from pipeline.text import normalize_text
 from pipeline.tokenizer import Tokenizer
-from storage.files import atomic_write_text, join, write_json
+from storage.files import atomic_write_text, exists, join, read_json, read_text, sha256_of, write_json
 from storage.manifest import write_manifest, write_rejects
 
 
@@ -184,7 +186,17 @@ def run_evaluate(
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on a manifest (or on one language's rows of it); write hypotheses, rejects, metrics
-    JSON and Markdown to out_dir."""
+    JSON and Markdown to out_dir. A score already in out_dir for the same checkpoint and manifest contents and
+    the same settings is returned as it is (`cached`), without decoding."""
+    settings = {"checkpoint": sha256_of(checkpoint_url), "manifest": sha256_of(manifest_url), "language": language,
+                "bf16": bf16, "batch": batch and batch.model_dump(), "policy": policy and policy.model_dump()}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    try:
+        done = read_json(join(out_dir, "metrics.json"))
+    except (FileNotFoundError, ValueError):
+        done = {}
+    if done.get("key") == key and exists(join(out_dir, "metrics.md")):
+        return done | {"cached": True, "markdown": read_text(join(out_dir, "metrics.md"))}
     trained = load_trained(checkpoint_url)
     policy = policy or trained.audio_policy
     batch = batch or BatchConfig(max_batch_duration_s=120.0, max_batch_size=64)
@@ -219,7 +231,8 @@ def run_evaluate(
         "utterances": len(rows),
         "rejects": len(rejects),
         "metrics": table,
+        "key": key,
     }
-    write_json(join(out_dir, "metrics.json"), result)
     atomic_write_text(join(out_dir, "metrics.md"), markdown)
-    return result | {"markdown": markdown}
+    write_json(join(out_dir, "metrics.json"), result)  # last: its key marks the score complete
+    return result | {"cached": False, "markdown": markdown}

@@ -24,7 +24,7 @@ from pipeline.data import (
 )
 from pipeline.modeling import Trained, load_trained
 from pipeline.supervised import train_loop
-from pipeline.trainer import StageResult, Trainer, input_identity
+from pipeline.trainer import StageResult, Trainer, input_identity, reuse_or_resume
 from storage.files import join, write_json
 from storage.manifest import write_rejects
 
@@ -109,6 +109,10 @@ def run_finetune(
     init_url = cfg.init_checkpoint or join(run_dir, "supervised", "checkpoints", "best.pt")
     trained, lang = start_from(init_url, cfg.language, cfg.dropout, cfg.layerdrop)
     stage_dir = join(run_dir, "finetune", lang)
+    identity = input_identity(init=init_url, train=cfg.train_manifest, dev=cfg.dev_manifest)
+    reused, resume = reuse_or_resume(f"finetune/{lang}", stage_dir, cfg, identity, resume)
+    if reused is not None:
+        return reused
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -118,7 +122,7 @@ def run_finetune(
     trainer = Trainer(
         stage=f"finetune/{lang}", stage_dir=stage_dir, cfg=cfg, model=trained.model,
         model_kwargs=trained.checkpoint["model_kwargs"], tokenizer=trained.tokenizer, languages=trained.languages,
-        dev=dev, identity=input_identity(init=init_url, train=cfg.train_manifest, dev=cfg.dev_manifest),
+        dev=dev, identity=identity,
         meta=stage_meta(trained, init_url, lang), on_progress=on_progress, started_at=started_at,
     )
     sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)

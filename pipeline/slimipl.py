@@ -33,7 +33,7 @@ from pipeline.evaluate import CropSpec, decode_features
 from pipeline.finetune import load_language_data, stage_meta, start_from
 from pipeline.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
 from pipeline.text import normalize_text
-from pipeline.trainer import StageResult, Trainer, _as_tuple, input_identity
+from pipeline.trainer import StageResult, Trainer, _as_tuple, input_identity, reuse_or_resume
 from storage.checkpoint import load_checkpoint
 from storage.files import copy_file, exists, join, write_json
 from storage.manifest import read_manifest, write_manifest, write_rejects
@@ -173,6 +173,11 @@ def run_slimipl(
                                            "checkpoints", "best.pt")
     trained, lang = start_from(init_url, cfg.language, cfg.dropout, cfg.layerdrop)
     stage_dir = join(run_dir, "slimipl", lang)
+    identity = input_identity(init=init_url, train=cfg.train_manifest, unlabeled=cfg.unlabeled_manifest,
+                              dev=cfg.dev_manifest)
+    reused, resume = reuse_or_resume(f"slimipl/{lang}", stage_dir, cfg, identity, resume)
+    if reused is not None:
+        return reused
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -193,8 +198,7 @@ def run_slimipl(
         stage=f"slimipl/{lang}", stage_dir=stage_dir, cfg=cfg, model=model,
         model_kwargs=trained.checkpoint["model_kwargs"], tokenizer=trained.tokenizer, languages=trained.languages,
         dev=dev, meta=stage_meta(trained, init_url, lang), on_progress=on_progress, started_at=started_at,
-        identity=input_identity(init=init_url, train=cfg.train_manifest, unlabeled=cfg.unlabeled_manifest,
-                                dev=cfg.dev_manifest),
+        identity=identity,
     )
     sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
     ub = cfg.unlabeled_batch

@@ -28,7 +28,7 @@ from pipeline.data import ProgressFn, batch_sampler, collate
 from pipeline.finetune import load_language_data
 from pipeline.modeling import load_trained
 from pipeline.pl_stream import PLBatchStream, pl_samples
-from pipeline.trainer import StageResult, Trainer, input_identity
+from pipeline.trainer import StageResult, Trainer, input_identity, reuse_or_resume
 from storage.files import join, write_json
 from storage.manifest import write_rejects
 from storage.pl import load_pseudo_labels
@@ -107,23 +107,27 @@ def run_student(
     labels_root = cfg.labels_root or join(run_dir, "labels")
     trained = load_trained(init_url)
     stage_dir = join(run_dir, "student", cfg.stage_name())
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    model, kwargs = build_student(cfg, trained)
-    model.train()
-
     pl_stream, pl_rejects, pl_identity, rows = None, [], None, None
     if not cfg.labeled_only:
         rows = pl_rows(cfg, labels_root, trained.languages)
         if rows.empty:
             raise ValueError(f"no pseudo-labels under {labels_root} pass the student's filters {cfg.pl_filter}; "
                              "run labeling first, relax pl_filter, or set labeled_only=true")
+        pl_identity = rows_identity(rows)
+    identity = input_identity(init=init_url, train=cfg.train_manifest, dev=cfg.dev_manifest) | {"pl": pl_identity}
+    reused, resume = reuse_or_resume(f"student/{cfg.stage_name()}", stage_dir, cfg, identity, resume)
+    if reused is not None:
+        return reused
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    model, kwargs = build_student(cfg, trained)
+    model.train()
+    if rows is not None:
         limit = min(trained.audio_policy.max_duration_s, cfg.pl_batch.max_batch_duration_s)
         samples, pl_rejects = pl_samples(rows, labels_root, limit, source=labels_root)
         if samples:
             pl_stream = PLBatchStream(samples, labels_root, features=trained.features, policy=trained.audio_policy,
                                       batch=cfg.pl_batch, window_shards=cfg.pl_window_shards, seed=cfg.seed)
-        pl_identity = rows_identity(rows)
     train, dev, _ = load_language_data(trained, None, cfg.train_manifest, cfg.dev_manifest, stage_dir, on_progress,
                                        extra_rejects=pl_rejects)
     audio_s = {"labeled": sum(train.durations()),
@@ -137,7 +141,6 @@ def run_student(
     write_json(join(stage_dir, "config.json"),
                cfg.model_dump(mode="json") | {"init_checkpoint": init_url, "labels_root": labels_root})
 
-    identity = input_identity(init=init_url, train=cfg.train_manifest, dev=cfg.dev_manifest) | {"pl": pl_identity}
     trainer = Trainer(
         stage=f"student/{cfg.stage_name()}", stage_dir=stage_dir, cfg=cfg, model=model, model_kwargs=kwargs,
         tokenizer=trained.tokenizer, languages=trained.languages, dev=dev, identity=identity,

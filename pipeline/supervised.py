@@ -24,7 +24,7 @@ from pipeline.data import (
     reject_untrainable,
 )
 from pipeline.tokenizer import tokenizer_from_dict, train_tokenizer
-from pipeline.trainer import StageResult, Trainer, input_identity
+from pipeline.trainer import StageResult, Trainer, input_identity, reuse_or_resume
 from storage.checkpoint import load_checkpoint
 from storage.files import exists, join, write_json
 from storage.manifest import write_rejects
@@ -82,6 +82,10 @@ def run_supervised(
     started_at = time.perf_counter()
     stage_dir = join(run_dir, "supervised")
     last_url = join(stage_dir, "checkpoints", "last.pt")
+    identity = input_identity(train=cfg.train_manifest, dev=cfg.dev_manifest)
+    reused, resume = reuse_or_resume("supervised", stage_dir, cfg, identity, resume)
+    if reused is not None:
+        return reused
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -95,7 +99,7 @@ def run_supervised(
     trainer = Trainer(
         stage="supervised", stage_dir=stage_dir, cfg=cfg, model=CTCLIDModel(**kwargs), model_kwargs=kwargs,
         tokenizer=tokenizer, languages=languages, dev=dev,
-        identity=input_identity(train=cfg.train_manifest, dev=cfg.dev_manifest),
+        identity=identity,
         meta={"features": cfg.features.model_dump(), "audio": cfg.audio.model_dump()},
         on_progress=on_progress, started_at=started_at,
     )

@@ -9,17 +9,24 @@ state such as sampler positions or the PL cache), metrics files and logged rates
 Resume is keyed on what changes the result — the config without budget/cadence/threads, the sha256 of
 the input manifests and of the starting checkpoint — so a finished run can be extended or resumed with
 other threads, but never silently continued on other data.
+
+Stage caching across runs (docs/architecture.md, "Stage cache"): a finished stage's result.json records the
+stage key (the whole config and the content identity of its inputs) and the sha256 of its checkpoints. A
+rerun with the same key returns that result without loading data or a model (`reuse_or_resume`); a changed
+config or input trains the stage again from scratch, which changes its checkpoint's sha256 and so the key of
+every stage that starts from it. A stage whose recorded checkpoints were deleted or changed reruns.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -33,7 +40,7 @@ from pipeline.evaluate import decode_dataset, format_table, score
 from pipeline.modeling import autocast, precision_used
 from pipeline.tokenizer import Tokenizer
 from storage.checkpoint import load_checkpoint, save_checkpoint
-from storage.files import atomic_write_text, exists, join, remove, sha256_of, write_json
+from storage.files import atomic_write_text, exists, join, read_json, remove, sha256_of, write_json
 from storage.manifest import write_manifest
 
 log = logging.getLogger("mlpl.train")
@@ -60,6 +67,7 @@ class StageResult:
     train_audio_s_per_s: float = 0.0  # audio seconds trained on per second of train_wall_s
     stage_wall_s: float = 0.0  # the whole stage: data, updates, labeling, dev evals, checkpoints; all runs
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific figures (PL quality, cache)
+    cached: bool = False  # True when this run trained nothing: the finished stage's result was reused
     losses: list[float] = field(default_factory=list)  # this run's updates only
 
     def summary(self) -> dict[str, Any]:
@@ -110,6 +118,45 @@ def train_step(model, optimizer, batch: Batch, *, lid_weight: float, grad_clip_n
 def input_identity(**urls: str | None) -> dict[str, str | None]:
     """sha256 of each input file (manifests, starting checkpoint): the data part of the resume key."""
     return {name: (sha256_of(url) if url else None) for name, url in urls.items()}
+
+
+def stage_key(stage: str, cfg: TrainingConfig, identity: dict[str, str | None]) -> str:
+    """The stage cache key: stage name, the whole config (budget included, threads not) and input identity."""
+    blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json", exclude={"num_threads"}),
+                       "inputs": identity}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def reuse_or_resume(stage: str, stage_dir: str, cfg: TrainingConfig, identity: dict[str, str | None],
+                    resume: bool) -> tuple[StageResult | None, bool]:
+    """(the finished stage's result when its key and checkpoints still match, whether to resume last.pt).
+
+    A stage that finished under another config or other inputs is trained again from scratch rather than
+    refused: its old checkpoints belong to a result nobody asked for any more. One whose budget or cadence
+    changed is resumed (extended). An unfinished one under another config is still refused by
+    `Trainer.restore`, so a half-trained run is never thrown away silently.
+    """
+    if not resume:
+        return None, False
+    try:
+        record = read_json(join(stage_dir, "result.json"))
+    except (FileNotFoundError, ValueError):
+        return None, True
+    cache = record.get("cache") or {}
+    if not cache.get("complete"):
+        return None, True
+    if cache.get("config") != cfg.resume_key() or cache.get("inputs") != identity:
+        log.warning("%s: config or inputs changed since the finished run in %s; training it again", stage, stage_dir)
+        return None, False
+    if cache.get("key") != stage_key(stage, cfg, identity):
+        return None, True  # only budget or cadence changed: resume and extend the finished run
+    for url, sha in cache.get("outputs", {}).items():
+        if not exists(url) or sha256_of(url) != sha:
+            log.warning("%s: %s was deleted or changed since the stage finished; training it again", stage, url)
+            return None, False
+    names = {f.name for f in fields(StageResult)} - {"cached", "losses"}
+    log.info("%s: finished earlier with the same config and inputs (%s); reusing it", stage, stage_dir)
+    return StageResult(**{k: v for k, v in record.items() if k in names}, cached=True), True
 
 
 def rng_state() -> dict[str, Any]:
@@ -329,8 +376,8 @@ class Trainer:
         """Final checkpoints and result.json; returns the stage's result."""
         self.save(self.last_url, stage_state)
         self.write_metrics()
-        if self.dev is None or not exists(self.best_url):
-            self.save(self.best_url, stage_state)  # without dev data the last model is the best we know
+        if self.dev is None or not self.evals or not exists(self.best_url):
+            self.save(self.best_url, stage_state)  # without a dev evaluation the last model is the best we know
         dev_metrics = self.evals[-1]["metrics"] if self.evals else {}
         timing = self.timing()
         result = StageResult(
@@ -351,7 +398,11 @@ class Trainer:
             extra=extra or {},
             losses=self.losses,
         )
-        write_json(join(self.stage_dir, "result.json"), json.loads(json.dumps(result.summary(), default=str)))
+        cache = {"key": stage_key(self.stage, self.cfg, self.resume["inputs"]), **self.resume,
+                 "complete": self.step >= self.cfg.max_updates,  # a `stop_after` stop is no finished stage
+                 "outputs": {url: sha256_of(url) for url in (self.last_url, self.best_url)}}
+        write_json(join(self.stage_dir, "result.json"),
+                   json.loads(json.dumps(result.summary() | {"cache": cache}, default=str)))
         if dev_metrics:
             atomic_write_text(join(self.stage_dir, "dev_metrics.md"),
                               format_table(dev_metrics, f"{self.stage} dev at update {self.step}"))

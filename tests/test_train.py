@@ -71,9 +71,9 @@ def test_resume_reproduces_the_next_losses(smoke_corpus, tmp_path):
 
 def test_resume_refuses_a_changed_config(smoke_corpus, tmp_path):
     train, _ = _manifests(smoke_corpus)
-    cfg = supervised_tiny(train, None, max_updates=2, save_every=2,
+    cfg = supervised_tiny(train, None, max_updates=2, save_every=1,
                           optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
-    run_supervised(cfg, str(tmp_path / "run"))
+    run_supervised(cfg, str(tmp_path / "run"), stop_after=1)  # unfinished: half a run is never thrown away
     with pytest.raises(ValueError, match="--no-resume"):
         run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), str(tmp_path / "run"))
 
@@ -144,9 +144,9 @@ def test_resume_refuses_changed_training_data(smoke_corpus, tmp_path):
     train, _ = _manifests(smoke_corpus)
     rows, _ = read_manifest(train)
     mine = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = supervised_tiny(mine, None, max_updates=2, save_every=2,
+    cfg = supervised_tiny(mine, None, max_updates=2, save_every=1,
                           optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
-    run_supervised(cfg, str(tmp_path / "run"))
+    run_supervised(cfg, str(tmp_path / "run"), stop_after=1)
     write_jsonl(tmp_path / "train.jsonl", rows[:-1])
     with pytest.raises(ValueError, match="train changed"):
         run_supervised(cfg, str(tmp_path / "run"))
@@ -214,3 +214,26 @@ def test_result_json_is_strict_json_without_dev_data(smoke_corpus, tmp_path):
     text = (tmp_path / "supervised/result.json").read_text()
     result = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in result.json"))
     assert result["best"]["metric"] is None and result["step"] == 2 and result["precision"] in ("fp32", "bf16")
+
+
+def test_a_finished_stage_is_reused_until_its_config_inputs_or_outputs_change(smoke_corpus, tmp_path):
+    train, _ = _manifests(smoke_corpus)
+    rows, _ = read_manifest(train)
+    mine = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = supervised_tiny(mine, None, max_updates=2, save_every=2,
+                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
+    run = str(tmp_path / "run")
+    first = run_supervised(cfg, run)
+    best = tmp_path / "run/supervised/checkpoints/best.pt"
+    stamp = best.stat().st_mtime_ns
+    again = run_supervised(cfg.model_copy(update={"num_threads": 1}), run)  # threads are not part of the key
+    assert again.cached and not first.cached and again.losses == [] and again.step == 2
+    assert best.stat().st_mtime_ns == stamp and again.best_checkpoint == first.best_checkpoint
+    changed = run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), run)  # a finished run: train again
+    assert not changed.cached and len(changed.losses) == 2 and best.stat().st_mtime_ns != stamp
+    assert run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), run).cached
+    best.unlink()  # a recorded output deleted: the stage reruns instead of returning a stale path
+    rerun = run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), run)
+    assert not rerun.cached and len(rerun.losses) == 2 and best.exists()
+    write_jsonl(tmp_path / "train.jsonl", rows[:-1])  # other inputs
+    assert not run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), run).cached
