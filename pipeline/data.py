@@ -44,6 +44,7 @@ class Utterance:
     language: str
     text: str | None = None
     speaker: str | None = None
+    etag: str | None = None  # the audio file's size or object-store ETag when known (relabel's change check)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ def validate_rows(
                 language=lang,
                 text=text,
                 speaker=None if row.get("speaker") is None else str(row["speaker"]),
+                etag=None if row.get("etag") is None else str(row["etag"]),
             )
         )
     return utts, rejects

@@ -150,7 +150,9 @@ def _teacher(language: str, url: str) -> Teacher:
 
 
 def _rows_sha256(utts: Sequence[Utterance]) -> str:
-    blob = json.dumps([[u.id, u.audio, u.duration_s, u.language] for u in utts], ensure_ascii=False).encode()
+    # The etag joins the key only where a row has one, so roots labeled before it existed keep their keys.
+    blob = json.dumps([[u.id, u.audio, u.duration_s, u.language] + ([u.etag] if u.etag else []) for u in utts],
+                      ensure_ascii=False).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -295,6 +297,23 @@ def _decode(batch: LoadedBatch, trained: Trained, cfg: LabelConfig, crop: CropSp
     return out
 
 
+def identify_languages(utts: Sequence[Utterance], checkpoint: str, cfg: LabelConfig) -> tuple[dict[str, Any],
+                                                                                                 list[Reject]]:
+    """The LID head's language for each clip ({id: (language, probability)}) through the labeling decode path
+    (long clips in crops); clips that cannot be read come back as rejects with the reason."""
+    trained = _teacher_model(checkpoint, sha256_of(checkpoint))
+    unit = WorkUnit(trained.languages[0], 0, tuple(_with_duration(u) for u in utts), _rows_sha256(utts))
+    found: dict[str, Any] = {}
+    rejects: list[Reject] = []
+    for loader, crop in _batches(unit, trained, cfg):
+        with loader:
+            for batch in loader.iter_epoch(0):
+                for u, d in zip(batch.utterances, _decode(batch, trained, cfg, crop, UnitStats()), strict=True):
+                    found[u.id] = (d["lid_pred"], d["lid_prob"])
+            rejects += loader.rejects
+    return found, rejects
+
+
 def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], None] | None = None) -> dict:
     """Label one unit and commit it (shard, rejects, PL file, catalog record), or skip it when committed
     with the same keys. Returns the unit's record plus `skipped`."""
@@ -320,9 +339,11 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
             for u in unit.utterances:
                 reason = f"no teacher for language {u.language!r} (teachers: {known})"
                 rejects.append(_reject_row(Reject(u.id, u.audio, u.language, reason, cfg.manifest),
-                                           duration_s=u.duration_s or None, created_at=created_at))
+                                           duration_s=u.duration_s or None, created_at=created_at,
+                                           audio_etag=u.etag))
         else:
             trained = _teacher_model(teacher.url, teacher.sha256)
+            etags = {u.id: u.etag for u in unit.utterances}
             for loader, crop in _batches(unit, trained, cfg):
                 with loader:
                     for batch in loader.iter_epoch(0):
@@ -332,7 +353,8 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
                             signals = {"duration_s": round(dur, 3), "num_tokens": d["num_tokens"],
                                        "confidence": d["confidence"], "lid_pred": d["lid_pred"],
                                        "lid_prob": d["lid_prob"], "blank_ratio": d["blank_ratio"],
-                                       "teacher": teacher.ident, "decode": decode_key, "created_at": created_at}
+                                       "teacher": teacher.ident, "decode": decode_key, "created_at": created_at,
+                                       "audio_etag": u.etag}
                             dropped = filter_reason(d, u.language, cfg)
                             if dropped is not None:
                                 r = Reject(u.id, u.audio, u.language, dropped[1], "filter")
@@ -347,7 +369,8 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
                         if on_progress is not None:
                             on_progress(sum(u.duration_s for u in batch.utterances))
                     for r in loader.rejects:
-                        rejects.append(_reject_row(r, created_at=created_at))
+                        rejects.append(_reject_row(r, created_at=created_at, teacher=teacher.ident,
+                                                   audio_etag=etags.get(r.id)))
         wall_s = time.perf_counter() - t_start
         record = {
             "unit": unit.index, "language": unit.language, "name": unit.name, "keys": keys,

@@ -8,11 +8,15 @@ globs would pick them up (docs/architecture.md, "Environment facts").
 from __future__ import annotations
 
 import json
+import os
 import posixpath
+import socket
+import time
 import uuid
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -124,3 +128,89 @@ def open_binary(url: str):
     """
     fs, path = _fs(url)
     return fs.open(path, "rb")
+
+
+def file_listing(url: str, suffixes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every file below a folder whose name ends in one of `suffixes` (case-insensitive), as
+    {"url", "relpath", "etag"}; the etag is the object store's ETag where it has one, else the size in bytes."""
+    fs, base = _fs(url)
+    if not fs.exists(base):
+        raise FileNotFoundError(f"watched folder not found: {url}")
+    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
+    out = []
+    for path, info in sorted(fs.find(base, detail=True).items()):
+        name = posixpath.basename(path)
+        if name.startswith(".") or not name.lower().endswith(suffixes):
+            continue
+        etag = info.get("ETag") or info.get("etag")
+        out.append({"url": protocol + path if protocol and not path.startswith(protocol) else path,
+                    "relpath": posixpath.relpath(path, base.rstrip("/") or "/"),
+                    "etag": str(etag).strip('"') if etag else f"size={info.get('size')}"})
+    return out
+
+
+class StorageLock:
+    """An exclusive lock file at a URL, held for a `with` block: a second holder waits (up to `wait_s`).
+
+    Local paths use O_EXCL; other file systems check, write a token and read it back, which closes all but a
+    tiny race. A lock left by a dead process on this host is broken; one older than `stale_s` is too.
+    """
+
+    def __init__(self, url: str, *, wait_s: float = 3600.0, poll_s: float = 0.5, stale_s: float = 24 * 3600.0):
+        self.url, self.wait_s, self.poll_s, self.stale_s = url, wait_s, poll_s, stale_s
+        self.token = {"pid": os.getpid(), "host": socket.gethostname(), "id": uuid.uuid4().hex, "since": time.time()}
+
+    def _try(self) -> bool:
+        fs, path = _fs(self.url)
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        data = json.dumps(self.token).encode()
+        if isinstance(fs, LocalFileSystem):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return json.loads(fs.cat_file(path)).get("id") == self.token["id"]
+
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the lock (pid, host, since), or None."""
+        try:
+            return json.loads(read_bytes(self.url))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if time.time() - float(holder.get("since", 0)) > self.stale_s:
+            return True
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, ValueError):
+            return False
+        return False
+
+    def __enter__(self) -> StorageLock:
+        deadline = time.monotonic() + self.wait_s
+        while not self._try():
+            holder = self.holder()
+            if holder is not None and self._stale(holder):
+                remove(self.url)  # its holder died without releasing it
+                continue
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{self.url} is held by {holder} and was not released within {self.wait_s:.0f} s")
+            time.sleep(self.poll_s)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if (self.holder() or {}).get("id") == self.token["id"]:
+            remove(self.url)

@@ -12,6 +12,9 @@ Layout under a labels root (docs/architecture.md, "Pseudo-label generation"):
 A unit commits in this order: shard, rejects, PL file (all written under temp names and renamed), then its
 catalog record. Readers of the table see a unit once its PL file is in place; a unit without a record is
 redone on the next run and its files are replaced under the same names, so no row is ever seen twice.
+An id labeled again later (the relabel job, after a teacher changed or the file did) is superseded, not
+duplicated: `load_pseudo_labels` keeps each id's latest attempt only, and when that attempt was rejected the
+id has no PL row at all.
 Every file carries the full schema (pandas drops columns missing from the first file it reads), and
 `language` is both the hive partition and a dictionary column inside each file, so pandas, pyarrow, duckdb
 and Hugging Face `datasets` all read it.
@@ -36,7 +39,7 @@ import webdataset as wds
 
 from storage.files import atomic_write_bytes, exists, join, list_files, read_json, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: audio_etag (files of version 1 read it as null)
 _LANG = pa.dictionary(pa.int32(), pa.string())
 _TIME = pa.timestamp("us", tz="UTC")
 
@@ -57,6 +60,7 @@ PL_SCHEMA = pa.schema(
         ("created_at", _TIME),
         ("shard", pa.string()),  # shard path relative to the labels root
         ("key", pa.string()),  # sample key inside the shard
+        ("audio_etag", pa.string()),  # size or ETag of the audio file when known (relabel); null before v2
     ],
     metadata={"mlpl.table": "pseudo_labels", "mlpl.schema_version": str(SCHEMA_VERSION)},
 )
@@ -79,6 +83,7 @@ PL_REJECT_SCHEMA = pa.schema(
         ("decode", pa.string()),
         ("created_at", _TIME),
         ("source", pa.string()),
+        ("audio_etag", pa.string()),
     ],
     metadata={"mlpl.table": "pseudo_label_rejects", "mlpl.schema_version": str(SCHEMA_VERSION)},
 )
@@ -325,10 +330,13 @@ def load_pseudo_labels(
     if max_tokens is not None:
         expr = both(ds.field("num_tokens") <= max_tokens)
     wanted = list(columns) if columns else None
-    for needed in (["teacher"] if teacher is not None else []) + (["lid_pred", "language"] if lid_agreement else []):
+    extra = ["id", "created_at"] + (["teacher"] if teacher is not None else []) + (
+        ["lid_pred", "language"] if lid_agreement else [])
+    for needed in extra:
         if wanted and needed not in wanted:
             wanted.append(needed)
     df = dataset.to_table(filter=expr, columns=wanted).to_pandas()
+    df = _latest_attempts(df, dataset, root, committed)
     if lid_agreement:
         df = df[df["lid_pred"] == df["language"].astype(str)]
     if teacher is not None:
@@ -338,6 +346,48 @@ def load_pseudo_labels(
     if columns:
         df = df[list(columns)]
     return df.reset_index(drop=True)
+
+
+def _committed_files(root: str, table: str, pattern: str, committed: set[str]) -> list[str]:
+    return [f for f in list_files(join(root, table), pattern) if "/".join(f.rsplit("/", 2)[-2:]) in committed]
+
+
+def _attempts(root: str, committed: set[str], columns: list[str], pl: ds.Dataset | None = None):
+    """Every labeling attempt under a root (committed PL rows and unit rejects) with `columns`, and `kept`."""
+    import pandas as pd
+
+    parts = []
+    pl = pl or _dataset(root, "pl", PL_SCHEMA, _committed_files(root, "pl", "language=*/*.parquet", committed))
+    if pl is not None:
+        parts.append(pl.to_table(columns=columns).to_pandas().assign(kept=True))
+    reject_files = _committed_files(root, "rejects", "language=*/part-*.parquet", committed)
+    if reject_files:
+        rejects = _dataset(root, "rejects", PL_REJECT_SCHEMA, reject_files)
+        parts.append(rejects.to_table(columns=columns).to_pandas().assign(kept=False))
+    if not parts:
+        return pd.DataFrame({c: [] for c in [*columns, "kept"]})
+    return pd.concat(parts, ignore_index=True)
+
+
+def latest_attempts(root: str):
+    """Per id, its latest labeling attempt under a labels root: audio, audio_etag, teacher, created_at and
+    whether it was kept (a PL row) or rejected — what the relabel job anti-joins new audio against."""
+    committed = {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in LabelStore(root).records()}
+    every = _attempts(root, committed, ["id", "language", "audio", "audio_etag", "teacher", "created_at"])
+    every["language"] = every["language"].astype(str)
+    every = every.sort_values("created_at", kind="stable", na_position="first")
+    return every.drop_duplicates("id", keep="last").reset_index(drop=True)
+
+
+def _latest_attempts(df, dataset: ds.Dataset, root: str, committed: set[str]):
+    """The rows of `df` that are their id's latest labeling attempt (PL rows and committed unit rejects of
+    the whole root count, before any read-time filter: an old row never stands in for a newer reject)."""
+    every = _attempts(root, committed, ["id", "created_at"], pl=dataset)
+    if not every["id"].duplicated().any():
+        return df  # each id labeled once: nothing superseded
+    latest = every.groupby("id")["created_at"].max()
+    df = df[df["created_at"] == df["id"].map(latest)]
+    return df.sort_values("created_at", kind="stable").drop_duplicates("id", keep="last").sort_index()
 
 
 def load_rejects(root: str):

@@ -1,0 +1,162 @@
+"""The relabel job (docs/architecture.md, "Relabel"): label what arrived in a watched folder since the last run.
+
+A run lists the watched folder (any fsspec URL), names each file's language (its first folder, or the manifests
+found there; the LID head of a multilingual checkpoint where that is unknown or has no teacher), and anti-joins
+the files against the latest labeling attempt of each id in the labels root on (audio URI, size or ETag,
+teacher). What is new, changed, or was labeled by another teacher goes into a manifest of its own under
+`catalog/relabel/` and through the resumable labeling writer; everything else is left alone, so a second run
+finds nothing to do. The new rows supersede the old ones of the same id (`storage.pl.load_pseudo_labels`
+keeps each id's latest attempt). One lock file per labels root keeps two runs from numbering units at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import time
+from collections import Counter
+from typing import Any
+
+from pipeline.config import RelabelConfig
+from pipeline.data import ProgressFn, Utterance, normalize_language
+from pipeline.label import _teacher, default_teachers, identify_languages, reject_category, run_label
+from pipeline.modeling import load_trained
+from storage.files import StorageLock, atomic_write_text, exists, file_listing, join
+from storage.manifest import read_manifest
+from storage.pl import latest_attempts
+
+log = logging.getLogger("mlpl.relabel")
+
+UNKNOWN = "und"  # BCP-47 "undetermined": rows no teacher takes are rejected with that reason
+
+
+def _resolve(audio: str, manifest_url: str) -> str:
+    """An audio path from a manifest: as it is when absolute or a URL, else relative to the manifest."""
+    if "://" in audio or audio.startswith("/"):
+        return audio
+    protocol, _, path = manifest_url.rpartition("://")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), audio))
+    return f"{protocol}://{resolved}" if protocol else resolved
+
+
+def scan(cfg: RelabelConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The watched folder as manifest rows {id, audio, language, etag} (language None when unknown), and the
+    rows of its manifests that could not be used (mode `manifest`)."""
+    suffixes = tuple(e.lower() for e in cfg.extensions)
+    if cfg.language_from == "path":
+        rows = []
+        for f in file_listing(cfg.watch, suffixes):
+            folder = f["relpath"].split("/", 1)[0] if "/" in f["relpath"] else ""
+            rows.append({"id": f["relpath"], "audio": f["url"], "language": normalize_language(folder) if folder
+                         else None, "etag": f["etag"]})
+        return rows, []
+    files = {f["url"]: f for f in file_listing(cfg.watch, suffixes)}
+    rows, bad = [], []
+    for m in file_listing(cfg.watch, (".jsonl",)):
+        listed, line_rejects = read_manifest(m["url"])
+        bad += [{"source": m["url"], "reason": r["reason"]} for r in line_rejects]
+        for n, row in enumerate(listed, start=1):
+            if not row.get("audio"):
+                bad.append({"source": m["url"], "reason": f"row {n}: missing field(s) audio"})
+                continue
+            url = _resolve(str(row["audio"]), m["url"])
+            f = files.get(url)
+            lang = normalize_language(str(row["language"])) if row.get("language") else None
+            rows.append({"id": str(row.get("id") or posixpath.relpath(url, cfg.watch.rstrip("/"))), "audio": url,
+                         "language": lang, "etag": f["etag"] if f else "missing"})
+    return rows, bad
+
+
+def _same(stored: Any, now: Any) -> bool:
+    """Equal, where a missing value (None, or NaN as pandas reads a null) equals only another missing one."""
+    missing = stored is None or (isinstance(stored, float) and math.isnan(stored))
+    return now is None if missing else stored == now
+
+
+def _teachers(cfg: RelabelConfig) -> dict[str, str]:
+    if cfg.teachers:
+        return dict(cfg.teachers)
+    supervised = join(cfg.run_dir, "supervised", "checkpoints", "best.pt")
+    return default_teachers(cfg.run_dir, load_trained(supervised).languages)
+
+
+def run_relabel(cfg: RelabelConfig, *, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Label the new, changed or older-teacher files of the watched folder into the labels root; returns what
+    it did: files seen, new, relabeled (and why), unchanged, LID-named, rejected by reason, hours."""
+    t0 = time.perf_counter()
+    with StorageLock(join(cfg.labels_root, "catalog", "relabel.lock"), wait_s=cfg.lock_wait_s):
+        teachers = _teachers(cfg)
+        idents = {lang: _teacher(lang, url).ident for lang, url in teachers.items()}
+        rows, manifest_rejects = scan(cfg)
+        # Only a file whose language is unknown asks the LID head; one in a language without a teacher is
+        # rejected with that reason (LID would name a wrong language that has one).
+        unknown = [r for r in rows if r["language"] is None]
+        by_lid = 0
+        if unknown and cfg.unknown_language == "lid":
+            checkpoint = cfg.lid_checkpoint or join(cfg.run_dir, "supervised", "checkpoints", "best.pt")
+            utts = [Utterance(r["id"], r["audio"], 0.0, UNKNOWN) for r in unknown]
+            found, _ = identify_languages(utts, checkpoint, cfg.label_config(cfg.watch, teachers))
+            for r in unknown:
+                if r["id"] in found:
+                    r["language"], by_lid = found[r["id"]][0], by_lid + 1
+            # unreadable clips stay "und": labeling rejects them with their teacher-less reason
+        for r in rows:
+            r["language"] = r["language"] or UNKNOWN
+        done = latest_attempts(cfg.labels_root).set_index("id") if exists(cfg.labels_root) else None
+        todo, why = [], Counter()
+        for r in rows:
+            prev = None if done is None or r["id"] not in done.index else done.loc[r["id"]]
+            if prev is None:
+                why["new"] += 1
+            elif not _same(prev["audio_etag"], r["etag"]) or not _same(prev["audio"], r["audio"]):
+                why["file_changed"] += 1
+            elif not _same(prev["teacher"], idents.get(r["language"])):
+                why["teacher_changed"] += 1
+            else:
+                continue
+            todo.append(r)
+        result: dict[str, Any] = {
+            "watch": cfg.watch, "labels_root": cfg.labels_root, "files_seen": len(rows),
+            "new": why["new"], "relabeled": why["file_changed"] + why["teacher_changed"],
+            "relabeled_by_reason": {k: why[k] for k in ("file_changed", "teacher_changed") if why[k]},
+            "unchanged": len(rows) - len(todo), "languages_from_lid": by_lid,
+            "manifest_rejects": manifest_rejects, "teachers": idents, "manifest": None, "label": None,
+            "rejected_by_reason": {}, "hours_labeled": 0.0,
+        }
+        if todo:
+            body = "".join(json.dumps({k: r[k] for k in ("id", "audio", "language", "etag")}, ensure_ascii=False)
+                           + "\n" for r in sorted(todo, key=lambda r: r["id"]))
+            # Named by content: a rerun after a kill that finds the same files reuses the same unit numbers.
+            manifest = join(cfg.labels_root, "catalog", "relabel",
+                            f"{hashlib.sha256(body.encode()).hexdigest()[:16]}.jsonl")
+            if not exists(manifest):
+                atomic_write_text(manifest, body)
+            label = run_label(cfg.label_config(manifest, teachers), cfg.labels_root, on_progress=on_progress)
+            by_reason: Counter = Counter()
+            for s in label.summary.values():
+                by_reason.update(s["rejected_by_reason"])
+            result |= {"manifest": manifest, "label": label.as_dict(),
+                       "rejected_by_reason": dict(sorted(by_reason.items())),
+                       "hours_labeled": round(sum(s["hours_labeled"] for s in label.summary.values()), 4)}
+        for r in manifest_rejects:
+            result["rejected_by_reason"][reject_category(r["reason"])] = \
+                result["rejected_by_reason"].get(reject_category(r["reason"]), 0) + 1
+        result["wall_s"] = round(time.perf_counter() - t0, 2)
+    log.info("relabel %s: %d files seen, %d new, %d relabeled %s, %d unchanged, %d named by LID, rejects %s",
+             cfg.watch, len(rows), result["new"], result["relabeled"], result["relabeled_by_reason"],
+             result["unchanged"], by_lid, result["rejected_by_reason"] or "none")
+    return result
+
+
+def relabel_markdown(result: dict[str, Any]) -> str:
+    """What a relabel run did, as a Markdown summary."""
+    rej = ", ".join(f"{k} {n}" for k, n in result["rejected_by_reason"].items()) or "none"
+    why = ", ".join(f"{k} {n}" for k, n in result["relabeled_by_reason"].items()) or "—"
+    return (f"### Relabel of `{result['watch']}`\n\n| files seen | new | relabeled | unchanged | named by LID | "
+            f"rejected | hours labeled |\n|---:|---:|---:|---:|---:|---|---:|\n| {result['files_seen']} | "
+            f"{result['new']} | {result['relabeled']} ({why}) | {result['unchanged']} | {result['languages_from_lid']}"
+            f" | {rej} | {result['hours_labeled']:.4f} |\n\nInto `{result['labels_root']}`; manifest of this run: "
+            f"`{result['manifest'] or 'none (nothing new)'}`.\n")
