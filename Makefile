@@ -7,7 +7,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench reproduce clean
+.PHONY: install demo test test-fast lint bench reproduce server serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(STAMP)
 reproduce: $(STAMP)
 	$(BIN)/mlpl recipe --corpus bench --corpus-dir data/bench --run-dir runs/bench --recipe bench \
 		--results docs/results.md --results-command "make reproduce"
+
+# Operators: a local Prefect server (SQLite under ~/.prefect) and every flow served against it; UI on PREFECT_PORT.
+PREFECT_PORT ?= 4200
+server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/mlpl serve --recipe demo
 
 clean:
 	rm -rf runs data/demo data/bench .pytest_cache

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import posixpath
 import re
 import time
+from collections.abc import Callable
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -35,3 +37,28 @@ def metrics_rows(metrics: dict[str, dict[str, float]]) -> list[dict[str, object]
          "lid_acc": round(v["lid_acc"], 2)}
         for lang, v in metrics.items()
     ]
+
+
+DEVICE_TAG = "mlpl-device"  # `mlpl serve` limits tasks with this tag to one at a time: one device, one stage
+
+
+def _param(params: dict, name: str):
+    """A run parameter, or the field of that name of its `cfg` parameter (a model or, from the API, a dict)."""
+    if params.get(name) is not None:
+        return params[name]
+    cfg = params.get("cfg")
+    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+
+
+def stage_run_name(stage: str, *keys: str) -> Callable[[], str]:
+    """A task/flow run name `recipe-<run>-<stage>[-<key value>...]` from the run's parameters (`run_dir`, or
+    the `cfg` parameter's; then e.g. `language`, `mode`)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run, task_run
+
+        params = task_run.parameters or flow_run.parameters or {}
+        run = posixpath.basename(str(_param(params, "run_dir") or _param(params, "root") or "run").rstrip("/"))
+        return artifact_key("recipe", run, stage, *(str(_param(params, k)) for k in keys))
+
+    return name

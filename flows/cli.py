@@ -174,6 +174,18 @@ def cmd_slimipl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher_args(items: list[str] | None) -> dict[str, str]:
+    """--teacher LANG=CHECKPOINT flags as a mapping."""
+    teachers = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--teacher {item!r}: expected LANG=CHECKPOINT, "
+                             "e.g. sl=runs/demo/slimipl/sl/checkpoints/best.pt")
+        lang, url = item.split("=", 1)
+        teachers[lang.strip().lower()] = url
+    return teachers
+
+
 def _label_config(args: argparse.Namespace):
     from pipeline.config import LABEL_PRESETS, LabelConfig, stage_preset
     from pipeline.label import default_teachers
@@ -184,12 +196,7 @@ def _label_config(args: argparse.Namespace):
     if args.run_dir:
         languages = load_trained(join(args.run_dir, "supervised", "checkpoints", "best.pt")).languages
         teachers = default_teachers(args.run_dir, languages)
-    for item in args.teacher or []:
-        if "=" not in item:
-            raise ValueError(f"--teacher {item!r}: expected LANG=CHECKPOINT, "
-                             "e.g. sl=runs/demo/slimipl/sl/checkpoints/best.pt")
-        lang, url = item.split("=", 1)
-        teachers[lang.strip().lower()] = url
+    teachers |= _teacher_args(args.teacher)
     if not teachers:
         raise ValueError("no teachers: pass --run-dir (each language's best model there) or --teacher LANG=CHECKPOINT")
     base = stage_preset(LABEL_PRESETS, args.preset, args.manifest, teachers).model_dump(mode="json")
@@ -306,6 +313,53 @@ def cmd_student(args: argparse.Namespace) -> int:
     print(f"updates by source {extra['updates_by_source']} (weights {extra['weights']}); "
           f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
           f"best: {result.best_checkpoint}")
+    return 0
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    """Label what arrived in a watched folder (new files, changed files, older teachers) into a labels root."""
+    from pipeline.config import RelabelConfig
+    from pipeline.relabel import relabel_markdown, run_relabel
+    from storage.files import read_json
+
+    base = read_json(args.config) if args.config else {}
+    given = {"watch": args.watch, "labels_root": args.labels, "run_dir": args.run_dir,
+             "language_from": args.language_from, "preset": args.preset}
+    base |= {k: v for k, v in given.items() if v is not None}
+    if args.teacher:
+        base["teachers"] = _teacher_args(args.teacher)
+    cfg = RelabelConfig(**apply_overrides(base, list(args.set or [])))
+    if args.flow:
+        from flows.relabel import relabel_flow
+
+        result = relabel_flow(cfg)
+    else:
+        with progress_bar() as update:
+            result = run_relabel(cfg, on_progress=update)
+    print(relabel_markdown(result))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a deployment of every flow against the configured Prefect API (PREFECT_API_URL) until interrupted."""
+    import os
+
+    from pipeline.config import RECIPE_PRESETS
+    from storage.files import read_json
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("PREFECT_API_URL is not set: start a server (make server) and export "
+                         "PREFECT_API_URL=http://127.0.0.1:4200/api, or use make serve")
+    from flows.deploy import serve_all
+
+    recipe = None
+    if args.recipe_config:
+        recipe = read_json(args.recipe_config)
+    elif args.recipe:
+        recipe = RECIPE_PRESETS[args.recipe](args.corpus_dir, args.run_dir).model_dump(mode="json")
+    relabel = read_json(args.relabel_config) if args.relabel_config else None
+    serve_all(relabel=relabel, relabel_cron=args.relabel_cron, recipe=recipe, device_slots=args.device_slots,
+              limit=args.limit)
     return 0
 
 
@@ -461,6 +515,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="config override, e.g. filters.min_confidence=0.8")
     lb.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-label (artifacts, task runs)")
     lb.set_defaults(func=cmd_label)
+
+    rl = sub.add_parser("relabel", help="label new or changed audio of a watched folder into a labels root "
+                        "(what the nightly relabel deployment runs)")
+    rl.add_argument("--watch", default=None, help="folder (any fsspec URL) that receives new audio")
+    rl.add_argument("--labels", default=None, help="labels root to commit into")
+    rl.add_argument("--run-dir", default=None, help="recipe run whose best models are the teachers")
+    rl.add_argument("--teacher", action="append", metavar="LANG=CHECKPOINT", help="teacher of one language")
+    rl.add_argument("--language-from", default=None, choices=["path", "manifest"],
+                    help="path: <watch>/<lang>/...; manifest: *.jsonl in the folder (default: path)")
+    rl.add_argument("--preset", default=None, choices=["tiny", "paper"], help="labeling preset (default: paper)")
+    rl.add_argument("--config", default=None, help="RelabelConfig JSON (flags override it)")
+    rl.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. label.bf16=false")
+    rl.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-relabel")
+    rl.set_defaults(func=cmd_relabel)
+
+    sv = sub.add_parser("serve", help="serve a Prefect deployment of every flow (recipe, stages, label, relabel, "
+                        "report) against PREFECT_API_URL")
+    sv.add_argument("--recipe", default=None, choices=["demo", "bench"],
+                    help="prefill the recipe and stage forms with this preset on --corpus-dir / --run-dir")
+    sv.add_argument("--recipe-config", default=None, help="prefill them with this RecipeConfig JSON instead")
+    sv.add_argument("--corpus-dir", default="data/demo")
+    sv.add_argument("--run-dir", default="runs/demo")
+    sv.add_argument("--relabel-config", default=None,
+                    help="RelabelConfig JSON: the relabel deployment's defaults; its schedule is active only with it")
+    sv.add_argument("--relabel-cron", default="0 2 * * *", help="relabel schedule (Cron; default nightly at 02:00)")
+    sv.add_argument("--device-slots", type=int, default=1, help="training/labeling tasks at once (default 1)")
+    sv.add_argument("--limit", type=int, default=None, help="flow runs at once (default: no limit)")
+    sv.set_defaults(func=cmd_serve)
 
     rp = sub.add_parser("report", help="the run's table in the layout of the paper's Tables 2-3, and a dev-CER plot")
     rp.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")

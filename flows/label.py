@@ -15,12 +15,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.artifacts import ProgressArtifact, artifact_key
+from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key
 from pipeline.config import LabelConfig
 from pipeline.label import LabelPlan, WorkUnit, finish, label_unit, open_with_pandas, plan_labeling, summary_markdown
 
 
-@task(cache_policy=NO_CACHE, retries=1, task_run_name="label-{unit.name}")
+@task(cache_policy=NO_CACHE, retries=1, tags=[DEVICE_TAG], task_run_name="label-{unit.name}")
 def label_unit_task(plan: LabelPlan, unit: WorkUnit) -> dict:
     """Label and commit one work unit (skipped when already committed with the same keys)."""
     return label_unit(plan, unit)

@@ -13,6 +13,7 @@ import time
 
 from prefect import flow, get_run_logger
 
+from flows.artifacts import stage_run_name
 from flows.label import label_flow
 from flows.report import report_task
 from flows.selftrain import language_flow
@@ -37,12 +38,17 @@ def _stage(summary: dict, test: dict | None) -> dict:
     """The small record a stage hands on: checkpoint URI, updates, wall time, test metrics."""
     return {"checkpoint": summary["best_checkpoint"], "step": summary["step"], "stage_wall_s": summary["stage_wall_s"],
             "train_audio_s_per_s": summary["train_audio_s_per_s"], "precision": summary["precision"],
-            "test": (test or {}).get("metrics")}
+            "test": (test or {}).get("metrics"), "cached": summary.get("cached", False)}
 
 
-@flow(name="mlpl-recipe", log_prints=True, flow_run_name="recipe-{cfg.run_dir}")
+@flow(name="mlpl-recipe", log_prints=True, flow_run_name=stage_run_name(""))
 def recipe_flow(cfg: RecipeConfig) -> dict:
-    """Run every stage of the recipe on one config; a rerun resumes each stage where it stopped."""
+    """Run every stage of the recipe on one config; a rerun resumes each stage where it stopped and reuses
+    each finished stage whose config and inputs are unchanged.
+
+    Args:
+        cfg: the recipe config: data manifests, stage presets (paper or tiny), budgets and overrides.
+    """
     logger = get_run_logger()
     run, test = cfg.run_dir, cfg.test_manifest
     stages: dict[str, dict] = {}

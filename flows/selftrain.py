@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.artifacts import ProgressArtifact, artifact_key, metrics_rows
+from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key, metrics_rows, stage_run_name
 from flows.supervised import evaluate_task
 from pipeline.config import FinetuneConfig, SlimIPLConfig
 from pipeline.finetune import run_finetune
@@ -20,7 +20,8 @@ from pipeline.slimipl import run_slimipl
 from storage.files import join
 
 
-@task(cache_policy=NO_CACHE, retries=1, task_run_name="finetune-{cfg.language}")
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, tags=[DEVICE_TAG],
+      task_run_name=stage_run_name("finetune", "language"))
 def finetune_task(cfg: FinetuneConfig, run_dir: str) -> dict:
     """Fine-tune the multilingual model on one language; resumes from its last checkpoint."""
     key = artifact_key("finetune", cfg.language, "training")
@@ -32,7 +33,8 @@ def finetune_task(cfg: FinetuneConfig, run_dir: str) -> dict:
     return result.summary()
 
 
-@task(cache_policy=NO_CACHE, retries=1, task_run_name="slimipl-{cfg.language}")
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, tags=[DEVICE_TAG],
+      task_run_name=stage_run_name("slimipl", "language"))
 def slimipl_task(cfg: SlimIPLConfig, run_dir: str) -> dict:
     """slimIPL on one language; resumes from its last checkpoint (cache, RNGs and samplers included)."""
     key = artifact_key("slimipl", cfg.language, "training")

@@ -5,12 +5,14 @@ The task is NO_CACHE and retried once: the stage resumes from its own last check
 
 from __future__ import annotations
 
+import posixpath
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from flows.artifacts import ProgressArtifact, artifact_key, metrics_rows
+from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key, metrics_rows
 from flows.supervised import evaluate_task
 from pipeline.config import StudentConfig
 from pipeline.student import run_student
@@ -18,12 +20,14 @@ from storage.files import join
 
 
 def _run_name() -> str:
-    cfg = (flow_run.parameters if flow_run.parameters else task_run.parameters)["cfg"]
+    params = task_run.parameters or flow_run.parameters
+    cfg = params["cfg"]
     name = cfg.stage_name() if isinstance(cfg, StudentConfig) else StudentConfig(**cfg).stage_name()
-    return f"student-{name}"
+    run = posixpath.basename(str(params.get("run_dir", "run")).rstrip("/"))
+    return artifact_key("recipe", run, "student", name)
 
 
-@task(cache_policy=NO_CACHE, retries=1, task_run_name=_run_name)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, tags=[DEVICE_TAG], task_run_name=_run_name)
 def student_task(cfg: StudentConfig, run_dir: str) -> dict:
     """Train one student on labeled + PL data (or labeled only); resumes from its last checkpoint."""
     name = cfg.stage_name()

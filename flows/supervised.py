@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.artifacts import ProgressArtifact, artifact_key, metrics_rows
+from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key, metrics_rows, stage_run_name
 from pipeline.config import SupervisedConfig
 from pipeline.corpus import build_corpus, corpus_preset
 from pipeline.evaluate import run_evaluate
@@ -27,7 +27,8 @@ def build_corpus_task(preset: str, out_dir: str, seed: int = 0, text_dir: str | 
     return build_corpus(cfg, out_dir, text_dir=text_dir, on_progress=progress)
 
 
-@task(cache_policy=NO_CACHE, retries=1)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, tags=[DEVICE_TAG],
+      task_run_name=stage_run_name("supervised"))
 def train_supervised_task(cfg: SupervisedConfig, run_dir: str) -> dict:
     """Supervised multilingual CTC + LID training; resumes from the last checkpoint."""
     progress = ProgressArtifact("supervised-training", "supervised multilingual training (updates)")
@@ -42,7 +43,7 @@ def train_supervised_task(cfg: SupervisedConfig, run_dir: str) -> dict:
     return summary
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=1, tags=[DEVICE_TAG], task_run_name="evaluate-{key}")
 def evaluate_task(checkpoint: str, manifest: str, out_dir: str, key: str, language: str | None = None) -> dict:
     """Score a checkpoint on a manifest (optionally one language's rows) and publish the per-language table."""
     progress = ProgressArtifact(artifact_key(key, "progress"), f"decoding {manifest}")

@@ -483,6 +483,47 @@ def label_paper(manifest: str, teachers: dict[str, str], **overrides: Any) -> La
 
 LABEL_PRESETS = {"tiny": label_tiny, "paper": label_paper}
 
+AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3")
+
+
+class RelabelConfig(_Config):
+    """The relabel job (docs/architecture.md, "Relabel"): label the audio that arrived in a watched folder since
+    the last run, or that an older teacher labeled, into an existing labels root."""
+
+    watch: str = Field(description="folder (any fsspec URL) that receives new unlabeled audio")
+    labels_root: str = Field(description="labels root the new pseudo-labels are committed into")
+    teachers: dict[str, str] = Field(
+        default_factory=dict, description="language → teacher checkpoint; empty: each language's best model in run_dir")
+    run_dir: str | None = Field(None, description="recipe run whose best models are the default teachers")
+    language_from: Literal["path", "manifest"] = Field(
+        "path", description="path: <watch>/<lang>/...; manifest: *.jsonl files in the watched folder list "
+                            "audio (relative to the manifest) with its language")
+    unknown_language: Literal["lid", "reject"] = Field(
+        "lid", description="a file whose language is unknown or has no teacher: ask the LID head of lid_checkpoint, "
+                           "or reject it with the reason")
+    lid_checkpoint: str | None = Field(
+        None, description="multilingual checkpoint whose LID head names unknown languages; None: "
+                          "<run_dir>/supervised/checkpoints/best.pt")
+    extensions: list[str] = Field(default_factory=lambda: list(AUDIO_EXTENSIONS),
+                                  description="audio file name endings to pick up (case-insensitive)")
+    preset: Literal["tiny", "paper"] = Field("paper", description="labeling preset: paper defaults or tiny (CPU)")
+    label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config")
+    lock_wait_s: float = Field(3600.0, ge=0.0, description="how long to wait for another relabel run of the "
+                                                           "same labels root to finish before failing")
+
+    @model_validator(mode="after")
+    def _check(self) -> RelabelConfig:
+        if not self.teachers and self.run_dir is None:
+            raise ValueError("give teachers (language → checkpoint) or run_dir (its best models are the teachers)")
+        if self.unknown_language == "lid" and self.lid_checkpoint is None and self.run_dir is None:
+            raise ValueError("unknown_language='lid' needs lid_checkpoint or run_dir")
+        self.label_config("manifest.jsonl", {"xx": "teacher.pt"})  # a bad override fails now, not at 2 a.m.
+        return self
+
+    def label_config(self, manifest: str, teachers: dict[str, str]) -> LabelConfig:
+        """The labeling config of one relabel run's manifest of new files."""
+        return _configured(LabelConfig, LABEL_PRESETS[self.preset](manifest, teachers), self.label)
+
 
 class PLReadFilter(_Config):
     """Which rows of a PL corpus a student reads (applied at read time: one corpus serves many students)."""
@@ -589,6 +630,11 @@ def _configured(cls, preset_cfg: _Config, overrides: dict[str, Any]):
     return cls(**deep_merge(base.model_dump(mode="json"), {k: v for k, v in overrides.items() if isinstance(v, dict)}))
 
 
+def _set(**knobs: Any) -> dict[str, Any]:
+    """The knobs that are set (not None), as overrides."""
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
 _RECIPE_LANGUAGE_PLACEHOLDER = "xx"  # validates per-language configs before the languages are known
 
 
@@ -620,6 +666,13 @@ class RecipeConfig(_Config):
         True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
     labeled_finetune: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the labeled-only fine-tune of the students")
+    # The knobs operators turn most, typed so that the UI form checks them before a run starts; each wins
+    # over the same key in the stage's overrides.
+    supervised_updates: int | None = Field(None, ge=1, description="stage 1 budget in updates; None: preset")
+    finetune_updates: int | None = Field(None, ge=1, description="per-language fine-tune budget; None: preset")
+    slimipl_updates: int | None = Field(None, ge=1, description="per-language slimIPL budget; None: preset")
+    pl_cache_size: int | None = Field(None, ge=1, description="slimIPL dynamic PL cache size N; None: preset")
+    student_updates: int | None = Field(None, ge=1, description="budget of every student; None: preset")
 
     @model_validator(mode="after")
     def _check(self) -> RecipeConfig:
@@ -643,19 +696,20 @@ class RecipeConfig(_Config):
     def supervised_config(self) -> SupervisedConfig:
         """Stage 1's config."""
         base = SUPERVISED_PRESETS[self.preset](self.labeled_manifest, self.dev_manifest, **self._common())
-        return _configured(SupervisedConfig, base, self.supervised)
+        return _configured(SupervisedConfig, base, self.supervised | _set(max_updates=self.supervised_updates))
 
     def finetune_config(self, language: str) -> FinetuneConfig:
         """Stage 2's config for one language."""
         base = FINETUNE_PRESETS[self.preset](language, self.labeled_manifest, self.dev_manifest, **self._common())
-        return _configured(FinetuneConfig, base, self.finetune)
+        return _configured(FinetuneConfig, base, self.finetune | _set(max_updates=self.finetune_updates))
 
     def slimipl_config(self, language: str) -> SlimIPLConfig:
         """Stage 3's config for one language."""
         base = SLIMIPL_PRESETS[self.preset](language, self.labeled_manifest, self.unlabeled_manifest,
                                             self.dev_manifest, reference_manifest=self.reference_manifest,
                                             **self._common())
-        return _configured(SlimIPLConfig, base, self.slimipl)
+        knobs = _set(max_updates=self.slimipl_updates, pl_cache_size=self.pl_cache_size)
+        return _configured(SlimIPLConfig, base, self.slimipl | knobs)
 
     def label_config(self, teachers: dict[str, str]) -> LabelConfig:
         """Step 4's config with each language's teacher."""
@@ -664,7 +718,8 @@ class RecipeConfig(_Config):
     def student_config(self, mode: str) -> StudentConfig:
         """Stage 5's config for one student mode."""
         base = STUDENT_PRESETS[self.preset](mode, self.labeled_manifest, self.dev_manifest, **self._common())
-        return _configured(StudentConfig, base, deep_merge(self.student, self.student_by_mode.get(mode, {})))
+        overrides = deep_merge(self.student, self.student_by_mode.get(mode, {}))
+        return _configured(StudentConfig, base, overrides | _set(max_updates=self.student_updates))
 
     def labeled_finetune_config(self, mode: str, student_checkpoint: str) -> StudentConfig:
         """The optional last step: the `mode` student fine-tuned on labeled data only."""
@@ -687,11 +742,11 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
-        supervised={"max_updates": 700, "eval_every": 350},
+        supervised={"max_updates": 600, "eval_every": 300},
         finetune={"max_updates": 150, "eval_every": 75},
-        slimipl={"max_updates": 150, "cropping_warmup_updates": 40, "eval_every": 75},
+        slimipl={"max_updates": 150, "cropping_warmup_updates": 40, "eval_every": 75, "pl_eval_max_utterances": 60},
         student_modes=["finetune"],
-        student={"max_updates": 120, "eval_every": 60},
+        student={"max_updates": 100, "eval_every": 50},
         labeled_finetune={"max_updates": 50, "eval_every": 25},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
