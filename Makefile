@@ -7,7 +7,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench reproduce server serve clean
+.PHONY: install demo test test-fast lint bench reproduce server serve screenshot clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ server: $(STAMP)
 
 serve: $(STAMP)
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/mlpl serve --recipe demo
+
+# docs/prefect_ui.png: the server test photographs its completed recipe run with headless Chromium (Debian's).
+screenshot: $(STAMP)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	MLPL_SCREENSHOT=docs/prefect_ui.png $(BIN)/python -m pytest -q tests/test_serve.py
 
 clean:
 	rm -rf runs data/demo data/bench .pytest_cache

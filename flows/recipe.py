@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from flows.artifacts import stage_run_name
 from flows.label import label_flow
@@ -82,4 +83,20 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
     result = {"run_dir": run, "stages": stages, "wall_s": walls, "report": report,
               "labels": {k: labels[k] for k in ("root", "summary", "units_labeled", "units_skipped", "wall_s")}}
     write_json(join(run, "report", "recipe_run.json"), result)
+    create_markdown_artifact(markdown=summary_markdown(result), key="recipe-summary",
+                             description=f"checkpoints, shards and wall times of {run}")
     return result
+
+
+def summary_markdown(result: dict) -> str:
+    """Where a recipe run's outputs are: each stage's checkpoint URI, whether it was reused, its wall time."""
+    lines = [f"### Recipe run `{result['run_dir']}`", "", "| stage | checkpoint | updates | reused | wall s |",
+             "|---|---|---:|---|---:|"]
+    for name, st in result["stages"].items():
+        lines.append(f"| {name} | `{st['checkpoint']}` | {st['step']} | {'yes' if st['cached'] else 'no'} | "
+                     f"{st['stage_wall_s']:.0f} |")
+    labels = result["labels"]
+    lines += ["", f"Pseudo-labels: `{labels['root']}` (table `pl/`, WebDataset shards `shards/pl-<lang>-*.tar`); "
+              f"{labels['units_labeled']} units labeled now, {labels['units_skipped']} reused.",
+              "Flow wall time per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())]
+    return "\n".join(lines) + "\n"

@@ -742,12 +742,12 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
-        supervised={"max_updates": 600, "eval_every": 300},
-        finetune={"max_updates": 150, "eval_every": 75},
-        slimipl={"max_updates": 150, "cropping_warmup_updates": 40, "eval_every": 75, "pl_eval_max_utterances": 60},
+        supervised={"max_updates": 450, "eval_every": 225},
+        finetune={"max_updates": 100, "eval_every": 50},
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60},
         student_modes=["finetune"],
-        student={"max_updates": 100, "eval_every": 50},
-        labeled_finetune={"max_updates": 50, "eval_every": 25},
+        student={"max_updates": 80, "eval_every": 40},
+        labeled_finetune={"max_updates": 40, "eval_every": 20},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
 

@@ -118,7 +118,9 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
                                              "student/finetune-labeled-ft"}
             artifacts = {a.key: a for a in client.read_artifacts() if a.key}
             assert {"supervised-test-metrics", "finetune-sl-test-metrics", "slimipl-sl-pl-quality", "label-summary",
-                    "student-finetune-test-metrics", "recipe-report", "recipe-dev-cer-plot"} <= set(artifacts)
+                    "student-finetune-test-metrics", "recipe-report", "recipe-dev-cer-plot",
+                    "recipe-summary"} <= set(artifacts)
+            assert str(run / "student/finetune/checkpoints/best.pt") in artifacts["recipe-summary"].data
             table = json.loads(artifacts["supervised-test-metrics"].data)
             metrics = json.loads((run / "eval/supervised/metrics.json").read_text())["metrics"]
             assert {r["language"]: r["cer"] for r in table} == {k: round(v["cer"], 2) for k, v in metrics.items()}
@@ -143,7 +145,8 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
             assert third["wall_s"]["report"] > 0  # the report reran on the new student's numbers
 
             if os.environ.get("MLPL_SCREENSHOT"):
-                _screenshot(f"http://127.0.0.1:{port}/runs/flow-run/{first}", Path(os.environ["MLPL_SCREENSHOT"]))
+                _screenshot(f"http://127.0.0.1:{port}/runs/flow-run/{first}?tab=Artifacts",
+                            Path(os.environ["MLPL_SCREENSHOT"]))
 
             _relabel(client, smoke_corpus, run, tmp_path, serve_log)
     finally:
