@@ -68,7 +68,20 @@ def test_pandas_reads_every_column_with_its_dtype(labeled_root, smoke_corpus):
     import pyarrow.parquet as pq
 
     meta = pq.read_schema(next(Path(labeled_root, "pl").rglob("*.parquet"))).metadata
-    assert meta[b"mlpl.schema_version"] == b"1"
+    assert meta[b"mlpl.schema_version"] == b"2" and df["audio_etag"].isna().all()  # no etag in the manifest
+
+
+def test_a_root_written_before_audio_etag_reads_with_nulls(labeled_root, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "v1"
+    shutil.copytree(labeled_root, old)
+    for part in (old / "pl").rglob("*.parquet"):  # as schema version 1 wrote them
+        pq.write_table(pq.read_table(part).drop_columns(["audio_etag"]), part)
+    df = load_pseudo_labels(str(old))
+    assert len(df) == len(load_pseudo_labels(labeled_root)) and df["audio_etag"].isna().all()
 
 
 def test_duckdb_reads_the_hive_partitioned_table(labeled_root):
