@@ -43,6 +43,7 @@ from storage.files import (
     join,
     list_files,
     read_json,
+    relative_to,
     remove,
     write_json,
 )
@@ -50,7 +51,7 @@ from storage.manifest import read_manifest, write_manifest
 
 SPLITS = ("labeled", "unlabeled", "dev", "test")
 # Bump when the audio recipe changes, so an existing corpus with the same config is rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: manifests hold audio paths relative to their folder
 # Sentences reserved per clip: a short clip tries the next one when a sentence falls outside 2-6 s;
 # a long clip skips sentences that would overshoot 30 s.
 SHORT_CANDIDATES = 5
@@ -629,7 +630,10 @@ def _write_manifests(out_dir: str, rows: list[dict]) -> None:
         keep = ("id", "audio", "duration_s", "language", "speaker")
         if split != "unlabeled":
             keep += ("text", "text_normalized")
-        write_manifest(join(out_dir, "manifests", f"{split}.jsonl"), [{k: r[k] for k in keep} for r in split_rows])
+        # Audio paths relative to the manifests' folder: the corpus folder can be moved or uploaded whole.
+        folder = join(out_dir, "manifests")
+        write_manifest(join(folder, f"{split}.jsonl"),
+                       [{k: r[k] for k in keep} | {"audio": relative_to(r["audio"], folder)} for r in split_rows])
     # The hidden truth of the unlabeled clips, with the sentence boundaries for finer analysis.
     reference = [
         {k: r[k] for k in ("id", "language", "text", "text_normalized", "sentences")}

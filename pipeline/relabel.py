@@ -33,15 +33,6 @@ log = logging.getLogger("mlpl.relabel")
 UNKNOWN = "und"  # BCP-47 "undetermined": rows no teacher takes are rejected with that reason
 
 
-def _resolve(audio: str, manifest_url: str) -> str:
-    """An audio path from a manifest: as it is when absolute or a URL, else relative to the manifest."""
-    if "://" in audio or audio.startswith("/"):
-        return audio
-    protocol, _, path = manifest_url.rpartition("://")
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), audio))
-    return f"{protocol}://{resolved}" if protocol else resolved
-
-
 def scan(cfg: RelabelConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The watched folder as manifest rows {id, audio, language, etag} (language None when unknown), and the
     rows of its manifests that could not be used (mode `manifest`)."""
@@ -62,7 +53,7 @@ def scan(cfg: RelabelConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
             if not row.get("audio"):
                 bad.append({"source": m["url"], "reason": f"row {n}: missing field(s) audio"})
                 continue
-            url = _resolve(str(row["audio"]), m["url"])
+            url = str(row["audio"])  # read_manifest resolved it against the manifest's folder
             f = files.get(url)
             lang = normalize_language(str(row["language"])) if row.get("language") else None
             rows.append({"id": str(row.get("id") or posixpath.relpath(url, cfg.watch.rstrip("/"))), "audio": url,

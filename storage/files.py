@@ -214,3 +214,20 @@ class StorageLock:
     def __exit__(self, *exc: object) -> None:
         if (self.holder() or {}).get("id") == self.token["id"]:
             remove(self.url)
+
+
+def resolve_relative(path: str, base_file_url: str) -> str:
+    """A path as written in a file at `base_file_url` (a manifest): as it is when absolute or a URL, else
+    relative to that file's folder, so a folder of manifests and audio can be moved or uploaded whole."""
+    if "://" in path or path.startswith("/"):
+        return path
+    protocol, sep, base = base_file_url.rpartition("://")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(base), path))
+    if not sep:
+        resolved = os.path.abspath(resolved)  # rows copied into another manifest keep pointing at the file
+    return f"{protocol}{sep}{resolved}"
+
+
+def relative_to(url: str, folder_url: str) -> str:
+    """`url` written relative to a folder on the same file system (the inverse of `resolve_relative`)."""
+    return posixpath.relpath(url.split("://", 1)[-1], folder_url.split("://", 1)[-1])

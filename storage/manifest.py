@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.files import atomic_write_bytes, read_bytes
+from storage.files import atomic_write_bytes, read_bytes, resolve_relative
 
 
 def _is_parquet(url: str) -> bool:
@@ -21,7 +21,9 @@ def _is_parquet(url: str) -> bool:
 
 
 def read_manifest(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Read manifest rows; return (rows, rejects) where rejects name the line and the reason.
+    """Read manifest rows; return (rows, rejects) where rejects name the line and the reason. A relative
+    `audio` path is resolved against the manifest's own folder (absolute paths and URLs stay as they are), so
+    a folder of manifests and audio can be moved or uploaded whole.
 
     Raises:
         FileNotFoundError: when the manifest itself is missing.
@@ -32,7 +34,7 @@ def read_manifest(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         raise FileNotFoundError(f"manifest not found: {url}") from None
     if _is_parquet(url):
         table = pq.read_table(io.BytesIO(data))
-        return table.to_pylist(), []
+        return [_resolved(row, url) for row in table.to_pylist()], []
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     # A UTF-8 byte-order mark (Windows tools write one) is not part of the first row.
@@ -53,8 +55,13 @@ def read_manifest(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         if not isinstance(row, dict):
             rejects.append(_line_reject(url, lineno, "line is not a JSON object"))
             continue
-        rows.append(row)
+        rows.append(_resolved(row, url))
     return rows, rejects
+
+
+def _resolved(row: dict[str, Any], url: str) -> dict[str, Any]:
+    audio = row.get("audio")
+    return row | {"audio": resolve_relative(audio, url)} if isinstance(audio, str) and audio else row
 
 
 def _line_reject(url: str, lineno: int, reason: str) -> dict[str, Any]:

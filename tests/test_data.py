@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from pipeline.config import AudioPolicy, FeatureConfig, SpecAugmentConfig
 from pipeline.data import DynamicBucketSampler, collate, load_dataset
 from pipeline.text import normalize_text
 from pipeline.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+from storage.files import resolve_relative
 from storage.manifest import read_manifest, write_manifest
 from tests.dummies import bad_rows, good_row, tone, write_flac, write_jsonl
 
@@ -191,3 +194,26 @@ def test_language_codes_are_normalized_and_bad_ones_rejected(tmp_path):
     assert [r.id for r in only.rejects] == ["c", "d"]
     assert [r.id for r in load_dataset(url, features=FeatureConfig(), policy=AudioPolicy(), require_text=True,
                                        languages=["es", "pt-br"], language="pt-br").rejects] == ["d"]
+
+
+def test_relative_audio_paths_resolve_against_the_manifest_so_a_corpus_folder_can_move(smoke_corpus, tmp_path,
+                                                                                       monkeypatch):
+    import shutil
+
+    from pipeline.data import read_utterances
+
+    raw = (Path(smoke_corpus) / "manifests/labeled.jsonl").read_text().splitlines()
+    assert json.loads(raw[0])["audio"].startswith("../audio/labeled/")  # the corpus writes relative paths
+    moved = tmp_path / "moved"
+    shutil.copytree(smoke_corpus, moved)
+    monkeypatch.chdir(tmp_path)  # neither the old folder nor the working directory may matter
+    utts, rejects = read_utterances("moved/manifests/labeled.jsonl", require_text=True, languages=None)
+    assert utts and not rejects
+    assert all(u.audio.startswith(str(moved / "audio/labeled")) and Path(u.audio).exists() for u in utts)
+    rows, _ = read_manifest(str(moved / "manifests/labeled.jsonl"))
+    write_manifest(str(tmp_path / "elsewhere/copy.jsonl"), rows)  # resolved rows stay valid when copied
+    again, _ = read_manifest(str(tmp_path / "elsewhere/copy.jsonl"))
+    assert [r["audio"] for r in again] == [r["audio"] for r in rows]
+    assert resolve_relative("../audio/x.flac", "s3://bucket/c/manifests/m.jsonl") == "s3://bucket/c/audio/x.flac"
+    assert resolve_relative("s3://b/x.flac", "/m/m.jsonl") == "s3://b/x.flac"
+    assert resolve_relative("/abs/x.flac", "s3://b/m.jsonl") == "/abs/x.flac"
