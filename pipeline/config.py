@@ -130,7 +130,8 @@ class OptimConfig(_Config):
 
 # Fields that change how a run is watched or how far it goes, not what an update computes: a run may be
 # resumed with other values (more threads, a longer budget), so the resume key leaves them out.
-_NOT_IN_RESUME_KEY = {"max_updates", "eval_every", "save_every", "log_every", "num_threads"}
+# Budget, cadence and where it runs: a run may be extended, or resumed with other threads or on another device.
+_NOT_IN_RESUME_KEY = {"max_updates", "eval_every", "save_every", "log_every", "num_threads", "device"}
 
 
 class TrainingConfig(_Config):
@@ -144,8 +145,9 @@ class TrainingConfig(_Config):
     eval_every: int = Field(5000, gt=0)
     save_every: int = Field(1000, gt=0)
     log_every: int = Field(100, gt=0)
-    bf16: bool = True  # autocast on CPUs with native bf16 (≈3× fp32 matmul there); fp32 elsewhere
+    bf16: bool = True  # autocast where the device has native bf16 (CUDA, AVX-512 BF16 CPUs); fp32 elsewhere
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present, else CPU
     seed: int = 0
 
     def resume_key(self) -> str:
@@ -432,8 +434,9 @@ class LabelConfig(_Config):
     filters: PLFilterConfig = Field(default_factory=PLFilterConfig)
     unit_max_utterances: int = Field(1000, gt=0)  # a work unit = one Parquet file + one shard
     unit_max_audio_s: float = Field(3600.0, gt=0.0)  # ≤ ≈ 115 MB of 16-bit FLAC per shard
-    bf16: bool = True  # autocast where the CPU has native bf16; fp32 elsewhere
+    bf16: bool = True  # autocast where the device has native bf16; fp32 elsewhere
     num_threads: int | None = None
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # where teachers decode
     prefetch_batches: int = Field(2, ge=0)  # 0: decode in the labeling thread (no prefetch thread)
 
     @model_validator(mode="after")

@@ -99,7 +99,7 @@ def crop_and_stitch(
         chunk = crops[i : i + max_crops_per_forward]
         x = torch.nn.utils.rnn.pad_sequence([feats[b, s:e] for b, s, e in chunk], batch_first=True)  # (k, t, n_mels)
         x_lens = torch.tensor([e - s for _, s, e in chunk], dtype=torch.long, device=device)  # (k,)
-        with autocast(bf16):
+        with autocast(bf16, feats.device):
             out = model(x, x_lens)
         crop_log_probs += [lp[:n].float() for lp, n in zip(out.log_probs, out.out_lens.tolist(), strict=True)]
         crop_lid += list(out.lid_logits.float())

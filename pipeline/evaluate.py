@@ -21,7 +21,7 @@ from models.encoder import CTCLIDModel
 from pipeline.config import AudioPolicy, BatchConfig
 from pipeline.crops import crop_and_stitch
 from pipeline.data import Dataset, DynamicBucketSampler, ProgressFn, collate
-from pipeline.modeling import autocast, load_trained
+from pipeline.modeling import autocast, load_trained, resolve_device
 from pipeline.stream import LazyBatchLoader, load_unlabeled
 from pipeline.text import normalize_text
 from pipeline.tokenizer import Tokenizer
@@ -54,15 +54,17 @@ def decode_batch(
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    feats, feat_lens = feats.to(device, non_blocking=True), feat_lens.to(device)
     try:
-        with torch.inference_mode(), autocast(bf16):
+        with torch.inference_mode(), autocast(bf16, device):
             if crop is None:
                 out = model(feats, feat_lens)
             else:
                 out = crop_and_stitch(model, feats, feat_lens, crop_frames=crop.crop_frames,
                                       overlap_frames=crop.overlap_frames, bf16=bf16)
-        hyps = greedy_ctc_decode(out.log_probs.float(), out.out_lens, blank=tokenizer.blank_id)
-        lid_probs = out.lid_logits.float().softmax(dim=-1)
+        hyps = greedy_ctc_decode(out.log_probs.float().cpu(), out.out_lens.cpu(), blank=tokenizer.blank_id)
+        lid_probs = out.lid_logits.float().softmax(dim=-1).cpu()
     finally:
         model.train(was_training)
     rows = []
@@ -184,6 +186,7 @@ def run_evaluate(
     bf16: bool = True,
     language: str | None = None,
     on_progress: ProgressFn | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Score a checkpoint on a manifest (or on one language's rows of it); write hypotheses, rejects, metrics
     JSON and Markdown to out_dir. A score already in out_dir for the same checkpoint and manifest contents and
@@ -198,6 +201,7 @@ def run_evaluate(
     if done.get("key") == key and exists(join(out_dir, "metrics.md")):
         return done | {"cached": True, "markdown": read_text(join(out_dir, "metrics.md"))}
     trained = load_trained(checkpoint_url)
+    trained.model.to(resolve_device(device))
     policy = policy or trained.audio_policy
     batch = batch or BatchConfig(max_batch_duration_s=120.0, max_batch_size=64)
     # Streamed: validated without decoding, then decoded batch by batch, so a manifest of any size fits.

@@ -33,7 +33,7 @@ import torch
 from pipeline.config import LabelConfig
 from pipeline.data import ProgressFn, Reject, Utterance, read_utterances
 from pipeline.evaluate import CropSpec, decode_features
-from pipeline.modeling import Trained, load_trained, precision_used
+from pipeline.modeling import Trained, load_trained, precision_used, resolve_device
 from pipeline.stream import LazyBatchLoader, LoadedBatch, header_duration_s
 from storage.files import atomic_write_text, exists, join, read_text, sha256_of
 from storage.pl import LabelStore, sample_key
@@ -202,7 +202,7 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
         raise FileNotFoundError(f"manifest not found: {cfg.manifest}")
     manifest_sha = sha256_of(cfg.manifest)
     teachers = {lang: _teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
-    precision = precision_used(cfg.bf16)
+    precision = precision_used(cfg.bf16, resolve_device(cfg.device))
     decode_keys = {
         lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"))
         for lang, t in teachers.items()
@@ -302,6 +302,7 @@ def identify_languages(utts: Sequence[Utterance], checkpoint: str, cfg: LabelCon
     """The LID head's language for each clip ({id: (language, probability)}) through the labeling decode path
     (long clips in crops); clips that cannot be read come back as rejects with the reason."""
     trained = _teacher_model(checkpoint, sha256_of(checkpoint))
+    trained.model.to(resolve_device(cfg.device))
     unit = WorkUnit(trained.languages[0], 0, tuple(_with_duration(u) for u in utts), _rows_sha256(utts))
     found: dict[str, Any] = {}
     rejects: list[Reject] = []
@@ -343,6 +344,7 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
                                            audio_etag=u.etag))
         else:
             trained = _teacher_model(teacher.url, teacher.sha256)
+            trained.model.to(resolve_device(cfg.device))  # once per process: a no-op when it is there already
             etags = {u.id: u.etag for u in unit.utterances}
             for loader, crop in _batches(unit, trained, cfg):
                 with loader:

@@ -26,15 +26,33 @@ def bf16_supported() -> bool:
         return False
 
 
-def precision_used(bf16: bool) -> str:
-    """What autocast(bf16) really runs on this machine."""
-    return "bf16" if bf16 and bf16_supported() else "fp32"
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device a config's `device` names: "auto" is CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: when CUDA is asked for and torch sees no CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no CUDA device here; use device='auto' or 'cpu'")
+    return torch.device(name)
 
 
-def autocast(enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPUs that support it, else a no-op."""
-    if enabled and bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def _bf16_native(device_type: str) -> bool:
+    return torch.cuda.is_bf16_supported() if device_type == "cuda" else bf16_supported()
+
+
+def precision_used(bf16: bool, device: torch.device | str = "cpu") -> str:
+    """What autocast(bf16) really runs on this device."""
+    return "bf16" if bf16 and _bf16_native(torch.device(device).type) else "fp32"
+
+
+def autocast(enabled: bool, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device runs bf16 natively (CUDA with bf16, AVX-512 BF16 CPUs), else a no-op."""
+    kind = torch.device(device).type
+    if enabled and _bf16_native(kind):
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -37,7 +37,7 @@ from models.loss import ctc_lid_loss
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.data import Batch, Dataset, ProgressFn
 from pipeline.evaluate import decode_dataset, format_table, score
-from pipeline.modeling import autocast, precision_used
+from pipeline.modeling import autocast, precision_used, resolve_device
 from pipeline.tokenizer import Tokenizer
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.files import atomic_write_text, exists, join, read_json, remove, sha256_of, write_json
@@ -93,9 +93,18 @@ def make_optimizer(optim: OptimConfig, model: torch.nn.Module) -> torch.optim.Op
     return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=(0.9, 0.98), weight_decay=optim.weight_decay)
 
 
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on `device` (pinned and copied without blocking when it is a GPU)."""
+    if device.type == "cpu":
+        return batch
+    move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+    return batch._replace(feats=move(batch.feats), feat_lens=move(batch.feat_lens), targets=move(batch.targets),
+                          target_lens=move(batch.target_lens), lang_ids=move(batch.lang_ids))
+
+
 def compute_loss(model, batch: Batch, lid_weight: float, bf16: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward a batch and return ℓ_CTC + γ·ℓ_LID with its parts."""
-    with autocast(bf16):
+    """Forward a batch (on the model's device) and return ℓ_CTC + γ·ℓ_LID with its parts."""
+    with autocast(bf16, batch.feats.device):
         out = model(batch.feats, batch.feat_lens)
     return ctc_lid_loss(out, batch.targets, batch.target_lens, batch.lang_ids, lid_weight=lid_weight)
 
@@ -122,7 +131,7 @@ def input_identity(**urls: str | None) -> dict[str, str | None]:
 
 def stage_key(stage: str, cfg: TrainingConfig, identity: dict[str, str | None]) -> str:
     """The stage cache key: stage name, the whole config (budget included, threads not) and input identity."""
-    blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json", exclude={"num_threads"}),
+    blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json", exclude={"num_threads", "device"}),
                        "inputs": identity}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -166,7 +175,7 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-    }
+    } | ({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -175,6 +184,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(_as_tuple(state["python"]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_tuple(x: Any) -> Any:
@@ -207,8 +218,10 @@ class Trainer:
         self.resume = {"config": cfg.resume_key(), "inputs": identity}
         self.meta = meta or {}  # features, audio policy, init checkpoint: what a later reader needs
         self.on_progress = on_progress
+        self.device = resolve_device(cfg.device)
+        model.to(self.device)  # before the optimizer, whose state follows the parameters' device
         self.optimizer = make_optimizer(cfg.optim, model)
-        self.precision = precision_used(cfg.bf16)
+        self.precision = precision_used(cfg.bf16, self.device)
         self.last_url = join(stage_dir, "checkpoints", "last.pt")
         self.best_url = join(stage_dir, "checkpoints", "best.pt")
         self.step = 0
@@ -312,6 +325,7 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.max_updates)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        batch = batch_to(batch, self.device)
         info, grad_norm = train_step(self.model, self.optimizer, batch, lid_weight=self.cfg.lid_weight,
                                      grad_clip_norm=self.cfg.optim.grad_clip_norm, bf16=self.cfg.bf16)
         if grad_norm is None:

@@ -237,3 +237,19 @@ def test_a_finished_stage_is_reused_until_its_config_inputs_or_outputs_change(sm
     assert not rerun.cached and len(rerun.losses) == 2 and best.exists()
     write_jsonl(tmp_path / "train.jsonl", rows[:-1])  # other inputs
     assert not run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), run).cached
+
+
+def test_the_device_comes_from_the_config_and_is_not_part_of_the_resume_key(smoke_corpus, tmp_path):
+    train, _ = _manifests(smoke_corpus)
+    cfg = supervised_tiny(train, None, max_updates=2, save_every=1, device="cpu",
+                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
+    run_supervised(cfg, str(tmp_path / "run"), stop_after=1)
+    resumed = run_supervised(cfg.model_copy(update={"device": "auto"}), str(tmp_path / "run"))
+    assert resumed.step == 2 and len(resumed.losses) == 1  # resumed on "auto", not refused
+    on_gpu = cfg.model_copy(update={"device": "cuda"})
+    if torch.cuda.is_available():  # the GPU path, where one exists
+        result = run_supervised(on_gpu, str(tmp_path / "gpu"))
+        assert result.step == 2 and load_trained(result.best_checkpoint).model is not None
+    else:
+        with pytest.raises(ValueError, match="no CUDA device"):
+            run_supervised(on_gpu, str(tmp_path / "gpu"))
