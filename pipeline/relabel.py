@@ -82,6 +82,11 @@ def run_relabel(cfg: RelabelConfig, *, on_progress: ProgressFn | None = None) ->
         teachers = _teachers(cfg)
         idents = {lang: _teacher(lang, url).ident for lang, url in teachers.items()}
         rows, manifest_rejects = scan(cfg)
+        done = latest_attempts(cfg.labels_root).set_index("id") if exists(cfg.labels_root) else None
+        for r in rows:  # an unchanged file named by LID earlier keeps that name: LID runs once per file
+            if r["language"] is None and done is not None and r["id"] in done.index \
+                    and _same(done.loc[r["id"], "audio_etag"], r["etag"]):
+                r["language"] = done.loc[r["id"], "language"]
         # Only a file whose language is unknown asks the LID head; one in a language without a teacher is
         # rejected with that reason (LID would name a wrong language that has one).
         unknown = [r for r in rows if r["language"] is None]
@@ -96,7 +101,6 @@ def run_relabel(cfg: RelabelConfig, *, on_progress: ProgressFn | None = None) ->
             # unreadable clips stay "und": labeling rejects them with their teacher-less reason
         for r in rows:
             r["language"] = r["language"] or UNKNOWN
-        done = latest_attempts(cfg.labels_root).set_index("id") if exists(cfg.labels_root) else None
         todo, why = [], Counter()
         for r in rows:
             prev = None if done is None or r["id"] not in done.index else done.loc[r["id"]]

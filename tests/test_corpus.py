@@ -28,10 +28,13 @@ from pipeline.corpus import (
 from pipeline.corpus_text import clean_sentence
 from pipeline.speech_synth import VOICE_VARIANTS
 from pipeline.text import normalize_text
+from storage.manifest import read_manifest
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows, rejects = read_manifest(str(path))  # audio paths resolved against the manifest's folder
+    assert not rejects
+    return rows
 
 
 def _tree_digest(root: Path) -> dict[str, str]:

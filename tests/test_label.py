@@ -24,6 +24,7 @@ from flows.cli import main
 from pipeline.config import label_tiny
 from pipeline.label import filter_reason, reject_category, run_label, split_units
 from storage.checkpoint import load_checkpoint, save_checkpoint
+from storage.manifest import read_manifest
 from storage.pl import PL_SCHEMA, iter_shard_samples, load_pseudo_labels, load_rejects, pl_audio, sample_key
 from tests.dummies import write_flac, write_jsonl
 
@@ -299,7 +300,7 @@ def test_sample_keys_have_no_dots_or_slashes_and_stay_unique():
 
 def _bad_manifest(tmp: Path, corpus: str) -> tuple[str, dict[str, str]]:
     """An unlabeled manifest with one row per kind of bad input; returns it and id → expected outcome."""
-    good = [json.loads(line) for line in Path(_unlabeled(corpus)).read_text().splitlines()]
+    good, _ = read_manifest(_unlabeled(corpus))
     sl = [r for r in good if r["language"] == "sl"]
     src, sr = sf.read(sl[0]["audio"], dtype="float32")
     a = tmp / "bad"
@@ -367,7 +368,7 @@ def test_every_kind_of_bad_input_is_a_reject_with_a_reason_or_labeled_after_conv
 @pytest.mark.slow
 def test_hours_long_audio_is_cropped_and_stitched_then_filtered_by_the_paper_length(smoke_corpus, teacher,
                                                                                     tmp_path):
-    good = [json.loads(line) for line in Path(_unlabeled(smoke_corpus)).read_text().splitlines()]
+    good, _ = read_manifest(_unlabeled(smoke_corpus))
     src, _ = sf.read(good[-1]["audio"], dtype="float32")
     hours = write_flac(tmp_path / "hours.flac", np.tile(src, int(3700 / (len(src) / 16000)) + 1))
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "hours", "audio": hours, "language": "sl"}])

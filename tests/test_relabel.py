@@ -107,6 +107,8 @@ def test_unknown_languages_come_from_the_lid_head_and_manifests_name_theirs(smok
     df = load_pseudo_labels(str(tmp_path / "labels"))
     assert dict(zip(df["id"], df["language"].astype(str), strict=True)) == {
         f"unsorted-{lang}.flac": lang for lang in LANGS}  # the smoke teacher's LID is right on these
+    again = run_relabel(cfg)  # unchanged files keep the language LID gave them: no LID pass, nothing to do
+    assert (again["languages_from_lid"], again["new"], again["relabeled"], again["unchanged"]) == (0, 0, 0, 3)
 
     sub = tmp_path / "drop" / "batch1"
     sub.mkdir(parents=True)
@@ -162,3 +164,21 @@ def test_the_storage_lock_excludes_a_second_holder_and_breaks_a_dead_ones(tmp_pa
     (tmp_path / "dead.lock").write_text(json.dumps(dead))
     with StorageLock(str(tmp_path / "dead.lock"), wait_s=1):
         pass
+
+
+def test_relabel_and_serve_from_the_cli(smoke_corpus, teacher, tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    watch = tmp_path / "incoming" / "es"
+    watch.mkdir(parents=True)
+    shutil.copy(_clips(smoke_corpus)["es"][0], watch / "a.flac")
+    args = ["relabel", "--watch", str(watch.parent), "--labels", str(tmp_path / "labels"), "--teacher",
+            f"es={teacher}", "--preset", "tiny", "--set", "unknown_language=reject"]
+    assert main(args) == 0
+    assert "| 1 | 1 | 0 (—) | 0 |" in capsys.readouterr().out  # seen, new, relabeled, unchanged
+    assert main(args) == 0
+    assert "| 1 | 0 | 0 (—) | 1 |" in capsys.readouterr().out
+    assert main(["relabel", "--watch", str(watch.parent), "--labels", str(tmp_path / "labels")]) == 2
+    assert "teachers" in capsys.readouterr().err  # neither teachers nor a run: a one-line reason
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["serve"]) == 2 and "PREFECT_API_URL is not set" in capsys.readouterr().err
