@@ -309,10 +309,9 @@ def load_pseudo_labels(
     `lid_agreement` keeps rows whose LID prediction is their declared language.
     """
     store = LabelStore(root)
-    committed = {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in store.records()}
+    committed = _committed_parts(store)
     # Committed units whose file is there (one listing, not a request per unit).
-    files = [f for f in list_files(join(root, "pl"), "language=*/*.parquet")
-             if "/".join(f.rsplit("/", 2)[-2:]) in committed]
+    files = _committed_files(root, "pl", "language=*/*.parquet", committed)
     dataset = _dataset(root, "pl", PL_SCHEMA, files)
     if dataset is None:
         return PL_SCHEMA.empty_table().to_pandas()
@@ -348,6 +347,11 @@ def load_pseudo_labels(
     return df.reset_index(drop=True)
 
 
+def _committed_parts(store: LabelStore) -> set[str]:
+    """`language=<lang>/part-<NNNNNN>.parquet` of every unit with a commit record."""
+    return {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in store.records()}
+
+
 def _committed_files(root: str, table: str, pattern: str, committed: set[str]) -> list[str]:
     return [f for f in list_files(join(root, table), pattern) if "/".join(f.rsplit("/", 2)[-2:]) in committed]
 
@@ -372,7 +376,7 @@ def _attempts(root: str, committed: set[str], columns: list[str], pl: ds.Dataset
 def latest_attempts(root: str):
     """Per id, its latest labeling attempt under a labels root: audio, audio_etag, teacher, created_at and
     whether it was kept (a PL row) or rejected — what the relabel job anti-joins new audio against."""
-    committed = {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in LabelStore(root).records()}
+    committed = _committed_parts(LabelStore(root))
     every = _attempts(root, committed, ["id", "language", "audio", "audio_etag", "teacher", "created_at"])
     every["language"] = every["language"].astype(str)
     every = every.sort_values("created_at", kind="stable", na_position="first")
