@@ -22,6 +22,7 @@ from pipeline.data import (
     normalize_language,
     reject_untrainable,
 )
+from pipeline.distributed import is_main
 from pipeline.modeling import Trained, load_trained
 from pipeline.supervised import train_loop
 from pipeline.trainer import StageResult, Trainer, input_identity, reuse_or_resume
@@ -85,9 +86,10 @@ def load_language_data(
     else:
         dev_rejects = dev.rejects if dev else []
     rejects = train.rejects + dev_rejects + (extra_rejects or [])
-    write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in rejects])
-    for r in rejects:
-        log.warning("reject %s (%s): %s", r.id, r.source, r.reason)
+    if is_main():  # every rank reads the same rows; one writes and reports them
+        write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in rejects])
+        for r in rejects:
+            log.warning("reject %s (%s): %s", r.id, r.source, r.reason)
     return train, dev, len(rejects)
 
 
@@ -118,7 +120,8 @@ def run_finetune(
     torch.manual_seed(cfg.seed)
     train, dev, num_rejects = load_language_data(trained, lang, cfg.train_manifest, cfg.dev_manifest, stage_dir,
                                                  on_progress)
-    write_json(join(stage_dir, "config.json"), cfg.model_dump(mode="json") | {"init_checkpoint": init_url})
+    if is_main():
+        write_json(join(stage_dir, "config.json"), cfg.model_dump(mode="json") | {"init_checkpoint": init_url})
     trainer = Trainer(
         stage=f"finetune/{lang}", stage_dir=stage_dir, cfg=cfg, model=trained.model,
         model_kwargs=trained.checkpoint["model_kwargs"], tokenizer=trained.tokenizer, languages=trained.languages,

@@ -23,6 +23,7 @@ import torch
 from pipeline.audio import AudioError, decode_audio, log_mel
 from pipeline.config import AudioPolicy, BatchConfig, FeatureConfig
 from pipeline.data import DynamicBucketSampler, Reject, Utterance
+from pipeline.distributed import World
 from storage.files import join
 from storage.pl import iter_shard_samples
 
@@ -68,12 +69,14 @@ class PLBatchStream:
         batch: BatchConfig,
         window_shards: int,
         seed: int = 0,
+        world: World | None = None,
     ):
         if not samples:
             raise ValueError("no pseudo-labeled samples to stream")
         self.samples, self.root = samples, root
         self.features, self.policy, self.batch = features, policy, batch
         self.window_shards, self.seed = window_shards, seed
+        self.world = world or World()  # under torchrun each rank reads batches rank, rank + size, … of every window
         self.shards = sorted({s.shard for s in samples})
         self._by_shard: dict[str, list[int]] = {}
         for i, s in enumerate(samples):
@@ -135,6 +138,10 @@ class PLBatchStream:
             self._reject_missing(shard, wanted, audio, "sample not in its shard")
         return audio
 
+    def _rank_note(self) -> str:
+        w = self.world
+        return f" by rank {w.rank} of {w.size} in a whole epoch" if w.distributed else ""
+
     def _reject_missing(self, shard: str, wanted: dict[str, int], audio: dict[int, bytes], why: str) -> None:
         for i in wanted.values():
             if i not in audio:
@@ -158,11 +165,15 @@ class PLBatchStream:
         """(utterances, features) per batch, forever, from the saved position; the state follows each batch."""
         epoch, w, pos = self._state["epoch"], self._state["window"], self._state["position"]
         while True:
+            whole_epoch, handed_out = w == 0 and pos == 0, False  # a resumed epoch may have nothing left
             windows = self.windows(epoch)
             while w < len(windows):
                 batches = self.window_batches(epoch, w, windows[w])
                 audio = self._read_window(windows[w]) if pos < len(batches) else {}
                 while pos < len(batches):
+                    if pos % self.world.size != self.world.rank:  # another rank's batch
+                        pos += 1
+                        continue
                     utts, feats = [], []
                     for i in batches[pos]:
                         f = self._features(i, audio.get(i))
@@ -172,10 +183,11 @@ class PLBatchStream:
                     pos += 1
                     self._state = {"epoch": epoch, "window": w, "position": pos}
                     if utts:
+                        handed_out = True
                         yield utts, feats
                 del audio
                 w, pos = w + 1, 0
-            if len(self._rejects) >= len(self.samples):
+            if len(self._rejects) >= len(self.samples) or (self.world.distributed and whole_epoch and not handed_out):
                 raise ValueError(f"none of the {len(self.samples)} pseudo-labeled samples under {self.root} could "
-                                 "be read (see the stage's rejects.jsonl)")
+                                 f"be read{self._rank_note()} (see the stage's rejects.jsonl)")
             epoch, w = epoch + 1, 0

@@ -13,6 +13,12 @@ training runs into all-blank output.
 
 The cache (ids + PL tokens in slot order), every RNG, both samplers and the EMA weights are in the checkpoint,
 so a killed run resumes to the same cache and the same next steps.
+
+Under torchrun each rank keeps its own cache, filled from its own share of the unlabeled stream (as flashlight
+does): no PL traffic between ranks, and the cache scales with the ranks. Which step is labeled and which slot
+is trained on come from seeded RNGs that every rank shares, the collapse guard sees the PL statistics averaged
+over the ranks, and a slot without usable audio on any rank makes every rank relabel, so all ranks take the same
+branch at every step.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import CollapseGuardConfig, SlimIPLConfig
 from pipeline.data import Batch, ProgressFn, Utterance, batch_sampler, collate, normalize_language
+from pipeline.distributed import all_reduce_floats, any_rank, barrier, gather, shard
+from pipeline.distributed import world as current_world
 from pipeline.evaluate import CropSpec, decode_features
 from pipeline.finetune import load_language_data, stage_meta, start_from
 from pipeline.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
@@ -189,9 +197,12 @@ def run_slimipl(
                          f"({len(unlabeled_rejects)} rejected)")
     train, dev, _ = load_language_data(trained, lang, cfg.train_manifest, cfg.dev_manifest, stage_dir, on_progress,
                                        extra_rejects=unlabeled_rejects)
+    w = current_world()
+    barrier(w)  # rank 0 has written rejects.jsonl, which every rank reads back
     base_rejects = _rejects_of(stage_dir)
     references = _references(cfg.reference_manifest)
-    write_json(join(stage_dir, "config.json"), cfg.model_dump(mode="json") | {"init_checkpoint": init_url})
+    if w.is_main:
+        write_json(join(stage_dir, "config.json"), cfg.model_dump(mode="json") | {"init_checkpoint": init_url})
 
     model = trained.model
     trainer = Trainer(
@@ -205,7 +216,7 @@ def run_slimipl(
     loader = LazyBatchLoader(unlabeled, features=trained.features, policy=trained.audio_policy,
                              max_batch_duration_s=ub.max_batch_duration_s, max_batch_size=ub.max_batch_size,
                              num_buckets=ub.num_buckets, seed=cfg.seed, prefetch_batches=cfg.unlabeled_prefetch_batches,
-                             source=cfg.unlabeled_manifest)
+                             source=cfg.unlabeled_manifest, world=w)
     by_id = {u.id: u for u in unlabeled}
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
     labeler = ema.module if ema is not None else model
@@ -239,7 +250,7 @@ def run_slimipl(
         model.set_dropout(cfg.pl_dropout)
         model.set_layerdrop(cfg.pl_layerdrop)
     pl_eval_loader = _pl_eval_loader(unlabeled, references, cfg, trained)
-    if pl_eval_loader is not None and "start" not in s["pl_eval"]:
+    if pl_eval_loader is not None and "start" not in s["pl_eval"] and w.is_main:  # a measurement: rank 0 alone
         s["pl_eval"]["start"] = {
             "whole": measure_pls(labeler, pl_eval_loader, trainer, None, references),
             "crop": measure_pls(labeler, pl_eval_loader, trainer, crop, references),
@@ -250,7 +261,7 @@ def run_slimipl(
              cfg.unlabeled_ratio, cfg.pl_cache_size, cfg.pl_cache_update_prob, cfg.cropping_warmup_updates,
              trainer.precision)
 
-    labeled_batches, unlabeled_batches = iter(sampler), iter(loader)
+    labeled_batches, unlabeled_batches = shard(sampler, w), iter(loader)
 
     def labeled_step() -> None:
         t0 = time.perf_counter()
@@ -266,6 +277,10 @@ def run_slimipl(
         decoded = label_batch(labeler, batch, trainer, crop if cropping else None)
         stats = pl_stats(batch.utterances, decoded, references) | {"step": trainer.step, "phase": phase,
                                                                    "cropped": cropping}
+        if w.distributed:  # the guard decides for every rank, on the statistics of every rank's batch
+            keys = ("empty_share", "blank_ratio", "chars_per_s")
+            stats |= {k: round(v / w.size, 4) for k, v in zip(keys, all_reduce_floats([stats[k] for k in keys], w),
+                                                                 strict=True)}
         s["refreshes"] += 1
         s["pl_history"].append(stats | {"refresh": s["refreshes"]})
         if s["refreshes"] % 10 == 1:
@@ -310,13 +325,15 @@ def run_slimipl(
         t0 = time.perf_counter()
         slot, relabel = choose_slot(rng, len(cache.slots), cfg.pl_cache_update_prob)
         batch = _pl_batch(cache.slots[slot], by_id, loader, trainer, cfg)
-        if batch is None:
-            log.warning("slimipl/%s cache slot %d has no usable utterance; relabeling it", lang, slot)
+        unusable = any_rank(batch is None, w)  # on any rank: then no rank updates, so none waits for the others
+        if unusable:
+            log.warning("slimipl/%s cache slot %d has no usable utterance%s; relabeling it", lang, slot,
+                        "" if batch is None else " on another rank")
         else:
             trainer.update(batch, t0=t0, kind="pl", slot=slot)
-        if batch is None or relabel:
+        if unusable or relabel:
             cache.slots[slot] = refresh("relabel")
-        return batch is not None
+        return not unusable
 
     model.train()
     try:
@@ -341,15 +358,18 @@ def run_slimipl(
                 _after_save(trainer, stage_dir, base_rejects, loader, s, guard)
     finally:
         loader.close()
-    if pl_eval_loader is not None and s["pl_eval"].get("end_step") != trainer.step:  # a rerun of a done stage skips it
+    # A rerun of a done stage skips it; rank 0 alone measures.
+    if pl_eval_loader is not None and s["pl_eval"].get("end_step") != trainer.step and w.is_main:
         s["pl_eval"]["end"] = {
             "whole": measure_pls(labeler, pl_eval_loader, trainer, None, references),
             "crop": measure_pls(labeler, pl_eval_loader, trainer, crop, references),
         }
         s["pl_eval"]["end_step"] = trainer.step
         log.info("slimipl/%s PLs of the final labeler: %s", lang, s["pl_eval"]["end"])
-    write_manifest(join(stage_dir, "pl_metrics.jsonl"), s["pl_history"])
-    write_rejects(join(stage_dir, "rejects.jsonl"), base_rejects + [r.as_row() for r in loader.rejects])
+    stream_rejects = _all_ranks_rejects(loader, w)
+    if w.is_main:
+        write_manifest(join(stage_dir, "pl_metrics.jsonl"), s["pl_history"])
+        write_rejects(join(stage_dir, "rejects.jsonl"), base_rejects + stream_rejects)
     extra = {
         "language": lang,
         "pl_eval": s["pl_eval"],
@@ -361,18 +381,31 @@ def run_slimipl(
         "rollbacks": guard.rollbacks,
     }
     return trainer.finish(stage_state(), num_train_utterances=len(train.utterances),
-                          num_rejects=len(base_rejects) + len(loader.rejects), extra=extra)
+                          num_rejects=len(base_rejects) + len(stream_rejects), extra=extra)
 
 
 def _after_save(trainer: Trainer, stage_dir: str, base_rejects: list[dict], loader: LazyBatchLoader,
                 s: dict[str, Any], guard: CollapseGuard) -> None:
-    """Files that follow each last.pt: PL metrics, rejects found so far, and good.pt while PLs look healthy."""
-    write_manifest(join(stage_dir, "pl_metrics.jsonl"), s["pl_history"])
-    write_rejects(join(stage_dir, "rejects.jsonl"), base_rejects + [r.as_row() for r in loader.rejects])
+    """Files that follow each last.pt: PL metrics, rejects found so far, and good.pt while PLs look healthy.
+
+    Rank 0 writes; every rank records good.pt, which a rollback (after the next collective) reads on all.
+    """
+    main = trainer.world.is_main
+    stream_rejects = _all_ranks_rejects(loader, trainer.world)
+    if main:
+        write_manifest(join(stage_dir, "pl_metrics.jsonl"), s["pl_history"])
+        write_rejects(join(stage_dir, "rejects.jsonl"), base_rejects + stream_rejects)
     if guard.streak == 0:
         good = join(stage_dir, "checkpoints", "good.pt")
-        copy_file(trainer.last_url, good)
+        if main:
+            copy_file(trainer.last_url, good)
         s["good"] = {"url": good, "step": trainer.step}
+
+
+def _all_ranks_rejects(loader: LazyBatchLoader, w) -> list[dict]:
+    """Unlabeled rows that failed to decode on any rank (each rank reads its own share), each once."""
+    rows = {r["id"]: r for rank_rows in gather([r.as_row() for r in loader.rejects], w) for r in rank_rows}
+    return list(rows.values())
 
 
 def _pl_batch(slot: dict[str, list], by_id: dict[str, Utterance], loader: LazyBatchLoader, trainer: Trainer,

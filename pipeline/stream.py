@@ -25,6 +25,7 @@ import torch
 from pipeline.audio import AudioError, load_audio, load_audio_and_flac, log_mel
 from pipeline.config import AudioPolicy, FeatureConfig
 from pipeline.data import DynamicBucketSampler, Reject, Utterance, read_utterances
+from pipeline.distributed import World
 from storage.files import open_binary
 
 log = logging.getLogger("mlpl.stream")
@@ -133,6 +134,7 @@ class LazyBatchLoader:
         prefetch_batches: int = 2,
         source: str = "",
         with_flac: bool = False,
+        world: World | None = None,
     ):
         if prefetch_batches < 0:
             raise ValueError(f"prefetch_batches must be 0 (decode in the caller's thread) or more "
@@ -141,6 +143,7 @@ class LazyBatchLoader:
         self.features, self.policy, self.source = features, policy, source
         self.prefetch_batches = prefetch_batches
         self.with_flac = with_flac
+        self.world = world or World()  # the endless (training) stream is sharded over the ranks; iter_epoch not
         # Batching trusts the declared durations; a clip that decodes longer still goes into its batch.
         self.sampler = DynamicBucketSampler(
             [u.duration_s for u in self.utterances], max_batch_duration_s=max_batch_duration_s,
@@ -217,15 +220,22 @@ class LazyBatchLoader:
         return LoadedBatch(utts, feats, flacs if self.with_flac else None, seconds), rejects
 
     # --- iteration --------------------------------------------------------------------------------
-    def _positions(self, start: dict[str, int], epochs: int | None) -> Iterator[tuple[dict[str, int], list[int]]]:
-        """(state after the batch, batch indices) from `start`, for `epochs` epochs or forever."""
+    def _positions(self, start: dict[str, int], epochs: int | None,
+                   world: World | None = None) -> Iterator[tuple[dict[str, int], list[int]]]:
+        """(state after the batch, batch indices) from `start`, for `epochs` epochs or forever; with several
+        ranks, this rank's batches only (rank, rank + size, … of each epoch)."""
         epoch, pos, seed = start["epoch"], start["position"], start["seed"]
+        world = world or World()
         last = None if epochs is None else epoch + epochs
         while last is None or epoch < last:
             batches = self.sampler.epoch_batches(epoch)
+            if len(batches) < world.size:
+                raise ValueError(f"{self.source or 'unlabeled data'}: {len(batches)} batches per epoch, fewer than the "
+                                 f"{world.size} ranks; use fewer ranks or smaller unlabeled batches")
             while pos < len(batches):
                 pos += 1
-                yield {"epoch": epoch, "position": pos, "seed": seed}, batches[pos - 1]
+                if (pos - 1) % world.size == world.rank:
+                    yield {"epoch": epoch, "position": pos, "seed": seed}, batches[pos - 1]
             epoch, pos = epoch + 1, 0
 
     def _produce(self, positions: Iterator[tuple[dict[str, int], list[int]]], out: queue.Queue,
@@ -326,7 +336,7 @@ class LazyBatchLoader:
 
     def __iter__(self) -> Iterator[LoadedBatch]:
         """Endless batches across epochs from the current state; the state follows what was handed out."""
-        return self._stream(self._positions(self._state, None), track_state=True)
+        return self._stream(self._positions(self._state, None, self.world), track_state=True)
 
     def iter_epoch(self, epoch: int = 0) -> Iterator[LoadedBatch]:
         """One whole epoch (length-sorted order when shuffle is off), for labeling a manifest once."""

@@ -25,6 +25,8 @@ import torch
 from models.encoder import CTCLIDModel
 from pipeline.config import ModelConfig, StudentConfig, model_kwargs
 from pipeline.data import ProgressFn, batch_sampler, collate
+from pipeline.distributed import gather, shard
+from pipeline.distributed import world as current_world
 from pipeline.finetune import load_language_data
 from pipeline.modeling import load_trained
 from pipeline.pl_stream import PLBatchStream, pl_samples
@@ -127,7 +129,8 @@ def run_student(
         samples, pl_rejects = pl_samples(rows, labels_root, limit, source=labels_root)
         if samples:
             pl_stream = PLBatchStream(samples, labels_root, features=trained.features, policy=trained.audio_policy,
-                                      batch=cfg.pl_batch, window_shards=cfg.pl_window_shards, seed=cfg.seed)
+                                      batch=cfg.pl_batch, window_shards=cfg.pl_window_shards, seed=cfg.seed,
+                                      world=current_world())
     train, dev, _ = load_language_data(trained, None, cfg.train_manifest, cfg.dev_manifest, stage_dir, on_progress,
                                        extra_rejects=pl_rejects)
     audio_s = {"labeled": sum(train.durations()),
@@ -138,8 +141,10 @@ def run_student(
         raise ValueError(f"source(s) {missing} have a weight but no usable data (labeled {audio_s['labeled']:.0f} s, "
                          f"PL {audio_s['pl']:.0f} s)")
     mixer = SourceMixer(weights, cfg.seed)
-    write_json(join(stage_dir, "config.json"),
-               cfg.model_dump(mode="json") | {"init_checkpoint": init_url, "labels_root": labels_root})
+    w = current_world()
+    if w.is_main:
+        write_json(join(stage_dir, "config.json"),
+                   cfg.model_dump(mode="json") | {"init_checkpoint": init_url, "labels_root": labels_root})
 
     trainer = Trainer(
         stage=f"student/{cfg.stage_name()}", stage_dir=stage_dir, cfg=cfg, model=model, model_kwargs=kwargs,
@@ -163,7 +168,7 @@ def run_student(
     def state() -> dict[str, Any]:
         return {"sampler": sampler.state_dict()} | ({"pl": pl_stream.state_dict()} if pl_stream else {})
 
-    labeled_batches = iter(sampler)
+    labeled_batches = shard(sampler, w)  # the mixer's draw is a function of the step: every rank draws the same
     pl_batches = iter(pl_stream) if pl_stream is not None else None
     while not trainer.done:
         t0 = time.perf_counter()
@@ -179,9 +184,12 @@ def run_student(
         trainer.update(batch, t0=t0, kind=source)
         trainer.after_update(state)
 
-    stream_rejects = pl_stream.rejects if pl_stream else []
+    # Each rank reads its own PL batches, so each found its own unreadable samples.
+    ranks_rejects = gather(pl_stream.rejects if pl_stream else [], w)
+    stream_rejects = list({r.id: r for rank in ranks_rejects for r in rank}.values())
     all_rejects = train.rejects + (dev.rejects if dev else []) + pl_rejects + stream_rejects
-    write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in all_rejects])
+    if w.is_main:
+        write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in all_rejects])
     updates = {k: sum(1 for h in trainer.history if h["kind"] == k) for k in ("labeled", "pl")}
     extra = {
         "mode": cfg.mode, "init_checkpoint": init_url, "labels_root": None if cfg.labeled_only else labels_root,

@@ -23,6 +23,7 @@ from pipeline.data import (
     load_dataset,
     reject_untrainable,
 )
+from pipeline.distributed import is_main, shard
 from pipeline.tokenizer import tokenizer_from_dict, train_tokenizer
 from pipeline.trainer import StageResult, Trainer, input_identity, reuse_or_resume
 from storage.checkpoint import load_checkpoint
@@ -58,9 +59,10 @@ def prepare_data(cfg: SupervisedConfig, stage_dir: str, saved: dict | None, on_p
         dev = load_dataset(cfg.dev_manifest, features=cfg.features, policy=cfg.audio, require_text=True,
                            languages=languages)
     rejects = train.rejects + (dev.rejects if dev else [])
-    write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in rejects])
-    for r in rejects:
-        log.warning("reject %s (%s): %s", r.id, r.source, r.reason)
+    if is_main():  # every rank reads the same rows; one writes and reports them
+        write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in rejects])
+        for r in rejects:
+            log.warning("reject %s (%s): %s", r.id, r.source, r.reason)
     return train, dev, languages, tokenizer, len(rejects)
 
 
@@ -92,8 +94,9 @@ def run_supervised(
     # The vocabulary and language list of a run in progress come from its checkpoint, not from a rebuild.
     saved = load_checkpoint(last_url) if resume and exists(last_url) else None
     train, dev, languages, tokenizer, num_rejects = prepare_data(cfg, stage_dir, saved, on_progress)
-    write_json(join(stage_dir, "config.json"), cfg.model_dump(mode="json"))
-    write_json(join(stage_dir, "tokenizer.json"), tokenizer.to_dict())
+    if is_main():
+        write_json(join(stage_dir, "config.json"), cfg.model_dump(mode="json"))
+        write_json(join(stage_dir, "tokenizer.json"), tokenizer.to_dict())
 
     kwargs = model_kwargs(cfg.model, tokenizer.vocab_size, len(languages), cfg.features.n_mels)
     trainer = Trainer(
@@ -118,9 +121,9 @@ def run_supervised(
 
 
 def train_loop(trainer: Trainer, train: Dataset, sampler: DynamicBucketSampler) -> None:
-    """Labeled batches until the budget: the loop of the supervised and fine-tune stages."""
+    """Labeled batches until the budget: the loop of the supervised and fine-tune stages (this rank's share)."""
     trainer.model.train()
-    batches = iter(sampler)
+    batches = shard(sampler, trainer.world)
     while not trainer.done:
         t0 = time.perf_counter()
         idx = next(batches)

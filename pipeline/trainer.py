@@ -15,6 +15,11 @@ stage key (the whole config and the content identity of its inputs) and the sha2
 rerun with the same key returns that result without loading data or a model (`reuse_or_resume`); a changed
 config or input trains the stage again from scratch, which changes its checkpoint's sha256 and so the key of
 every stage that starts from it. A stage whose recorded checkpoints were deleted or changed reruns.
+
+Under torchrun (pipeline/distributed.py) the same Trainer trains a DDP replica on every rank: one collective
+per update agrees on the loss figures and on skipping a non-finite step, rank 0 alone evaluates dev and
+writes, and last.pt holds every rank's RNG and stage state, so a run resumes only with the world size it
+was trained with.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from models.encoder import CTCLIDModel, count_parameters
 from models.loss import ctc_lid_loss
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.data import Batch, Dataset, ProgressFn
+from pipeline.distributed import World, all_reduce_floats, gather, wrap_model
+from pipeline.distributed import world as current_world
 from pipeline.evaluate import decode_dataset, format_table, score
 from pipeline.modeling import autocast, precision_used, resolve_device
 from pipeline.tokenizer import Tokenizer
@@ -130,9 +137,12 @@ def input_identity(**urls: str | None) -> dict[str, str | None]:
 
 
 def stage_key(stage: str, cfg: TrainingConfig, identity: dict[str, str | None]) -> str:
-    """The stage cache key: stage name, the whole config (budget included, threads not) and input identity."""
+    """The stage cache key: stage name, the whole config (budget included, threads not), input identity, and
+    the number of ranks when it is more than one (N ranks train on N batches per update)."""
+    size = current_world().size
     blob = json.dumps({"stage": stage, "config": cfg.model_dump(mode="json", exclude={"num_threads", "device"}),
-                       "inputs": identity}, sort_keys=True, default=str).encode()
+                       "inputs": identity} | ({"world_size": size} if size > 1 else {}),
+                      sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -220,6 +230,8 @@ class Trainer:
         self.on_progress = on_progress
         self.device = resolve_device(cfg.device)
         model.to(self.device)  # before the optimizer, whose state follows the parameters' device
+        self.world: World = current_world()
+        self.train_model = wrap_model(model, self.world, self.device)  # DDP under torchrun, else `model`
         self.optimizer = make_optimizer(cfg.optim, model)
         self.precision = precision_used(cfg.bf16, self.device)
         self.last_url = join(stage_dir, "checkpoints", "last.pt")
@@ -246,10 +258,12 @@ class Trainer:
         if resume and exists(self.last_url):
             state = load_checkpoint(self.last_url)
             self._check_resume(state)
-        elif not resume:
+        elif not resume and self.world.is_main:
             for url in (self.last_url, self.best_url):
                 remove(url)  # a fresh start must not leave the old run's checkpoints as if they were ours
         if state is not None:
+            if self.world.distributed:  # this rank's own RNG and data position
+                state = state | state["rank_states"][self.world.rank]
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             set_rng_state(state["rng"])
@@ -268,6 +282,13 @@ class Trainer:
     def _check_resume(self, state: dict[str, Any]) -> None:
         saved = state.get("resume", {})
         fix = "use a new run directory or pass --no-resume to start over"
+        trained_with = int(state.get("world_size", 1))
+        if trained_with != self.world.size:
+            raise ValueError(
+                f"{self.last_url} was trained by {trained_with} process(es) (torchrun world size) and this run has "
+                f"{self.world.size}; the batches per update and each rank's data position depend on it, so resume "
+                f"with `torchrun --nproc-per-node {trained_with}` (nodes × processes = {trained_with}), or {fix}"
+            )
         if saved.get("config") != self.resume["config"]:
             raise ValueError(
                 f"{self.last_url} was trained with another config (resume key {saved.get('config')}, now "
@@ -278,9 +299,17 @@ class Trainer:
             raise ValueError(f"{self.last_url} was trained on other inputs ({', '.join(changed)} changed); {fix}")
 
     def save(self, url: str, stage_state: dict[str, Any] | None = None) -> None:
-        """Write the one resume record (atomically)."""
+        """Write the one resume record (atomically); rank 0 writes, with every rank's RNG and stage state.
+
+        Saving last.pt is a collective under torchrun (every rank calls it at the same update); best.pt is not.
+        """
+        rank_states = None
         if url == self.last_url:
             self.last_saved_step = self.step
+            if self.world.distributed:
+                rank_states = gather({"rng": rng_state(), "stage_state": stage_state or {}}, self.world)
+        if not self.world.is_main:
+            return
         save_checkpoint(
             url,
             {
@@ -301,6 +330,8 @@ class Trainer:
                 "best": self.best,
                 "timing": self.timing(),
                 "stage_state": stage_state or {},
+                "world_size": self.world.size,
+                **({"rank_states": rank_states} if rank_states is not None else {}),
                 **self.meta,
             },
         )
@@ -326,13 +357,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = batch_to(batch, self.device)
-        info, grad_norm = train_step(self.model, self.optimizer, batch, lid_weight=self.cfg.lid_weight,
-                                     grad_clip_norm=self.cfg.optim.grad_clip_norm, bf16=self.cfg.bf16)
+        seconds = float(batch.feat_lens.sum()) * self.frame_s
+        if self.world.distributed:
+            info, grad_norm, seconds = self._ddp_step(batch, seconds)
+        else:
+            info, grad_norm = train_step(self.model, self.optimizer, batch, lid_weight=self.cfg.lid_weight,
+                                         grad_clip_norm=self.cfg.optim.grad_clip_norm, bf16=self.cfg.bf16)
         if grad_norm is None:
             grad_norm = math.nan
             log.warning("%s update %d: non-finite loss on batch %s; skipped", self.stage, self.step + 1, batch.ids[:4])
         self.step += 1
-        seconds = float(batch.feat_lens.sum()) * self.frame_s
         self.train_wall_s += time.perf_counter() - t0
         self.audio_s += seconds
         self._audio_log += seconds
@@ -354,6 +388,26 @@ class Trainer:
             self._t_log, self._audio_log = now, 0.0
         return info
 
+    def _ddp_step(self, batch: Batch, seconds: float) -> tuple[dict[str, float], float | None, float]:
+        """One update of every rank's replica: (loss parts averaged over ranks, grad norm, audio seconds summed).
+
+        The step is skipped on every rank when the loss is non-finite on any; backward still runs so that
+        DDP's gradient reduction completes on all ranks.
+        """
+        loss, info = compute_loss(self.train_model, batch, self.cfg.lid_weight, self.cfg.bf16)
+        names = sorted(info)
+        totals = all_reduce_floats([float(torch.isfinite(loss))] + [info[k] for k in names] + [seconds], self.world)
+        finite = totals[0] == self.world.size
+        info = {k: v / self.world.size for k, v in zip(names, totals[1:-1], strict=True)}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # averages the gradients over the ranks
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return info, None, totals[-1]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm))
+        self.optimizer.step()
+        return info, grad_norm, totals[-1]
+
     @property
     def frame_s(self) -> float:
         """Seconds per fbank frame."""
@@ -362,10 +416,11 @@ class Trainer:
     def after_update(self, stage_state: Callable[[], dict[str, Any]]) -> dict | None:
         """Periodic work after an update: dev evaluation (best.pt on a new best), last.pt and metrics files."""
         table = None
-        if self.dev is not None and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_updates):
+        eval_due = self.dev is not None and (self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_updates)
+        if eval_due and self.world.is_main:  # the other ranks wait for it in the next collective
             table = self.evaluate_dev()
-        if table is not None or self.step % self.cfg.save_every == 0 or self.step == self.end:
-            self.save(self.last_url, stage_state())
+        if eval_due or self.step % self.cfg.save_every == 0 or self.step == self.end:
+            self.save(self.last_url, stage_state())  # on every rank: a collective under torchrun
             self.write_metrics()
         return table
 
@@ -381,16 +436,19 @@ class Trainer:
         return table
 
     def write_metrics(self) -> None:
-        """metrics.jsonl (one row per update, each once) and dev_evals.json."""
+        """metrics.jsonl (one row per update, each once) and dev_evals.json (rank 0 only)."""
+        if not self.world.is_main:
+            return
         write_manifest(join(self.stage_dir, "metrics.jsonl"), self.history)
         write_json(join(self.stage_dir, "dev_evals.json"), self.evals)
 
     def finish(self, stage_state: dict[str, Any], *, num_train_utterances: int, num_rejects: int,
                extra: dict[str, Any] | None = None) -> StageResult:
-        """Final checkpoints and result.json; returns the stage's result."""
+        """Final checkpoints and result.json (rank 0 writes); returns the stage's result on every rank."""
         self.save(self.last_url, stage_state)
         self.write_metrics()
-        if self.dev is None or not self.evals or not exists(self.best_url):
+        main = self.world.is_main
+        if main and (self.dev is None or not self.evals or not exists(self.best_url)):
             self.save(self.best_url, stage_state)  # without a dev evaluation the last model is the best we know
         dev_metrics = self.evals[-1]["metrics"] if self.evals else {}
         timing = self.timing()
@@ -412,6 +470,8 @@ class Trainer:
             extra=extra or {},
             losses=self.losses,
         )
+        if not main:
+            return result
         cache = {"key": stage_key(self.stage, self.cfg, self.resume["inputs"]), **self.resume,
                  "complete": self.step >= self.cfg.max_updates,  # a `stop_after` stop is no finished stage
                  "outputs": {url: sha256_of(url) for url in (self.last_url, self.best_url)}}
