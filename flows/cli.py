@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +29,11 @@ def progress_bar(single: bool = False) -> Iterator[Callable[[int, int, str], Non
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pipeline.distributed import launcher_rank
+
+    if launcher_rank() > 0:  # under torchrun, rank 0 shows the bars
+        yield lambda done, total, desc: None
+        return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         transient=False,
@@ -212,10 +218,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     out = args.out or (join(args.run_dir, "labels") if args.run_dir else None)
     if out is None:
         raise ValueError("--out is required without --run-dir")
-    if args.flow:
-        from flows.label import label_flow
+    if args.flow or args.dask_workers or args.dask_address:  # a Dask cluster is a task runner of the flow
+        from flows.label import run_label_flow
 
-        result = label_flow(cfg, out)
+        result = run_label_flow(cfg, out, dask_address=args.dask_address, dask_workers=args.dask_workers)
         summary, labeled, skipped = result["summary"], result["units_labeled"], result["units_skipped"]
     else:
         with progress_bar() as update:
@@ -514,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="config override, e.g. filters.min_confidence=0.8")
     lb.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-label (artifacts, task runs)")
+    dask = lb.add_mutually_exclusive_group()
+    dask.add_argument("--dask-workers", type=int, default=None, metavar="N",
+                      help="label on a local Dask cluster of N worker processes, cores shared among them (runs the "
+                      "flow)")
+    dask.add_argument("--dask-address", default=None, metavar="URL",
+                      help="label on a running Dask cluster, e.g. tcp://scheduler:8786 (runs the flow; workers need "
+                      "mlpl installed and the manifest, audio, teachers and labels root at the same URLs)")
     lb.set_defaults(func=cmd_label)
 
     rl = sub.add_parser("relabel", help="label new or changed audio of a watched folder into a labels root "
@@ -563,12 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mlpl` console script."""
+    from pipeline.distributed import launcher_rank, shutdown
+
     args = build_parser().parse_args(argv)
+    rank = launcher_rank()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # Under torchrun rank 0 reports; the other ranks say only what goes wrong, each line naming its rank.
+        level=(logging.DEBUG if args.verbose else logging.INFO) if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+        else f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (rank 0 prints the results)
     # Prefect's client logs every API request at INFO; keep the console for the pipeline's own lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
@@ -585,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlpl: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        shutdown()
     return 2
 
 
