@@ -27,6 +27,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from pipeline.text import normalize_text
+from storage.files import join, read_text
 
 # Bump when the extraction or the filter changes, so cached sentence files are rebuilt.
 FILTER_VERSION = 3
@@ -137,12 +138,14 @@ def load_sentences(
 
 
 def _load_text_dir(language: str, text_dir: str) -> tuple[list[str], dict]:
-    path = Path(text_dir) / f"{language}.txt"
-    if not path.exists():
+    # Any fsspec URL; a local path keeps the form it always had, since it is part of the corpus identity.
+    path = join(text_dir, f"{language}.txt") if "://" in text_dir else str(Path(text_dir) / f"{language}.txt")
+    try:
+        lines = read_text(path).splitlines()
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"no sentence file for language {language!r}: expected {path} (one sentence a line, UTF-8)"
-        )
-    lines = path.read_text(encoding="utf-8").splitlines()
+        ) from None
     kept = filter_sentences(language, lines)
     meta = {
         "source": "text_dir",

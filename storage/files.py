@@ -1,8 +1,14 @@
 """Artifact store primitives over any fsspec URL: atomic writes, reads, listing.
 
-Every write goes to a dot-prefixed temp name in the target folder and is then renamed, so a reader
-(or a resumed run) never sees a half-written file. Temp names never end in `.parquet`, because duckdb
-globs would pick them up (docs/architecture.md, "Environment facts").
+A reader (or a resumed run) never sees a half-written file. On object stores (s3://, gs://, az://) a whole
+object is written in one PUT, which the store makes visible all at once; elsewhere a write goes to a
+dot-prefixed temp name in the target folder and is then renamed. Temp names never end in `.parquet`, because
+duckdb globs would pick them up (docs/architecture.md, "Environment facts").
+
+Object stores are reached with their client's own configuration, so nothing here takes credentials or an
+endpoint: for S3, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` and `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`)
+for an S3 API other than AWS; subprocesses and workers inherit them. Listings are never cached: other
+processes write to the same bucket.
 """
 
 from __future__ import annotations
@@ -17,11 +23,30 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
+
+# Object stores whose PUT (single or multipart) makes an object appear complete or not at all; "rename" there
+# is a copy and a delete, so the final name is written directly.
+_ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 
 
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec file system of a URL and the path on it, without a listings cache on remote stores."""
     fs, path = fsspec.core.url_to_fs(url)
+    cached = getattr(getattr(fs, "dircache", None), "use_listings_cache", False)
+    if cached and not isinstance(fs, LocalFileSystem | MemoryFileSystem):
+        # s3fs/gcsfs cache listings per process with no expiry, and `exists` answers from them: a file that a
+        # corpus worker, a Dask worker or the next scheduled run wrote would stay invisible here.
+        fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False)
     return fs, path
+
+
+_fs = filesystem
+
+
+def _atomic_put(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    return bool(protocols & _ATOMIC_PUT_PROTOCOLS)
 
 
 def join(url: str, *parts: str) -> str:
@@ -39,8 +64,12 @@ def exists(url: str) -> bool:
 
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write bytes to a temp name beside the target, then rename it into place."""
+    """Write bytes so that readers see the old file or the whole new one: one PUT on an object store, else a
+    temp name beside the target renamed into place."""
     fs, path = _fs(url)
+    if _atomic_put(fs):
+        fs.pipe_file(path, data)
+        return
     parent, name = posixpath.split(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -116,7 +145,7 @@ def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:
 
 
 def copy_file(src: str, dst: str) -> None:
-    """Copy a file atomically (read whole, write to a temp name, rename)."""
+    """Copy a file atomically (read whole, then `atomic_write_bytes`), across file systems too."""
     atomic_write_bytes(dst, read_bytes(src))
 
 

@@ -37,7 +37,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from storage.files import atomic_write_bytes, exists, join, list_files, read_json, write_json
+from storage.files import atomic_write_bytes, exists, filesystem, join, list_files, read_json, write_json
 
 SCHEMA_VERSION = 2  # 2: audio_etag (files of version 1 read it as null)
 _LANG = pa.dictionary(pa.int32(), pa.string())
@@ -107,7 +107,7 @@ def sample_key(uid: str) -> str:
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url)
+    return filesystem(url)
 
 
 def _table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
