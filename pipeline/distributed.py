@@ -124,6 +124,11 @@ def gather(obj: Any, w: World) -> list[Any]:
     return out
 
 
+def gather_unique(items: list[T], w: World, key: str = "id") -> list[T]:
+    """Every rank's `items` in one list, each `key` once (e.g. the rejects each rank found in its own share)."""
+    return list({getattr(x, key): x for rank_items in gather(items, w) for x in rank_items}.values())
+
+
 def barrier(w: World) -> None:
     """Wait until every rank gets here (e.g. until rank 0 has written a file the others read)."""
     if w.distributed:

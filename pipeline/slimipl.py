@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.config import CollapseGuardConfig, SlimIPLConfig
 from pipeline.data import Batch, ProgressFn, Utterance, batch_sampler, collate, normalize_language
-from pipeline.distributed import all_reduce_floats, any_rank, barrier, gather, shard
+from pipeline.distributed import all_reduce_floats, any_rank, barrier, gather_unique, shard
 from pipeline.distributed import world as current_world
 from pipeline.evaluate import CropSpec, decode_features
 from pipeline.finetune import load_language_data, stage_meta, start_from
@@ -404,8 +404,7 @@ def _after_save(trainer: Trainer, stage_dir: str, base_rejects: list[dict], load
 
 def _all_ranks_rejects(loader: LazyBatchLoader, w) -> list[dict]:
     """Unlabeled rows that failed to decode on any rank (each rank reads its own share), each once."""
-    rows = {r["id"]: r for rank_rows in gather([r.as_row() for r in loader.rejects], w) for r in rank_rows}
-    return list(rows.values())
+    return [r.as_row() for r in gather_unique(loader.rejects, w)]
 
 
 def _pl_batch(slot: dict[str, list], by_id: dict[str, Utterance], loader: LazyBatchLoader, trainer: Trainer,

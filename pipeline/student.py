@@ -25,7 +25,7 @@ import torch
 from models.encoder import CTCLIDModel
 from pipeline.config import ModelConfig, StudentConfig, model_kwargs
 from pipeline.data import ProgressFn, batch_sampler, collate
-from pipeline.distributed import gather, shard
+from pipeline.distributed import gather_unique, shard
 from pipeline.distributed import world as current_world
 from pipeline.finetune import load_language_data
 from pipeline.modeling import load_trained
@@ -185,8 +185,7 @@ def run_student(
         trainer.after_update(state)
 
     # Each rank reads its own PL batches, so each found its own unreadable samples.
-    ranks_rejects = gather(pl_stream.rejects if pl_stream else [], w)
-    stream_rejects = list({r.id: r for rank in ranks_rejects for r in rank}.values())
+    stream_rejects = gather_unique(pl_stream.rejects if pl_stream else [], w)
     all_rejects = train.rejects + (dev.rejects if dev else []) + pl_rejects + stream_rejects
     if w.is_main:
         write_rejects(join(stage_dir, "rejects.jsonl"), [r.as_row() for r in all_rejects])
