@@ -50,15 +50,20 @@ def _param(params: dict, name: str):
     return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
 
 
-def stage_run_name(stage: str, *keys: str) -> Callable[[], str]:
-    """A task/flow run name `recipe-<run>-<stage>[-<key value>...]` from the run's parameters (`run_dir`, or
-    the `cfg` parameter's; then e.g. `language`, `mode`)."""
+def stage_run_name(stage: str = "", *keys: str) -> Callable[[], str]:
+    """A task/flow run name `recipe-<run>-<stage>[-<key value>...]` from the run's parameters: the run is the
+    basename of `run_dir` (or `root`, or the `cfg` parameter's run_dir); the stage is `stage`, else the `cfg`
+    parameter's stage name (a training config: "finetune/sl"), else the `stage` parameter; then the values of the
+    `keys` parameters that are set (e.g. `language`)."""
 
     def name() -> str:
         from prefect.runtime import flow_run, task_run
 
         params = task_run.parameters or flow_run.parameters or {}
         run = posixpath.basename(str(_param(params, "run_dir") or _param(params, "root") or "run").rstrip("/"))
-        return artifact_key("recipe", run, stage, *(str(_param(params, k)) for k in keys))
+        cfg = params.get("cfg")
+        part = stage or (cfg.stage_name() if hasattr(cfg, "stage_name") else params.get("stage"))
+        values = [_param(params, k) for k in keys]
+        return artifact_key("recipe", run, *(str(v) for v in [part, *values] if v))
 
     return name

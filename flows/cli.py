@@ -7,7 +7,6 @@ with a non-zero exit and a one-line reason.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ def progress_bar(single: bool = False) -> Iterator[Callable[[int, int, str], Non
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.distributed import launcher_rank
+    from pipeline.engine.distributed import launcher_rank
 
     if launcher_rank() > 0:  # under torchrun, rank 0 shows the bars
         yield lambda done, total, desc: None
@@ -49,37 +48,35 @@ def progress_bar(single: bool = False) -> Iterator[Callable[[int, int, str], Non
         yield update
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def _config(kind: str, args: argparse.Namespace, *preset_args: Any, **fields: Any):
+    """A stage config from its preset (`--preset`) with the preset's arguments and fields, `--max-updates` (a
+    shorter run keeps a proportionate warmup), `--threads` and every `--set key=value` applied."""
+    from pipeline.config import deep_merge, parse_assignments, preset
+
+    if getattr(args, "max_updates", None) is not None:  # labeling has no update budget
+        fields["max_updates"] = args.max_updates
+    cfg = preset(kind, args.preset, *preset_args, **fields)
+    sets = list(args.set or []) + ([f"num_threads={args.threads}"] if args.threads is not None else [])
+    return type(cfg)(**deep_merge(cfg.model_dump(mode="json"), parse_assignments(sets)))
 
 
-def apply_overrides(base: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` assignments (JSON values, else strings) to a nested config dict.
+def _train(cfg, args: argparse.Namespace):
+    """Run a training stage with progress bars; print its dev table, rate and best checkpoint; return its result."""
+    from pipeline.engine.evaluate import format_table
+    from pipeline.stages.registry import run_stage
 
-    Raises:
-        ValueError: for an assignment without '=' or a path through a non-dict.
-    """
-    out = json.loads(json.dumps(base))
-    for item in assignments:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. optim.lr=0.001")
-        key, value = item.split("=", 1)
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a config section")
-            node = node[part]
-        node[parts[-1]] = _parse_value(value)
-    return out
+    with progress_bar() as update:
+        result = run_stage(cfg, args.run_dir, resume=args.resume, on_progress=update)
+    if result.dev_metrics:
+        print(format_table(result.dev_metrics, f"{cfg.stage_name()} dev at update {result.step}"))
+    print(f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
+          f"best: {result.best_checkpoint}")
+    return result
 
 
 def cmd_corpus_build(args: argparse.Namespace) -> int:
     """Build a synthetic multilingual corpus."""
-    from pipeline.corpus import build_corpus, card_summary, corpus_preset
+    from pipeline.corpus.build import build_corpus, card_summary, corpus_preset
 
     cfg = corpus_preset(args.preset)
     if args.seed is not None:
@@ -92,37 +89,18 @@ def cmd_corpus_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace):
-    from pipeline.config import SupervisedConfig, model_preset, supervised_preset
-
-    overrides = {} if args.max_updates is None else {"max_updates": args.max_updates}
-    cfg = supervised_preset(args.preset, args.train, args.dev, **overrides)
-    base = cfg.model_dump(mode="json")
-    if args.model:
-        base["model"] = model_preset(args.model).model_dump(mode="json")
-    sets = list(args.set or [])
-    if args.threads is not None:
-        sets.append(f"num_threads={args.threads}")
-    return SupervisedConfig(**apply_overrides(base, sets))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """Supervised multilingual CTC + LID training (stage 1), resumable."""
-    from pipeline.evaluate import format_table
-    from pipeline.supervised import run_supervised
+    from pipeline.config import preset
 
-    cfg = _train_config(args)
-    with progress_bar() as update:
-        result = run_supervised(cfg, args.run_dir, resume=args.resume, on_progress=update)
-    if result.dev_metrics:
-        print(format_table(result.dev_metrics, f"dev at update {result.step}"))
-    print(f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s; best: {result.best_checkpoint}")
+    model = {"model": preset("model", args.model)} if args.model else {}
+    _train(_config("supervised", args, args.train, args.dev, **model), args)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a checkpoint on a manifest."""
-    from pipeline.evaluate import run_evaluate
+    from pipeline.engine.evaluate import run_evaluate
 
     with progress_bar() as update:
         result = run_evaluate(args.checkpoint, args.manifest, args.out, bf16=not args.fp32, on_progress=update)
@@ -131,52 +109,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_config(cls, base: dict[str, Any], args: argparse.Namespace):
-    sets = list(args.set or [])
-    if args.threads is not None:
-        sets.append(f"num_threads={args.threads}")
-    if getattr(args, "max_updates", None) is not None:  # labeling has no update budget
-        sets.append(f"max_updates={args.max_updates}")
-    return cls(**apply_overrides(base, sets))
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Per-language fine-tuning of the multilingual checkpoint (stage 2), resumable."""
-    from pipeline.config import FINETUNE_PRESETS, FinetuneConfig, stage_preset
-    from pipeline.evaluate import format_table
-    from pipeline.finetune import run_finetune
-
-    base = stage_preset(FINETUNE_PRESETS, args.preset, args.language, args.train, args.dev,
-                        init_checkpoint=args.init).model_dump(mode="json")
-    cfg = _stage_config(FinetuneConfig, base, args)
-    with progress_bar() as update:
-        result = run_finetune(cfg, args.run_dir, resume=args.resume, on_progress=update)
-    if result.dev_metrics:
-        print(format_table(result.dev_metrics, f"{cfg.language} dev at update {result.step}"))
-    print(f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
-          f"best: {result.best_checkpoint}")
+    _train(_config("finetune", args, args.language, args.train, args.dev, init_checkpoint=args.init), args)
     return 0
 
 
 def cmd_slimipl(args: argparse.Namespace) -> int:
     """slimIPL self-training on one language (stage 3), resumable."""
-    from pipeline.config import SLIMIPL_PRESETS, SlimIPLConfig, stage_preset
-    from pipeline.evaluate import format_table
-    from pipeline.report import pl_quality_markdown
-    from pipeline.slimipl import run_slimipl
+    from pipeline.report.report import pl_quality_markdown
 
-    base = stage_preset(SLIMIPL_PRESETS, args.preset, args.language, args.train, args.unlabeled, args.dev,
-                        init_checkpoint=args.init, reference_manifest=args.reference).model_dump(mode="json")
-    cfg = _stage_config(SlimIPLConfig, base, args)
-    with progress_bar() as update:
-        result = run_slimipl(cfg, args.run_dir, resume=args.resume, on_progress=update)
-    if result.dev_metrics:
-        print(format_table(result.dev_metrics, f"{cfg.language} dev at update {result.step}"))
+    cfg = _config("slimipl", args, args.language, args.train, args.unlabeled, args.dev, init_checkpoint=args.init,
+                  reference_manifest=args.reference)
+    result = _train(cfg, args)
     print(pl_quality_markdown(result.summary()))
     extra = result.extra
     print(f"{extra['pl_updates']} PL and {extra['labeled_updates']} labeled updates, {extra['refreshes']} cache "
-          f"refreshes; {result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage "
-          f"{result.stage_wall_s} s); best: {result.best_checkpoint}")
+          "refreshes")
     return 0
 
 
@@ -193,29 +142,23 @@ def _teacher_args(items: list[str] | None) -> dict[str, str]:
 
 
 def _label_config(args: argparse.Namespace):
-    from pipeline.config import LABEL_PRESETS, LabelConfig, stage_preset
-    from pipeline.label import default_teachers
-    from pipeline.modeling import load_trained
-    from storage.files import join
+    from pipeline.layout import teachers_for_run
 
-    teachers = {}
-    if args.run_dir:
-        languages = load_trained(join(args.run_dir, "supervised", "checkpoints", "best.pt")).languages
-        teachers = default_teachers(args.run_dir, languages)
+    teachers = teachers_for_run(args.run_dir) if args.run_dir else {}
     teachers |= _teacher_args(args.teacher)
     if not teachers:
         raise ValueError("no teachers: pass --run-dir (each language's best model there) or --teacher LANG=CHECKPOINT")
-    base = stage_preset(LABEL_PRESETS, args.preset, args.manifest, teachers).model_dump(mode="json")
-    return _stage_config(LabelConfig, base, args)
+    return _config("label", args, args.manifest, teachers)
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     """Corpus-wide pseudo-labeling into a Parquet table + WebDataset shards (resumable, idempotent)."""
-    from pipeline.label import open_with_pandas, run_label, summary_markdown
-    from storage.files import join
+    from pipeline.layout import RunLayout
+    from pipeline.stages.label import run_label
+    from pipeline.stages.label_summary import open_with_pandas, summary_markdown
 
     cfg = _label_config(args)
-    out = args.out or (join(args.run_dir, "labels") if args.run_dir else None)
+    out = args.out or (RunLayout(args.run_dir).labels if args.run_dir else None)
     if out is None:
         raise ValueError("--out is required without --run-dir")
     if args.flow or args.dask_workers or args.dask_address:  # a Dask cluster is a task runner of the flow
@@ -234,16 +177,13 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _recipe_config(args: argparse.Namespace):
-    from pipeline.config import RECIPE_PRESETS, RecipeConfig
-    from storage.files import read_json
+    from pipeline.config import RecipeConfig, deep_merge, parse_assignments, read_form, recipe_preset
 
     if args.config:
-        base = read_json(args.config)
+        base = read_form(args.config)
     else:
-        if args.recipe not in RECIPE_PRESETS:
-            raise ValueError(f"unknown recipe preset {args.recipe!r}; choose one of {sorted(RECIPE_PRESETS)}")
-        base = RECIPE_PRESETS[args.recipe](args.corpus_dir, args.run_dir, seed=args.seed).model_dump(mode="json")
-    return RecipeConfig(**apply_overrides(base, list(args.set or [])))
+        base = recipe_preset(args.recipe, args.corpus_dir, args.run_dir, seed=args.seed).model_dump(mode="json")
+    return RecipeConfig(**deep_merge(base, parse_assignments(list(args.set or []))))
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
@@ -263,8 +203,8 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     print_recipe(out, cfg.run_dir, wall)
     if args.results:
-        from pipeline.bench import cpu_name
-        from pipeline.report import write_results
+        from pipeline.report.bench import cpu_name
+        from pipeline.report.report import write_results
 
         roles = {lang: v.get("role", "") for lang, v in out.get("corpus", {}).get("languages", {}).items()}
         write_results(args.results, out, wall_s=wall, command=args.results_command or "mlpl recipe",
@@ -275,7 +215,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
     """The report table, each stage's wall time and where everything is."""
-    from pipeline.label import open_with_pandas, summary_markdown
+    from pipeline.stages.label_summary import open_with_pandas, summary_markdown
 
     print("\n### Report (paper Tables 2-3 layout)\n")
     print(out["report"]["markdown"])
@@ -304,37 +244,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_student(args: argparse.Namespace) -> int:
     """Train a student on labeled + pseudo-labeled data (stage 5), resumable."""
-    from pipeline.config import STUDENT_PRESETS, StudentConfig, stage_preset
-    from pipeline.evaluate import format_table
-    from pipeline.student import run_student
-
-    base = stage_preset(STUDENT_PRESETS, args.preset, args.mode, args.train, args.dev, init_checkpoint=args.init,
-                        labels_root=args.labels, labeled_only=args.labeled_only).model_dump(mode="json")
-    cfg = _stage_config(StudentConfig, base, args)
-    with progress_bar() as update:
-        result = run_student(cfg, args.run_dir, resume=args.resume, on_progress=update)
-    if result.dev_metrics:
-        print(format_table(result.dev_metrics, f"student {cfg.stage_name()} dev at update {result.step}"))
-    extra = result.extra
-    print(f"updates by source {extra['updates_by_source']} (weights {extra['weights']}); "
-          f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
-          f"best: {result.best_checkpoint}")
+    cfg = _config("student", args, args.mode, args.train, args.dev, init_checkpoint=args.init, labels_root=args.labels,
+                  labeled_only=args.labeled_only)
+    extra = _train(cfg, args).extra
+    print(f"updates by source {extra['updates_by_source']} (weights {extra['weights']})")
     return 0
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
     """Label what arrived in a watched folder (new files, changed files, older teachers) into a labels root."""
-    from pipeline.config import RelabelConfig
-    from pipeline.relabel import relabel_markdown, run_relabel
-    from storage.files import read_json
+    from pipeline.config import RelabelConfig, deep_merge, parse_assignments, read_form
+    from pipeline.stages.relabel import relabel_markdown, run_relabel
 
-    base = read_json(args.config) if args.config else {}
+    base = read_form(args.config) if args.config else {}
     given = {"watch": args.watch, "labels_root": args.labels, "run_dir": args.run_dir,
              "language_from": args.language_from, "preset": args.preset}
     base |= {k: v for k, v in given.items() if v is not None}
     if args.teacher:
         base["teachers"] = _teacher_args(args.teacher)
-    cfg = RelabelConfig(**apply_overrides(base, list(args.set or [])))
+    cfg = RelabelConfig(**deep_merge(base, parse_assignments(list(args.set or []))))
     if args.flow:
         from flows.relabel import relabel_flow
 
@@ -350,20 +278,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a deployment of every flow against the configured Prefect API (PREFECT_API_URL) until interrupted."""
     import os
 
-    from pipeline.config import RECIPE_PRESETS
-    from storage.files import read_json
+    from pipeline.config import read_form, recipe_preset
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise ValueError("PREFECT_API_URL is not set: start a server (make server) and export "
-                         "PREFECT_API_URL=http://127.0.0.1:4200/api, or use make serve")
+        raise ValueError("PREFECT_API_URL is not set: start a server (make server) and export PREFECT_API_URL="
+                         "http://127.0.0.1:<port>/api (4200 unless PREFECT_PORT says otherwise), or use make serve")
     from flows.deploy import serve_all
 
     recipe = None
     if args.recipe_config:
-        recipe = read_json(args.recipe_config)
+        recipe = read_form(args.recipe_config)
     elif args.recipe:
-        recipe = RECIPE_PRESETS[args.recipe](args.corpus_dir, args.run_dir).model_dump(mode="json")
-    relabel = read_json(args.relabel_config) if args.relabel_config else None
+        recipe = recipe_preset(args.recipe, args.corpus_dir, args.run_dir).model_dump(mode="json")
+    relabel = read_form(args.relabel_config) if args.relabel_config else None
     serve_all(relabel=relabel, relabel_cron=args.relabel_cron, recipe=recipe, device_slots=args.device_slots,
               limit=args.limit)
     return 0
@@ -371,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write and print a run's report: test CER per stage and language, averages, LID, PL CER, dev-CER plot."""
-    from pipeline.report import write_report
+    from pipeline.report.report import write_report
 
     report = write_report(args.run_dir)
     print(report["markdown"])
@@ -383,24 +310,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Measure throughput on the demo corpus (built first if missing): training, decoding and labeling."""
     import tempfile
 
-    from pipeline.bench import bench_teacher, format_figures, format_label_bench, run_bench, run_label_bench
-    from pipeline.corpus import build_corpus, corpus_preset
-    from storage.files import exists, join
+    from pipeline.report.bench import (
+        ensure_corpus,
+        format_figures,
+        format_label_bench,
+        label_teacher,
+        run_bench,
+        run_label_bench,
+    )
 
-    if not exists(join(args.corpus_dir, "manifests", "labeled.jsonl")):
-        with progress_bar(single=True) as update:
-            build_corpus(corpus_preset(args.corpus), args.corpus_dir, on_progress=update)
+    with progress_bar(single=True) as update:
+        ensure_corpus(args.corpus, args.corpus_dir, on_progress=update)
     print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
     if args.skip_labeling:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = args.teacher
-        if teacher is None and exists(args.default_teacher):
-            teacher = args.default_teacher
-        if teacher is None:
-            print(f"\nno teacher at {args.default_teacher} (run `make demo` first); training a quick one to label with")
-            teacher = bench_teacher(args.corpus_dir, join(tmp, "teacher"))
-        print()
+        teacher, note = label_teacher(args.corpus_dir, args.teacher, args.default_teacher, tmp)
+        print(f"\n{note}\n")
         print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
     return 0
 
@@ -412,6 +338,15 @@ def _stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from the stage's checkpoints/last.pt when present (default: on)")
+
+
+def _language_stage_arguments(p: argparse.ArgumentParser, *, init: str) -> None:
+    p.add_argument("--language", required=True, help="language code, e.g. sl")
+    p.add_argument("--train", required=True, help="labeled manifest (only the language's rows are used)")
+    p.add_argument("--dev", default=None, help="dev manifest (only the language's rows are used)")
+    p.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    p.add_argument("--init", default=None, help=f"starting checkpoint (default: {init})")
+    _stage_arguments(p)
 
 
 def _recipe_arguments(p: argparse.ArgumentParser, *, corpus: str, corpus_dir: str, run_dir: str) -> None:
@@ -443,36 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train", required=True, help="labeled manifest (JSONL or Parquet, any fsspec URL)")
     t.add_argument("--dev", default=None, help="dev manifest for periodic validation")
     t.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
-    t.add_argument("--preset", default="tiny", help="tiny (CPU) | paper (default: tiny)")
     t.add_argument("--model", default=None, help="model preset override: tiny | base | large")
-    t.add_argument("--max-updates", type=int, default=None, help="number of updates")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
-    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from <run-dir>/supervised/checkpoints/last.pt when present (default: on)")
+    _stage_arguments(t)
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("finetune", help="fine-tune the multilingual model on one language (resumes by default)")
-    f.add_argument("--language", required=True, help="language code, e.g. sl")
-    f.add_argument("--train", required=True, help="labeled manifest (only the language's rows are used)")
-    f.add_argument("--dev", default=None, help="dev manifest (only the language's rows are used)")
-    f.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
-    f.add_argument("--init", default=None,
-                   help="starting checkpoint (default: <run-dir>/supervised/checkpoints/best.pt)")
-    _stage_arguments(f)
+    _language_stage_arguments(f, init="<run-dir>/supervised/checkpoints/best.pt")
     f.set_defaults(func=cmd_finetune)
 
     sl = sub.add_parser("slimipl", help="slimIPL self-training on one language (resumes by default)")
-    sl.add_argument("--language", required=True, help="language code, e.g. sl")
-    sl.add_argument("--train", required=True, help="labeled manifest (only the language's rows are used)")
+    _language_stage_arguments(sl, init="<run-dir>/finetune/<language>/checkpoints/best.pt")
     sl.add_argument("--unlabeled", required=True, help="unlabeled manifest (only the language's rows are used)")
-    sl.add_argument("--dev", default=None, help="dev manifest (only the language's rows are used)")
     sl.add_argument("--reference", default=None,
                     help="hidden true transcripts of the unlabeled clips, to log PL CER (never used for training)")
-    sl.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
-    sl.add_argument("--init", default=None,
-                    help="starting checkpoint (default: <run-dir>/finetune/<language>/checkpoints/best.pt)")
-    _stage_arguments(sl)
     sl.set_defaults(func=cmd_slimipl)
 
     e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")
@@ -543,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-relabel")
     rl.set_defaults(func=cmd_relabel)
 
-    sv = sub.add_parser("serve", help="serve a Prefect deployment of every flow (recipe, stages, label, relabel, "
-                        "report) against PREFECT_API_URL")
+    sv = sub.add_parser("serve", help="serve a Prefect deployment of every flow (recipe, one recipe step, report, "
+                        "relabel) against PREFECT_API_URL")
     sv.add_argument("--recipe", default=None, choices=["demo", "bench"],
                     help="prefill the recipe and stage forms with this preset on --corpus-dir / --run-dir")
     sv.add_argument("--recipe-config", default=None, help="prefill them with this RecipeConfig JSON instead")
@@ -576,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mlpl` console script."""
-    from pipeline.distributed import launcher_rank, shutdown
+    from pipeline.engine.distributed import launcher_rank, shutdown
 
     args = build_parser().parse_args(argv)
     rank = launcher_rank()

@@ -1,33 +1,28 @@
 """Deployments for operators (`mlpl serve`): every flow served against the configured Prefect API with a typed
 parameter form (docs/architecture.md, "Operating").
 
-The recipe and the per-stage deployments take the same `RecipeConfig` (descriptions on every field, presets
-and student modes as dropdowns, budgets and the PL cache size bounded), so a form filled for the recipe also
-drives one stage; the server checks a run's parameters against that schema before the run exists. Training,
-evaluation and labeling tasks carry the `mlpl-device` tag, limited to one running task at a time. The relabel
-deployment runs on a Cron schedule (nightly by default) with a deployment concurrency limit of 1.
+The recipe (`mlpl-recipe`) and one-step (`mlpl-stage`) deployments take the same `RecipeConfig` (descriptions on
+every field, presets and student modes as dropdowns, budgets, PL cache size and PL filters typed and bounded), so
+a form filled for the recipe also drives one of its steps; the server checks a run's parameters against that
+schema before the run exists. Training, evaluation and labeling tasks carry the `mlpl-device` tag, limited to one
+running task at a time. The relabel deployment runs on a Cron schedule (nightly by default) with a deployment
+concurrency limit of 1.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, serve
 from prefect.client.orchestration import get_client
 
 from flows.artifacts import DEVICE_TAG, stage_run_name
-from flows.label import label_flow
-from flows.recipe import recipe_flow
+from flows.recipe import PER_LANGUAGE_STEPS, RECIPE_STEPS, StepName, recipe_flow
 from flows.relabel import relabel_flow
 from flows.report import report_task
-from flows.selftrain import finetune_flow, slimipl_flow
-from flows.student import student_flow
-from flows.supervised import supervised_flow
 from pipeline.config import RecipeConfig, RelabelConfig
-from pipeline.label import default_teachers
-from pipeline.modeling import load_trained
-from storage.files import join
+from pipeline.config.recipe import StudentMode
 
 log = logging.getLogger("mlpl.serve")
 
@@ -35,64 +30,30 @@ DEPLOYMENT = "mlpl"  # every flow's deployment is "<flow name>/mlpl"
 NIGHTLY = "0 2 * * *"
 
 
-@flow(name="mlpl-supervised-stage", log_prints=True, flow_run_name=stage_run_name("supervised"))
-def supervised_stage(cfg: RecipeConfig) -> dict:
-    """Stage 1 of a recipe config: supervised multilingual training, then test scoring.
+def _step_run_name() -> str:
+    """`recipe-<run>-<stage>[-<language> | -<student mode>]`, as the recipe's own runs of that step are named."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    key = {"student": "student_mode", **dict.fromkeys(PER_LANGUAGE_STEPS, "language")}.get(params.get("stage"))
+    return stage_run_name(str(params.get("stage")), *([key] if key else []))()
+
+
+@flow(name="mlpl-stage", log_prints=True, flow_run_name=_step_run_name)
+def stage_flow(cfg: RecipeConfig, stage: StepName, language: str | None = None,
+               student_mode: StudentMode = "from_scratch", labeled_finetune: bool = False) -> dict:
+    """One step of a recipe config alone: its inputs (the earlier stages' checkpoints) must be in the run already.
 
     Args:
-        cfg: the recipe config (data, preset, overrides); this deployment runs its supervised stage.
+        cfg: the recipe config (data, preset, budgets, overrides); this deployment runs one of its steps.
+        stage: which step: supervised, finetune and slimipl (per language), label, or student.
+        language: the language of a per-language step (a language of the labeled manifest).
+        student_mode: the student to train with stage=student: from_scratch or finetune.
+        labeled_finetune: with stage=student, fine-tune the student on labeled data only afterwards.
     """
-    return supervised_flow(cfg.supervised_config(), cfg.run_dir, cfg.test_manifest)
-
-
-@flow(name="mlpl-finetune-stage", log_prints=True, flow_run_name=stage_run_name("finetune", "language"))
-def finetune_stage(cfg: RecipeConfig, language: str) -> dict:
-    """Stage 2 of a recipe config for one language (needs the run's supervised checkpoint).
-
-    Args:
-        cfg: the recipe config (data, preset, overrides); this deployment runs one fine-tune of it.
-        language: the language to fine-tune on (a language of the labeled manifest).
-    """
-    return finetune_flow(cfg.finetune_config(language), cfg.run_dir, cfg.test_manifest)
-
-
-@flow(name="mlpl-slimipl-stage", log_prints=True, flow_run_name=stage_run_name("slimipl", "language"))
-def slimipl_stage(cfg: RecipeConfig, language: str) -> dict:
-    """Stage 3 of a recipe config for one language (needs the language's fine-tuned checkpoint).
-
-    Args:
-        cfg: the recipe config (data, preset, overrides); this deployment runs one slimIPL of it.
-        language: the language to self-train (it needs rows in the unlabeled manifest).
-    """
-    return slimipl_flow(cfg.slimipl_config(language), cfg.run_dir, cfg.test_manifest)
-
-
-@flow(name="mlpl-label-stage", log_prints=True, flow_run_name=stage_run_name("label"))
-def label_stage(cfg: RecipeConfig) -> dict:
-    """Step 4 of a recipe config: label the unlabeled manifest with each language's best model of the run.
-
-    Args:
-        cfg: the recipe config; its unlabeled manifest is labeled into <run_dir>/labels.
-    """
-    languages = load_trained(join(cfg.run_dir, "supervised", "checkpoints", "best.pt")).languages
-    return label_flow(cfg.label_config(default_teachers(cfg.run_dir, languages)), join(cfg.run_dir, "labels"))
-
-
-@flow(name="mlpl-student-stage", log_prints=True, flow_run_name=stage_run_name("student", "mode"))
-def student_stage(cfg: RecipeConfig, mode: Literal["from_scratch", "finetune"] = "from_scratch",
-                  labeled_finetune: bool = False) -> dict:
-    """Stage 5 of a recipe config: one student (and, with `labeled_finetune`, its labeled-only fine-tune).
-
-    Args:
-        cfg: the recipe config (data, preset, student overrides).
-        mode: from_scratch (a new model) or finetune (from the supervised checkpoint).
-        labeled_finetune: afterwards fine-tune the student on labeled data only.
-    """
-    out = {"student": student_flow(cfg.student_config(mode), cfg.run_dir, cfg.test_manifest)}
-    if labeled_finetune:
-        ft = cfg.labeled_finetune_config(mode, out["student"]["training"]["best_checkpoint"])
-        out["labeled_finetune"] = student_flow(ft, cfg.run_dir, cfg.test_manifest)
-    return out
+    if stage in PER_LANGUAGE_STEPS and not language:
+        raise ValueError(f"stage={stage!r} runs on one language: give language, e.g. 'sl'")
+    return RECIPE_STEPS[stage](cfg, language, student_mode, labeled_finetune)
 
 
 @flow(name="mlpl-report", log_prints=True, flow_run_name=stage_run_name("report"))
@@ -105,10 +66,8 @@ def report_flow(run_dir: str) -> dict:
     return report_task(run_dir)
 
 
-FLOWS = {
-    "recipe": recipe_flow, "supervised": supervised_stage, "finetune": finetune_stage, "slimipl": slimipl_stage,
-    "label": label_stage, "student": student_stage, "report": report_flow, "relabel": relabel_flow,
-}
+# Every deployment `mlpl serve` offers; a new step of the recipe joins `mlpl-stage` through RECIPE_STEPS.
+FLOWS = {"recipe": recipe_flow, "stage": stage_flow, "report": report_flow, "relabel": relabel_flow}
 
 
 def build_deployments(*, relabel: dict[str, Any] | None = None, relabel_cron: str = NIGHTLY,
@@ -123,7 +82,7 @@ def build_deployments(*, relabel: dict[str, Any] | None = None, relabel_cron: st
             if relabel:
                 kwargs["parameters"] = {"cfg": RelabelConfig(**relabel).model_dump(mode="json")}
                 kwargs["cron"] = relabel_cron
-        elif recipe and key in ("recipe", "supervised", "label", "student"):
+        elif recipe and key in ("recipe", "stage"):
             kwargs["parameters"] = {"cfg": RecipeConfig(**recipe).model_dump(mode="json")}
         deployments.append(fl.to_deployment(**kwargs))
     return deployments

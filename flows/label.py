@@ -1,4 +1,4 @@
-"""Prefect flow for corpus-wide pseudo-label generation (recipe step 4), a thin layer over pipeline/label.py.
+"""Prefect flow for corpus-wide pseudo-label generation (recipe step 4), a thin layer over pipeline/stages/label.py.
 
 Work units fan out over the flow's task runner, which is just a parameter: one thread by default (on 2 cores one
 labeling process already uses both), or a Dask cluster through prefect-dask (`run_label_flow(...,
@@ -7,14 +7,13 @@ task runner, e.g. prefect-ray's `RayTaskRunner`, plugs in the same way: `label_f
 
 Each unit task is retried once and is idempotent: a committed unit is skipped, a half-done one is redone
 under the same file names, so a worker killed mid-unit (Dask reruns its task elsewhere) leaves no duplicate.
-A worker process loads each teacher once (`pipeline.label._teacher_model` caches per process) and labels
+A worker process loads each teacher once (`pipeline.stages.label._teacher_model` caches per process) and labels
 many units; the tasks carry the plan without its unit list, so what travels per task stays small.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,6 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -32,23 +30,14 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key
 from pipeline.config import LabelConfig
-from pipeline.label import LabelPlan, WorkUnit, finish, label_unit, open_with_pandas, plan_labeling, summary_markdown
-
-
-def _label_one(plan: LabelPlan, unit: WorkUnit) -> dict:
-    # Threads are per process: a Dask worker sets them before every unit (cheap), the thread runner once per run
-    # in effect. None leaves the process default (Dask workers start with OMP_NUM_THREADS=1).
-    if plan.cfg.num_threads is not None and torch.get_num_threads() != plan.cfg.num_threads:
-        torch.set_num_threads(plan.cfg.num_threads)
-    # Which process labeled the unit, with how many threads: the flow reports the spread over workers.
-    return label_unit(plan, unit) | {"worker": f"{socket.gethostname()}:{os.getpid()}",
-                                     "threads": torch.get_num_threads()}
+from pipeline.stages.label import LabelPlan, WorkUnit, finish, label_unit, plan_labeling
+from pipeline.stages.label_summary import open_with_pandas, summary_markdown
 
 
 @task(cache_policy=NO_CACHE, retries=1, tags=[DEVICE_TAG], task_run_name="label-{unit.name}")
 def label_unit_task(plan: LabelPlan, unit: WorkUnit) -> dict:
     """Label and commit one work unit (skipped when already committed with the same keys)."""
-    return _label_one(plan, unit)
+    return label_unit(plan, unit)
 
 
 # On a cluster the workers are the devices (one unit at a time each), so the unit tasks must not queue on the
@@ -56,7 +45,7 @@ def label_unit_task(plan: LabelPlan, unit: WorkUnit) -> dict:
 @task(cache_policy=NO_CACHE, retries=1, task_run_name="label-{unit.name}")
 def label_unit_cluster_task(plan: LabelPlan, unit: WorkUnit) -> dict:
     """Label and commit one work unit on a cluster worker (no device tag)."""
-    return _label_one(plan, unit)
+    return label_unit(plan, unit)
 
 
 def task_plan(plan: LabelPlan) -> LabelPlan:

@@ -5,11 +5,16 @@ would fan out; on 2 cores the languages run one after another) → labeling of e
 language's best model → student(s) on labeled + PL data (→ labeled-only fine-tune) → report. Every stage is
 scored on the test set. What passes between stages are small records (URIs, metrics, wall times); each
 stage reads its inputs from the run directory.
+
+Each step of the chain is a function of the recipe form, so the `mlpl-stage` deployment runs the same steps one
+at a time (`RECIPE_STEPS`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -17,14 +22,66 @@ from prefect.artifacts import create_markdown_artifact
 from flows.artifacts import stage_run_name
 from flows.label import label_flow
 from flows.report import report_task
-from flows.selftrain import language_flow
-from flows.student import student_flow
-from flows.supervised import supervised_flow
-from pipeline.config import RecipeConfig
-from pipeline.data import read_utterances
-from pipeline.label import default_teachers
-from pipeline.modeling import load_trained
-from storage.files import join, write_json
+from flows.stages import train_flow
+from pipeline.config import FinetuneConfig, RecipeConfig, SlimIPLConfig
+from pipeline.data.rows import read_utterances
+from pipeline.layout import RunLayout, teachers_for_run
+from pipeline.report.report import write_recipe_record
+
+
+def supervised_step(cfg: RecipeConfig) -> dict:
+    """Stage 1: supervised multilingual training, scored on every language."""
+    return train_flow(cfg.supervised_config(), cfg.run_dir, cfg.test_manifest)
+
+
+@flow(name="mlpl-language", log_prints=True, flow_run_name="selftrain-{finetune.language}")
+def language_flow(finetune: FinetuneConfig, slimipl: SlimIPLConfig, run_dir: str,
+                  test_manifest: str | None = None) -> dict:
+    """The per-language sub-pipeline: fine-tune the multilingual model, then slimIPL from the fine-tuned one."""
+    return {"finetune": train_flow(finetune, run_dir, test_manifest),
+            "slimipl": train_flow(slimipl, run_dir, test_manifest)}
+
+
+def language_step(cfg: RecipeConfig, language: str) -> dict:
+    """Stages 2-3 for one language: fine-tune, then slimIPL (needs the run's supervised checkpoint)."""
+    return language_flow(cfg.finetune_config(language), cfg.slimipl_config(language), cfg.run_dir,
+                         cfg.test_manifest)
+
+
+def label_step(cfg: RecipeConfig) -> dict:
+    """Step 4: the unlabeled manifest labeled by each language's best model of the run into `<run>/labels`."""
+    return label_flow(cfg.label_config(teachers_for_run(cfg.run_dir)), RunLayout(cfg.run_dir).labels)
+
+
+def _untimed(name: str, fn: Callable, *args):
+    return fn(*args)
+
+
+def student_step(cfg: RecipeConfig, mode: str, labeled_finetune: bool, timed: Callable = _untimed) -> dict:
+    """Stage 5: one student (and, with `labeled_finetune`, its labeled-only fine-tune after it); `timed(name, fn,
+    *args)` runs each training flow (the recipe times them)."""
+    st = cfg.student_config(mode)
+    out = {"student": timed(f"student {st.variant_name()}", train_flow, st, cfg.run_dir, cfg.test_manifest)}
+    if labeled_finetune:
+        ft = cfg.labeled_finetune_config(mode, out["student"]["training"]["best_checkpoint"])
+        out["labeled_finetune"] = timed(f"student {ft.variant_name()}", train_flow, ft, cfg.run_dir,
+                                        cfg.test_manifest)
+    return out
+
+
+# The steps an operator can run alone from a recipe form (`mlpl-stage`), each given (cfg, language, student mode,
+# labeled-only fine-tune or not).
+RECIPE_STEPS: dict[str, Callable[[RecipeConfig, str | None, str, bool], dict]] = {
+    "supervised": lambda cfg, language, mode, labeled_ft: supervised_step(cfg),
+    "finetune": lambda cfg, language, mode, labeled_ft: train_flow(cfg.finetune_config(language), cfg.run_dir,
+                                                                   cfg.test_manifest),
+    "slimipl": lambda cfg, language, mode, labeled_ft: train_flow(cfg.slimipl_config(language), cfg.run_dir,
+                                                                  cfg.test_manifest),
+    "label": lambda cfg, language, mode, labeled_ft: label_step(cfg),
+    "student": lambda cfg, language, mode, labeled_ft: student_step(cfg, mode, labeled_ft),
+}
+StepName = Literal[tuple(RECIPE_STEPS)]  # the form's dropdown: exactly the keys of RECIPE_STEPS
+PER_LANGUAGE_STEPS = ("finetune", "slimipl")
 
 
 def languages_with_unlabeled(cfg: RecipeConfig, known: list[str]) -> list[str]:
@@ -35,14 +92,15 @@ def languages_with_unlabeled(cfg: RecipeConfig, known: list[str]) -> list[str]:
     return sorted({u.language for u in utts})
 
 
-def _stage(summary: dict, test: dict | None) -> dict:
+def _stage(out: dict) -> dict:
     """The small record a stage hands on: checkpoint URI, updates, wall time, test metrics."""
+    summary = out["training"]
     return {"checkpoint": summary["best_checkpoint"], "step": summary["step"], "stage_wall_s": summary["stage_wall_s"],
             "train_audio_s_per_s": summary["train_audio_s_per_s"], "precision": summary["precision"],
-            "test": (test or {}).get("metrics"), "cached": summary.get("cached", False)}
+            "test": (out.get("test") or {}).get("metrics"), "cached": summary.get("cached", False)}
 
 
-@flow(name="mlpl-recipe", log_prints=True, flow_run_name=stage_run_name(""))
+@flow(name="mlpl-recipe", log_prints=True, flow_run_name=stage_run_name())
 def recipe_flow(cfg: RecipeConfig) -> dict:
     """Run every stage of the recipe on one config; a rerun resumes each stage where it stopped and reuses
     each finished stage whose config and inputs are unchanged.
@@ -51,7 +109,6 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
         cfg: the recipe config: data manifests, stage presets (paper or tiny), budgets and overrides.
     """
     logger = get_run_logger()
-    run, test = cfg.run_dir, cfg.test_manifest
     stages: dict[str, dict] = {}
     walls: dict[str, float] = {}
 
@@ -62,29 +119,20 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
         logger.info("%s finished in %.0f s", name, walls[name])
         return out
 
-    sup = timed("supervised", supervised_flow, cfg.supervised_config(), run, test)
-    stages["supervised"] = _stage(sup["training"], sup.get("test"))
-    languages = load_trained(sup["training"]["best_checkpoint"]).languages
-    for lang in languages_with_unlabeled(cfg, languages):
-        out = timed(f"finetune+slimipl {lang}", language_flow, cfg.finetune_config(lang), cfg.slimipl_config(lang),
-                    run, test)
-        stages[f"finetune/{lang}"] = _stage(out["finetune"]["training"], out["finetune"].get("test"))
-        stages[f"slimipl/{lang}"] = _stage(out["slimipl"]["training"], out["slimipl"].get("test"))
-    labels = timed("labeling", label_flow, cfg.label_config(default_teachers(run, languages)), join(run, "labels"))
+    stages["supervised"] = _stage(timed("supervised", supervised_step, cfg))
+    for lang in languages_with_unlabeled(cfg, RunLayout(cfg.run_dir).languages()):
+        out = timed(f"finetune+slimipl {lang}", language_step, cfg, lang)
+        stages[f"finetune/{lang}"], stages[f"slimipl/{lang}"] = _stage(out["finetune"]), _stage(out["slimipl"])
+    labels = timed("labeling", label_step, cfg)
     for mode in cfg.student_modes:
-        st_cfg = cfg.student_config(mode)
-        out = timed(f"student {st_cfg.stage_name()}", student_flow, st_cfg, run, test)
-        stages[f"student/{st_cfg.stage_name()}"] = _stage(out["training"], out.get("test"))
-        if cfg.student_labeled_finetune:
-            ft_cfg = cfg.labeled_finetune_config(mode, out["training"]["best_checkpoint"])
-            out = timed(f"student {ft_cfg.stage_name()}", student_flow, ft_cfg, run, test)
-            stages[f"student/{ft_cfg.stage_name()}"] = _stage(out["training"], out.get("test"))
-    report = timed("report", report_task, run)
-    result = {"run_dir": run, "stages": stages, "wall_s": walls, "report": report,
+        for out in student_step(cfg, mode, cfg.student_labeled_finetune, timed).values():
+            stages[out["training"]["stage"]] = _stage(out)
+    report = timed("report", report_task, cfg.run_dir)
+    result = {"run_dir": cfg.run_dir, "stages": stages, "wall_s": walls, "report": report,
               "labels": {k: labels[k] for k in ("root", "summary", "units_labeled", "units_skipped", "wall_s")}}
-    write_json(join(run, "report", "recipe_run.json"), result)
+    write_recipe_record(cfg.run_dir, result)
     create_markdown_artifact(markdown=summary_markdown(result), key="recipe-summary",
-                             description=f"checkpoints, shards and wall times of {run}")
+                             description=f"checkpoints, shards and wall times of {cfg.run_dir}")
     return result
 
 

@@ -1,4 +1,4 @@
-"""Prefect flow for the relabel job (`mlpl-relabel`), a thin layer over pipeline/relabel.py.
+"""Prefect flow for the relabel job (`mlpl-relabel`), a thin layer over pipeline/stages/relabel.py.
 
 Served with a Cron schedule (nightly by default, `mlpl serve --relabel-cron`) and a deployment concurrency
 limit of 1; the lock file in the labels root also keeps runs from outside Prefect from overlapping.
@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.artifacts import ProgressArtifact, artifact_key
 from pipeline.config import RelabelConfig
-from pipeline.relabel import relabel_markdown, run_relabel
+from pipeline.stages.relabel import relabel_markdown, run_relabel
 
 
 @flow(name="mlpl-relabel", log_prints=True, flow_run_name="relabel-{cfg.watch}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from storage.files import atomic_write_bytes, exists, read_bytes
+from storage.files import atomic_write_bytes, exists, filesystem, read_bytes
 
 # torch.save writes a zip archive; anything else (a text file, a legacy pickle) is not an mlpl checkpoint.
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -48,6 +50,29 @@ def load_checkpoint(url: str) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"{url} is not a readable mlpl checkpoint (holds a {type(state).__name__}); {_FIX}")
     return state
+
+
+def read_checkpoint_fields(url: str, fields: Sequence[str]) -> dict[str, Any]:
+    """Some small fields of a checkpoint (its languages, stage, step) without reading its tensors where the file is
+    local (they are memory-mapped and never touched); elsewhere the whole file is read.
+
+    Raises:
+        FileNotFoundError: when no checkpoint is at the URL.
+        ValueError: as `load_checkpoint`, or when a field is missing.
+    """
+    fs, path = filesystem(url)
+    state = None
+    if isinstance(fs, LocalFileSystem) and fs.isfile(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # damaged or not a zip archive: load_checkpoint says what is wrong with it
+            state = None
+    if not isinstance(state, dict):
+        state = load_checkpoint(url)
+    missing = [f for f in fields if f not in state]
+    if missing:
+        raise ValueError(f"{url} is not an mlpl checkpoint (missing {', '.join(missing)})")
+    return {f: state[f] for f in fields}
 
 
 def _reason(err: Exception) -> str:

@@ -192,6 +192,15 @@ class LabelStore:
         """Catalog record of a unit."""
         return join(self.root, "catalog", "units", f"{self.unit_name(language, index)}.json")
 
+    @property
+    def relabel_lock_url(self) -> str:
+        """The lock file that keeps two relabel runs of this root from numbering units at once."""
+        return join(self.root, "catalog", "relabel.lock")
+
+    def relabel_manifest_url(self, name: str) -> str:
+        """Where a relabel run keeps the manifest of the files it labels (named by content)."""
+        return join(self.root, "catalog", "relabel", f"{name}.jsonl")
+
     # --- units ------------------------------------------------------------------------------------
     def open_shard(self, language: str, index: int) -> ShardWriter:
         """A shard writer for a unit (temp name until the unit commits); temp files that a killed earlier

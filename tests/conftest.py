@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import label_tiny, supervised_tiny
-from pipeline.corpus import build_corpus, corpus_preset
-from pipeline.label import run_label
-from pipeline.supervised import run_supervised
+from pipeline.corpus.build import build_corpus, corpus_preset
+from pipeline.stages.label import run_label
+from pipeline.stages.supervised import run_supervised
 
 
 @pytest.fixture(scope="session")

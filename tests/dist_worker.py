@@ -16,7 +16,7 @@ import sys
 from fsspec.implementations.local import LocalFileSystem
 
 from flows.cli import main
-from pipeline.trainer import Trainer
+from pipeline.engine.trainer import Trainer
 
 RANK = int(os.environ.get("RANK", "0"))
 TRACE = open(os.path.join(os.environ["MLPL_TRACE_DIR"], f"rank{RANK}.jsonl"), "a")  # noqa: SIM115

@@ -75,7 +75,7 @@ def test_train_and_evaluate_via_cli(smoke_corpus, teacher, tmp_path, capsys):
     student = ["--train", str(m / "labeled.jsonl"), "--run-dir", str(run), "--max-updates", "6",
                "--set", "optim.warmup_updates=1", "--set", "save_every=3"]
     assert main(["student", "--mode", "finetune", *student, "--dev", str(m / "dev.jsonl")]) == 0
-    assert "student finetune dev at update 6" in capsys.readouterr().out
+    assert "student/finetune dev at update 6" in capsys.readouterr().out
     result = json.loads((run / "student/finetune/result.json").read_text())
     assert result["extra"]["sources"]["pl"]["rows_read"] > 0 and result["extra"]["init_checkpoint"].endswith(
         "supervised/checkpoints/best.pt")
@@ -107,7 +107,7 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
         with get_client(sync_client=True) as client:
             artifacts = {a.key: a for a in client.read_artifacts() if a.key}
             flows = {f.name for f in client.read_flows()}
-    assert {"mlpl-demo", "mlpl-recipe", "mlpl-supervised", "mlpl-language", "mlpl-label", "mlpl-student"} <= flows
+    assert {"mlpl-demo", "mlpl-recipe", "mlpl-train", "mlpl-language", "mlpl-label"} <= flows
     # Ops see progress and the per-language tables of every stage in the UI.
     assert {"corpus-build", "supervised-training", "supervised-test-metrics", "supervised-dev-metrics",
             "finetune-sl-training", "finetune-sl-test-metrics", "slimipl-sl-training", "slimipl-sl-test-metrics",
@@ -163,8 +163,13 @@ def test_bench_measures_every_figure_on_a_built_corpus(smoke_corpus, teacher, ca
     figures = {row.split("|")[1].strip(): row.split("|")[2].strip() for row in out.splitlines()
                if row.startswith("| ") and row.count("|") >= 4}
     assert figures["fast / naive"].endswith("×") and float(figures["fast / naive"][:-1]) > 0
-    assert "GFLOP/s" in figures["GEMM peak, fp32 (1536³ matmul, best of 5)"]
-    assert figures["PL characters differing from the fp32 naive loop"] == "0.00 %"  # same precision, same PLs
+    gemm = next(name for name in figures if name.startswith("GEMM peak, "))  # bf16 where native, else fp32
+    assert "GFLOP/s" in figures[gemm]
+    difference = float(figures["PL characters differing from the fp32 naive loop"].split()[0])
+    if "fp32" in gemm:
+        assert difference == 0.0  # same precision, same PLs
+    else:  # bf16 autocast rounds some frames differently from the fp32 loop
+        assert 0.0 <= difference < 5.0
     assert float(figures["padding waste (padded frames / all frames fed)"].split()[0]) < 50
     assert "1×" in figures and "2×" in figures
 

@@ -5,26 +5,22 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from flows.cli import apply_overrides
-from pipeline.config import (
-    MODEL_PRESETS,
-    SUPERVISED_PRESETS,
-    ModelConfig,
-    SupervisedConfig,
-    model_preset,
-    supervised_preset,
-)
-from pipeline.trainer import lr_at
+from pipeline.config import PRESETS, ModelConfig, SupervisedConfig, deep_merge, parse_assignments, preset
+from pipeline.engine.trainer import lr_at
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def supervised_preset(name: str, *args, **fields) -> SupervisedConfig:
+    return preset("supervised", name, *args, **fields)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS["model"]))
 def test_model_presets_validate(name):
-    cfg = model_preset(name)
+    cfg = preset("model", name)
     assert cfg.d_model % cfg.n_heads == 0
     assert ModelConfig(**cfg.model_dump()) == cfg
 
 
-@pytest.mark.parametrize("name", sorted(SUPERVISED_PRESETS))
+@pytest.mark.parametrize("name", sorted(PRESETS["supervised"]))
 def test_supervised_presets_validate(name):
     cfg = supervised_preset(name, "train.jsonl", "dev.jsonl")
     assert cfg.lid_weight == 1.0  # γ = 1, best in the paper
@@ -44,7 +40,9 @@ def test_unknown_fields_and_presets_are_refused():
     with pytest.raises(ValidationError):
         SupervisedConfig(train_manifest="t", lid_wieght=1.0)
     with pytest.raises(ValueError, match="choose one of"):
-        model_preset("huge")
+        preset("model", "huge")
+    with pytest.raises(ValueError, match="choose one of"):
+        preset("pruning", "tiny")
     with pytest.raises(ValueError, match="choose one of"):
         supervised_preset("fast", "t")
 
@@ -73,8 +71,9 @@ def test_lr_schedule_is_a_pure_function_of_the_step():
 
 def test_cli_overrides_reach_nested_fields():
     base = supervised_preset("tiny", "t").model_dump(mode="json")
-    out = apply_overrides(base, ["optim.lr=0.01", "model.n_layers=2", "tokenizer=sentencepiece"])
+    out = deep_merge(base, parse_assignments(["optim.lr=0.01", "model.n_layers=2", "tokenizer=sentencepiece"]))
     cfg = SupervisedConfig(**out)
     assert (cfg.optim.lr, cfg.model.n_layers, cfg.tokenizer) == (0.01, 2, "sentencepiece")
+    assert cfg.optim.name == "adamw" and cfg.model.d_model == 144  # the rest of each section is kept
     with pytest.raises(ValueError, match="key=value"):
-        apply_overrides(base, ["optim.lr"])
+        parse_assignments(["optim.lr"])

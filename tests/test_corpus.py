@@ -1,4 +1,4 @@
-"""Tests of the mini multilingual corpus builder (pipeline/corpus.py) on the `smoke` preset.
+"""Tests of the mini multilingual corpus builder (pipeline/corpus/build.py) on the `smoke` preset.
 
 The smoke corpus is built once per session (tests/conftest.py: Debian text from the cache, espeak-ng,
 channel); a second build with two workers checks that the output is byte-identical whatever the parallelism.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from pipeline.corpus import (
+from pipeline.corpus.build import (
     SPLITS,
     CorpusConfig,
     allocate_sentences,
@@ -25,9 +25,9 @@ from pipeline.corpus import (
     draw_speakers,
     smoke,
 )
-from pipeline.corpus_text import clean_sentence
-from pipeline.speech_synth import VOICE_VARIANTS
-from pipeline.text import normalize_text
+from pipeline.corpus.speech import VOICE_VARIANTS
+from pipeline.corpus.text import clean_sentence
+from pipeline.data.text import normalize_text
 from storage.manifest import read_manifest
 
 
@@ -322,7 +322,7 @@ def test_presets_validate_and_unknown_preset_names_the_valid_ones():
         assert cfg.name == name and "el" in cfg.languages and cfg.low_resource
         speakers = cfg.labeled_speakers + cfg.unlabeled_speakers + cfg.dev_speakers + cfg.test_speakers
         assert speakers >= (8 if name == "smoke" else 20)
-    with pytest.raises(ValueError, match="smoke, demo, bench"):
+    with pytest.raises(ValueError, match=r"unknown corpus preset 'nope'; choose one of \['bench', 'demo', 'smoke'\]"):
         corpus_preset("nope")
 
 

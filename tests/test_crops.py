@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.encoder import CTCLIDModel, frames_after_subsampling
-from pipeline.crops import crop_and_stitch, crop_spans, stitch_owners
+from pipeline.engine.crops import crop_and_stitch, crop_spans, stitch_owners
 
 CROP, OVERLAP = 1000, 200
 

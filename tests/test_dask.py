@@ -20,8 +20,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import flows.label as flows_label
 from flows.label import label_task_runner, run_label_flow, task_plan
 from pipeline.config import label_tiny
-from pipeline.data import Utterance
-from pipeline.label import LabelPlan, Teacher, WorkUnit
+from pipeline.data.rows import Utterance
+from pipeline.stages.label import LabelPlan, Teacher, WorkUnit
 from storage.pl import load_pseudo_labels
 
 EXACT = ["id", "language", "text", "num_tokens", "lid_pred", "shard", "key"]
@@ -201,7 +201,7 @@ def _cluster_state():
     """Per worker: teachers loaded by this process and its torch threads."""
     import torch
 
-    from pipeline.label import _teacher_model
+    from pipeline.stages.label import _teacher_model
 
     return _teacher_model.cache_info().misses, torch.get_num_threads()
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.audio import AudioError, load_audio, log_mel, num_frames, spec_augment
 from pipeline.config import AudioPolicy, FeatureConfig, SpecAugmentConfig
-from pipeline.data import DynamicBucketSampler, collate, load_dataset
-from pipeline.text import normalize_text
-from pipeline.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
+from pipeline.data.audio import AudioError, load_audio, log_mel, num_frames, spec_augment
+from pipeline.data.dataset import collate, load_dataset
+from pipeline.data.samplers import DynamicBucketSampler
+from pipeline.data.text import normalize_text
+from pipeline.data.tokenizer import CharTokenizer, SentencePieceTokenizer, tokenizer_from_dict
 from storage.files import resolve_relative
 from storage.manifest import read_manifest, write_manifest
 from tests.dummies import bad_rows, good_row, tone, write_flac, write_jsonl
@@ -200,7 +201,7 @@ def test_relative_audio_paths_resolve_against_the_manifest_so_a_corpus_folder_ca
                                                                                        monkeypatch):
     import shutil
 
-    from pipeline.data import read_utterances
+    from pipeline.data.rows import read_utterances
 
     raw = (Path(smoke_corpus) / "manifests/labeled.jsonl").read_text().splitlines()
     assert json.loads(raw[0])["audio"].startswith("../audio/labeled/")  # the corpus writes relative paths

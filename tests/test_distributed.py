@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun: two gloo ranks on CPU (pipeline/distributed.py, pipeline/trainer.py)."""
+"""Data-parallel training under torchrun: two gloo ranks on CPU (pipeline/engine/{distributed,trainer}.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pipeline.config import supervised_tiny
-from pipeline.data import batch_sampler
-from pipeline.distributed import World, shard
-from pipeline.stream import LazyBatchLoader, load_unlabeled
-from pipeline.supervised import prepare_data
+from pipeline.data.samplers import batch_sampler
+from pipeline.data.stream import LazyBatchLoader, load_unlabeled
+from pipeline.engine.distributed import World, shard
+from pipeline.stages.supervised import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -77,7 +77,7 @@ def test_two_gloo_ranks_split_the_batches_agree_on_weights_write_once_and_resume
 
     # Rank r trained on global batches r, r + 2, … of the one sampler a single process would draw from.
     cfg = supervised_tiny(f"{smoke_corpus}/manifests/labeled.jsonl", None)
-    train, *_ = prepare_data(cfg, str(tmp_path / "scratch"), None, None)
+    train, *_ = prepare_data(cfg)
     sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
     global_batches = [sorted(train.utterances[i].id for i in next(iter_)) for iter_ in [iter(sampler)]
                       for _ in range(2 * UPDATES)]

@@ -22,7 +22,7 @@ import torch
 
 from flows.cli import main
 from pipeline.config import label_tiny
-from pipeline.label import filter_reason, reject_category, run_label, split_units
+from pipeline.stages.label import filter_reason, reject_category, run_label, split_units
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.manifest import read_manifest, write_manifest
 from storage.pl import PL_SCHEMA, iter_shard_samples, load_pseudo_labels, load_rejects, pl_audio, sample_key
@@ -164,7 +164,7 @@ def test_a_rerun_with_nothing_changed_does_no_model_work_and_changes_no_file(lab
 _CHILD = """
 import sys
 from pipeline.config import label_tiny
-from pipeline.label import run_label
+from pipeline.stages.label import run_label
 teacher, manifest, root = sys.argv[1:4]
 run_label(label_tiny(manifest, {l: teacher for l in ("es", "el", "sl")}, unit_max_utterances=int(sys.argv[4])), root)
 """
@@ -285,7 +285,7 @@ def test_a_confidence_threshold_moves_rows_to_the_rejects_with_their_numbers(smo
 
 
 def test_units_are_consecutive_rows_bounded_by_count_and_seconds():
-    from pipeline.data import Utterance
+    from pipeline.data.rows import Utterance
 
     utts = [Utterance(str(i), "a", d, "sl") for i, d in enumerate([10, 10, 10, 50, 10, 500, 1])]
     units = split_units(utts, max_utterances=3, max_audio_s=60)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RelabelConfig
-from pipeline.relabel import run_relabel, scan
+from pipeline.stages.relabel import run_relabel, scan
 from storage.files import StorageLock
 from storage.pl import LabelStore, load_pseudo_labels, load_rejects
 from tests.dummies import tone, write_flac, write_jsonl
@@ -125,7 +125,7 @@ def test_unknown_languages_come_from_the_lid_head_and_manifests_name_theirs(smok
 _RUN = """
 import json, sys
 from pipeline.config import RelabelConfig
-from pipeline.relabel import run_relabel
+from pipeline.stages.relabel import run_relabel
 print(json.dumps(run_relabel(RelabelConfig.model_validate_json(sys.argv[1]))["new"]))
 """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from pipeline.report import build_report, dev_curves, report_markdown, write_report
+from pipeline.report.report import build_report, dev_curves, report_markdown, write_report
 
 
 def _metrics(cers: dict[str, float]) -> dict:
@@ -88,7 +88,7 @@ def test_report_cli_prints_the_table_and_says_what_is_missing(run, tmp_path, cap
 def test_student_rows_follow_the_paper_order_and_the_plot_names_one_curve_per_stage(run):
     from PIL import Image
 
-    from pipeline.report import orderings
+    from pipeline.report.report import orderings
 
     for variant, cers in (("finetune", {"de": 29.0, "es": 23.5, "sl": 26.0}),
                           ("from_scratch", {"de": 30.0, "es": 25.0, "sl": 27.0}),
@@ -122,7 +122,7 @@ def test_student_rows_follow_the_paper_order_and_the_plot_names_one_curve_per_st
 
 
 def test_the_low_resource_ordering_is_checked_across_languages_with_unlabeled_audio(run):
-    from pipeline.report import orderings
+    from pipeline.report.report import orderings
 
     _write(run / "slimipl/es/result.json", {"stage": "slimipl/es"})
     _write(run / "eval/slimipl/es/metrics.json", _metrics({"es": 22.0}))

@@ -9,9 +9,6 @@ subprocess or Prefect/Dask worker would.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,26 +19,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
+from tests.servers import free_port, stop, wait_for
+
 BUCKET = "mlpl-test"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group by its PID, then SIGKILL if it has not gone within 5 s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: the group id is the server's PID
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +30,14 @@ def s3(tmp_path_factory):
     """The endpoint URL of a moto S3 server (its own process) with an empty bucket; the environment points s3fs at
     it, in this process and in every process it starts."""
     log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    port = _free_port()
+    port = free_port()
     with open(log_path, "wb") as log, pytest.MonkeyPatch.context() as mp:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         endpoint = f"http://127.0.0.1:{port}"
         try:
-            _wait_until_up(endpoint, proc, log_path)
+            wait_for("moto server", lambda: urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close() or True,
+                     30, proc, log_path, poll_s=0.1)
             for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}.items():
                 mp.setenv(name, value)
@@ -65,22 +47,10 @@ def s3(tmp_path_factory):
             s3fs.S3FileSystem().mkdir(BUCKET)
             yield endpoint
         finally:
-            _stop(proc)
+            stop(proc)
             import s3fs
 
             s3fs.S3FileSystem.clear_instance_cache()  # their connections point at a server that is gone
-
-
-def _wait_until_up(endpoint: str, proc: subprocess.Popen, log_path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            return
-        except OSError as err:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto server did not start: {log_path.read_text()[-2000:]}") from err
-            time.sleep(0.1)
 
 
 def test_what_another_process_writes_is_seen_at_once_and_writes_leave_no_temp_object(s3):
@@ -101,7 +71,7 @@ def test_what_another_process_writes_is_seen_at_once_and_writes_leave_no_temp_ob
 
 
 def test_corpus_sentences_can_come_from_a_bucket(s3):
-    from pipeline.corpus_text import load_sentences
+    from pipeline.corpus.text import load_sentences
     from storage.files import atomic_write_text
 
     text = "El gato duerme en la casa grande.\nUna frase con 3 cifras no vale.\nLa niña lee un libro muy bonito.\n"
@@ -118,9 +88,9 @@ def test_corpus_labeling_and_student_run_on_s3(s3, teacher):
     import s3fs
 
     from pipeline.config import label_tiny, student_tiny
-    from pipeline.corpus import build_corpus, corpus_preset
-    from pipeline.label import run_label
-    from pipeline.student import run_student
+    from pipeline.corpus.build import build_corpus, corpus_preset
+    from pipeline.stages.label import run_label
+    from pipeline.stages.student import run_student
     from storage.checkpoint import load_checkpoint
     from storage.files import copy_file
     from storage.manifest import read_manifest

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from pipeline.config import finetune_tiny, slimipl_tiny, supervised_tiny
-from pipeline.finetune import run_finetune
-from pipeline.modeling import load_trained
-from pipeline.slimipl import CollapseError, choose_slot, is_labeled_step, label_batch, run_slimipl
-from pipeline.supervised import run_supervised
+from pipeline.engine.model import load_trained
+from pipeline.stages.finetune import run_finetune
+from pipeline.stages.pl_cache import CollapseError, choose_slot, is_labeled_step
+from pipeline.stages.slimipl import label_batch, run_slimipl
+from pipeline.stages.supervised import run_supervised
 from storage.manifest import read_manifest
 from tests.dummies import bad_rows, write_jsonl
 
@@ -134,8 +135,7 @@ def test_cache_fills_without_updates_then_trains_and_relabels(smoke_corpus, teac
 
 @pytest.mark.slow
 def test_pseudo_labels_are_made_in_eval_mode_without_specaugment(smoke_corpus, teacher):
-    from pipeline.stream import LazyBatchLoader, load_unlabeled
-    from pipeline.trainer import Trainer
+    from pipeline.data.stream import LazyBatchLoader, load_unlabeled
 
     trained = load_trained(teacher)
     model = trained.model
@@ -148,12 +148,9 @@ def test_pseudo_labels_are_made_in_eval_mode_without_specaugment(smoke_corpus, t
     batch = next(iter(loader.iter_epoch(0)))
     seen = []
     hook = model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].clone())))
-    cfg = _slim(smoke_corpus, teacher)
-    trainer = Trainer(stage="t", stage_dir="memory://t", cfg=cfg, model=model, model_kwargs={},
-                      tokenizer=trained.tokenizer, languages=trained.languages, dev=None, identity={},
-                      meta={"features": trained.features.model_dump()})
-    first = label_batch(model, batch, trainer, None)
-    second = label_batch(model, batch, trainer, None)
+    common = dict(tokenizer=trained.tokenizer, languages=trained.languages, bf16=True)
+    first = label_batch(model, batch, **common)
+    second = label_batch(model, batch, **common)
     hook.remove()
     assert model.training  # back in train mode for the next update
     assert [s[0] for s in seen] == [False, False]  # no dropout, no layerdrop while labeling

@@ -10,55 +10,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import RecipeConfig, corpus_data
+from tests.servers import free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited {proc.returncode}\n{log.read_text()[-3000:] if log else ''}")
-        try:
-            out = check()
-            if out:
-                return out
-        except Exception:  # not up yet
-            pass
-        time.sleep(1.0)
-    raise AssertionError(f"{what}: not ready after {timeout_s:.0f} s\n{log.read_text()[-3000:] if log else ''}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process and everything it started (its own session) by PID."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
 
 
 def _recipe(smoke: str, run: Path, **fields) -> dict:
@@ -69,10 +32,11 @@ def _recipe(smoke: str, run: Path, **fields) -> dict:
         supervised_updates=4, finetune_updates=2, slimipl_updates=4, pl_cache_size=2, student_updates=3,
         supervised={"optim": {"warmup_updates": 1}, "eval_every": 4},
         finetune={"optim": {"warmup_updates": 1}},
-        student={"optim": {"warmup_updates": 1}, "pl_filter": {"min_tokens": 0}},
+        student={"optim": {"warmup_updates": 1}}, labeling_filter={"min_tokens": 0},
+        student_pl_filter={"min_tokens": 0},
         slimipl={"optim": {"warmup_updates": 1}, "cropping_warmup_updates": 1, "unlabeled_ratio": 1,
                  "collapse": lenient, "pl_eval_max_utterances": 1},
-        label={"filters": {"min_tokens": 0}}, labeled_finetune={"max_updates": 2, "optim": {"warmup_updates": 1}},
+        labeled_finetune={"max_updates": 2, "optim": {"warmup_updates": 1}},
     )
     return RecipeConfig(**(cfg | fields)).model_dump(mode="json")
 
@@ -82,7 +46,7 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     home = tmp_path / "prefect-home"
     env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_API_URL": api,
@@ -95,18 +59,19 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
         procs.append(subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                        str(port)], env=env, stdout=server_log.open("w"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
-        _wait("prefect server", lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, 180,
+        wait_for("prefect server", lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, 180,
               procs[0], server_log)
         procs.append(subprocess.Popen([str(BIN / "mlpl"), "serve"], env=env, cwd=ROOT, stdout=serve_log.open("w"),
                                       stderr=subprocess.STDOUT, start_new_session=True))
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            _wait("mlpl serve", lambda: client.read_deployment_by_name("mlpl-relabel/mlpl"), 180, procs[1],
+            wait_for("mlpl serve", lambda: client.read_deployment_by_name("mlpl-relabel/mlpl"), 180, procs[1],
                   serve_log)  # the last one it registers
             deployment = client.read_deployment_by_name("mlpl-recipe/mlpl")
             _check_schemas(client)
             run = tmp_path / "run"
             good = _recipe(smoke_corpus, run)
-            for bad in ({"pl_cache_size": -1}, {"preset": "huge"}, {"student_modes": ["teacherless"]}):
+            for bad in ({"pl_cache_size": -1}, {"preset": "huge"}, {"student_modes": ["teacherless"]},
+                        {"student_pl_filter": {"min_confidence": 1.5}}, {"student_pl_share": 2.0}):
                 with pytest.raises(Exception, match="(?i)validation|422|409"):
                     client.create_flow_run_from_deployment(deployment.id, parameters={"cfg": good | bad})
             assert client.read_flow_runs() == []  # refused before any run existed
@@ -144,6 +109,16 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
             assert changed == {("student", "finetune"), ("student", "finetune-labeled-ft")}
             assert third["wall_s"]["report"] > 0  # the report reran on the new student's numbers
 
+            # One step alone from the same form: sl's slimIPL, unchanged, is reused; a per-language step without
+            # its language fails with the fix, before anything runs.
+            step = client.read_deployment_by_name("mlpl-stage/mlpl")
+            _run(client, step.id, good, serve_log, stage="slimipl", language="sl")
+            assert "recipe-run-slimipl-sl" in {r.name for r in client.read_flow_runs()}
+            bad = client.create_flow_run_from_deployment(step.id, parameters={"cfg": good, "stage": "finetune"})
+            state = wait_for("flow run", lambda: (s := client.read_flow_run(bad.id).state) and s.is_final() and s, 300,
+                          log=serve_log)
+            assert state.is_failed() and "give language" in state.message, state.message
+
             if os.environ.get("MLPL_SCREENSHOT"):
                 _screenshot(f"http://127.0.0.1:{port}/runs/flow-run/{first}?tab=Artifacts",
                             Path(os.environ["MLPL_SCREENSHOT"]))
@@ -151,14 +126,13 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
             _relabel(client, smoke_corpus, run, tmp_path, serve_log)
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
     assert all(p.poll() is not None for p in procs)
 
 
 def _check_schemas(client) -> None:
     """Every deployment's parameter schema documents every field (nested models included)."""
-    for name in ("mlpl-recipe", "mlpl-supervised-stage", "mlpl-finetune-stage", "mlpl-slimipl-stage",
-                 "mlpl-label-stage", "mlpl-student-stage", "mlpl-report", "mlpl-relabel"):
+    for name in ("mlpl-recipe", "mlpl-stage", "mlpl-report", "mlpl-relabel"):
         schema = client.read_deployment_by_name(f"{name}/mlpl").parameter_openapi_schema
         models = [schema, *schema.get("definitions", {}).values()]
         undocumented = [(name, m.get("title"), field) for m in models for field, prop in m.get("properties", {}).items()
@@ -170,7 +144,7 @@ def _check_schemas(client) -> None:
 
 def _run(client, deployment_id, cfg: dict, log: Path, timeout_s: float = 900, **params) -> str:
     run = client.create_flow_run_from_deployment(deployment_id, parameters={"cfg": cfg} | params)
-    state = _wait("flow run", lambda: (s := client.read_flow_run(run.id).state) and s.is_final() and s, timeout_s,
+    state = wait_for("flow run", lambda: (s := client.read_flow_run(run.id).state) and s.is_final() and s, timeout_s,
                   log=log)
     assert state.is_completed(), f"{state.type}: {state.message}\n{log.read_text()[-4000:]}"
     return str(run.id)

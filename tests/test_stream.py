@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.audio import load_audio, log_mel
 from pipeline.config import AudioPolicy, FeatureConfig
-from pipeline.data import DynamicBucketSampler
-from pipeline.stream import LazyBatchLoader, load_unlabeled
+from pipeline.data.audio import load_audio, log_mel
+from pipeline.data.samplers import DynamicBucketSampler
+from pipeline.data.stream import LazyBatchLoader, load_unlabeled
 from tests.dummies import bad_rows, tone, write_flac, write_jsonl
 
 FEATURES, POLICY = FeatureConfig(), AudioPolicy()
@@ -186,8 +186,8 @@ _PEAK_RSS = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from pipeline.config import AudioPolicy, FeatureConfig
-    from pipeline.data import load_dataset
-    from pipeline.stream import LazyBatchLoader, load_unlabeled
+    from pipeline.data.dataset import load_dataset
+    from pipeline.data.stream import LazyBatchLoader, load_unlabeled
     url, mode = sys.argv[1], sys.argv[2]
     f, p = FeatureConfig(), AudioPolicy()
     def peak_kib():

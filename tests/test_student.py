@@ -14,7 +14,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.audio import encode_flac
 from pipeline.config import (
     AudioPolicy,
     BatchConfig,
@@ -24,9 +23,11 @@ from pipeline.config import (
     recipe_demo,
     student_tiny,
 )
-from pipeline.modeling import load_trained
-from pipeline.pl_stream import PLBatchStream, pl_samples
-from pipeline.student import SourceMixer, build_student, pl_rows, run_student
+from pipeline.data.audio import encode_flac
+from pipeline.data.pl_stream import PLBatchStream, pl_samples
+from pipeline.engine.model import load_trained
+from pipeline.stages.common import seed_everything
+from pipeline.stages.student import SourceMixer, build_student, pl_rows, run_student
 from storage.pl import LabelStore, load_pseudo_labels
 
 QUICK = {"max_updates": 12, "eval_every": 6, "save_every": 3, "log_every": 3, "pl_window_shards": 1,
@@ -183,8 +184,8 @@ def test_the_students_filters_select_exactly_what_a_pandas_query_selects(smoke_c
     conf, tokens = float(raw["confidence"].quantile(0.25)), int(raw["num_tokens"].quantile(0.8))
     sha = raw["teacher"].iloc[0].split(":")[1][:8]
     cfg = _student(smoke_corpus, teacher, labeled_root, pl_filter={
-        "min_confidence": conf, "max_tokens": tokens, "min_tokens": 3, "require_lid_agreement": True,
-        "teacher": sha})
+        "min_confidence": conf, "max_tokens": tokens, "min_tokens": 3, "require_lid_agreement": True},
+        pl_teacher=sha)
     got = pl_rows(cfg, labeled_root, ["es", "sl"])
     want = raw[raw["language"].isin(["es", "sl"]) & (raw["confidence"] >= conf) & (raw["num_tokens"] <= tokens)
                & (raw["num_tokens"] >= 3) & (raw["lid_pred"] == raw["language"].astype(str))
@@ -210,8 +211,11 @@ def test_finetune_starts_from_the_init_weights_and_from_scratch_from_new_ones(sm
     assert set(fresh) == set(init) and all(v.shape == init[k].shape for k, v in fresh.items())
     weights = [k for k in fresh if k.endswith("weight") and fresh[k].dim() > 1]
     assert not any(torch.equal(fresh[k], init[k]) for k in weights)  # nothing copied from the teacher
+    seed_everything(0)  # as open_stage does: a new model is drawn from the seeded global RNG
+    seeded, _ = build_student(_student(smoke_corpus, teacher, labeled_root, "from_scratch"), load_trained(teacher))
+    seed_everything(0)
     again, _ = build_student(_student(smoke_corpus, teacher, labeled_root, "from_scratch"), load_trained(teacher))
-    assert all(torch.equal(v, fresh[k]) for k, v in _params(again).items())  # seeded
+    assert all(torch.equal(v, _params(seeded)[k]) for k, v in _params(again).items())
     # A student of another size: the vocabulary, languages and front end stay the teacher's.
     big = ModelConfig(d_model=192, n_layers=2, n_heads=4, ffn_dim=384, dropout=0.0, layerdrop=0.0)
     large, large_kwargs = build_student(_student(smoke_corpus, teacher, labeled_root, "from_scratch", model=big),
@@ -251,7 +255,7 @@ def test_the_stage_writes_its_starting_weights_and_then_trains_on_both_sources(s
 
 
 def test_specaugment_starts_after_its_delay(smoke_corpus, teacher, labeled_root, tmp_path, monkeypatch):
-    import pipeline.student as student
+    import pipeline.stages.student as student
 
     calls = []
     real = student.collate
@@ -265,6 +269,19 @@ def test_specaugment_starts_after_its_delay(smoke_corpus, teacher, labeled_root,
                    eval_every=7)
     run_student(cfg, str(tmp_path / "run"))
     assert calls == [False] * 4 + [True] * 3
+
+
+def test_a_finetuned_student_is_seeded_like_every_other_stage(smoke_corpus, teacher, labeled_root, tmp_path):
+    cfg = _student(smoke_corpus, teacher, labeled_root, "finetune", max_updates=4, eval_every=4, save_every=4)
+
+    def trained(run: str, seed: int) -> dict[str, torch.Tensor]:
+        torch.rand(7919)  # whatever the process drew before the stage must not change what it draws
+        result = run_student(cfg.model_copy(update={"seed": seed}), str(tmp_path / run))
+        return torch.load(result.last_checkpoint, weights_only=True)["model"]
+
+    first, again, other = trained("a", 0), trained("b", 0), trained("c", 1)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # same seed: bit-equal weights
+    assert any(not torch.equal(first[k], other[k]) for k in first)
 
 
 # --- resume ------------------------------------------------------------------------------------------------
@@ -323,7 +340,7 @@ def test_the_recipe_config_builds_every_stage_and_refuses_a_bad_override_before_
     assert cfg.supervised_config().max_updates == 450 and cfg.supervised_config().optim.warmup_updates == 45
     assert cfg.slimipl_config("sl").reference_manifest == "data/demo/hidden/unlabeled_reference.jsonl"
     ft = cfg.labeled_finetune_config("finetune", "runs/demo/student/finetune/checkpoints/best.pt")
-    assert ft.labeled_only and ft.stage_name() == "finetune-labeled-ft" and ft.mode == "finetune"
+    assert ft.labeled_only and ft.variant_name() == "finetune-labeled-ft" and ft.mode == "finetune"
     assert cfg.student_config("finetune").optim.lr == 1e-3
     nested = recipe_demo("d", "r", student={"optim": {"lr": 5e-4}})
     optim = nested.student_config("finetune").optim

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.config import SpecAugmentConfig, supervised_tiny
-from pipeline.data import load_dataset
-from pipeline.evaluate import decode_dataset
-from pipeline.modeling import load_trained
-from pipeline.supervised import run_supervised
+from pipeline.data.dataset import load_dataset
+from pipeline.engine.decode import decode_dataset
+from pipeline.engine.model import load_trained
+from pipeline.stages.supervised import run_supervised
 from storage.manifest import read_manifest
 from tests.dummies import bad_rows, write_jsonl
 
@@ -140,12 +140,16 @@ def test_a_finished_run_can_be_extended_and_resumed_with_other_threads(smoke_cor
     assert run_supervised(longer, str(tmp_path / "run")).step == 6
 
 
-def test_resume_refuses_changed_training_data(smoke_corpus, tmp_path):
-    train, _ = _manifests(smoke_corpus)
-    rows, _ = read_manifest(train)
+def _own_copy(smoke_corpus: str, tmp_path, **fields):
+    """The labeled rows in a manifest of the test's own (so it can change them) and a 2-update config on it."""
+    rows, _ = read_manifest(_manifests(smoke_corpus)[0])
     mine = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = supervised_tiny(mine, None, max_updates=2, save_every=1,
-                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
+    return rows, supervised_tiny(mine, None, max_updates=2, optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1},
+                                 **fields)
+
+
+def test_resume_refuses_changed_training_data(smoke_corpus, tmp_path):
+    rows, cfg = _own_copy(smoke_corpus, tmp_path, save_every=1)
     run_supervised(cfg, str(tmp_path / "run"), stop_after=1)
     write_jsonl(tmp_path / "train.jsonl", rows[:-1])
     with pytest.raises(ValueError, match="train changed"):
@@ -166,8 +170,8 @@ def test_best_checkpoint_is_the_lowest_dev_cer(smoke_corpus, tmp_path):
 
 def test_a_non_finite_loss_skips_the_update():
     from models.encoder import CTCLIDModel
-    from pipeline.data import Batch
-    from pipeline.trainer import make_optimizer, train_step
+    from pipeline.data.dataset import Batch
+    from pipeline.engine.trainer import make_optimizer, train_step
 
     torch.manual_seed(0)
     model = CTCLIDModel(vocab_size=10, num_languages=2, d_model=32, n_layers=1, n_heads=4, ffn_dim=64, dropout=0.0)
@@ -187,8 +191,8 @@ def test_a_non_finite_loss_skips_the_update():
 
 def test_transcripts_too_long_for_the_configured_stride_are_rejected(tmp_path):
     from pipeline.config import AudioPolicy, FeatureConfig
-    from pipeline.data import reject_untrainable
-    from pipeline.tokenizer import CharTokenizer
+    from pipeline.data.dataset import reject_untrainable
+    from pipeline.data.tokenizer import CharTokenizer
     from tests.dummies import good_row
 
     # 1 s of audio: 98 fbank frames → 33 CTC frames at stride 3, 17 at stride 6.
@@ -217,11 +221,7 @@ def test_result_json_is_strict_json_without_dev_data(smoke_corpus, tmp_path):
 
 
 def test_a_finished_stage_is_reused_until_its_config_inputs_or_outputs_change(smoke_corpus, tmp_path):
-    train, _ = _manifests(smoke_corpus)
-    rows, _ = read_manifest(train)
-    mine = write_jsonl(tmp_path / "train.jsonl", rows)
-    cfg = supervised_tiny(mine, None, max_updates=2, save_every=2,
-                          optim={"name": "adamw", "lr": 2e-3, "warmup_updates": 1})
+    rows, cfg = _own_copy(smoke_corpus, tmp_path, save_every=2)
     run = str(tmp_path / "run")
     first = run_supervised(cfg, run)
     best = tmp_path / "run/supervised/checkpoints/best.pt"

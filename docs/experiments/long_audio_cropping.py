@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, ".")
 
-from pipeline.audio import load_audio, log_mel  # noqa: E402
-from pipeline.evaluate import CropSpec, decode_batch  # noqa: E402
-from pipeline.modeling import load_trained  # noqa: E402
-from pipeline.text import normalize_text  # noqa: E402
+from pipeline.data.audio import load_audio, log_mel  # noqa: E402
+from pipeline.data.text import normalize_text  # noqa: E402
+from pipeline.engine.decode import CropSpec, decode_batch  # noqa: E402
+from pipeline.engine.model import load_trained  # noqa: E402
 
 
 def main(checkpoint: str, corpus: str = "data/demo", clips: int = 48) -> None:

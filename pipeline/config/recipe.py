@@ -1,0 +1,225 @@
+"""The forms operators fill: the whole recipe (`RecipeConfig`, paper Sec. 4-5) and the relabel job
+(`RelabelConfig`). Each stage's config is its preset plus typed knobs plus free per-stage overrides, built once
+when the form is validated, so a bad value fails before anything runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.config.base import Config, PLFilter, deep_merge
+from pipeline.config.presets import choose, configured, preset
+from pipeline.config.stages import FinetuneConfig, LabelConfig, SlimIPLConfig, StudentConfig, SupervisedConfig
+from pipeline.corpus.layout import corpus_data
+from storage.files import read_json
+
+StudentMode = Literal["from_scratch", "finetune"]
+
+_RECIPE_LANGUAGE_PLACEHOLDER = "xx"  # validates per-language configs before the languages are known
+
+
+def _set(**knobs: Any) -> dict[str, Any]:
+    """The knobs that are set (not None), as overrides."""
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
+def _dumped(model: Config | None) -> dict[str, Any] | None:
+    return None if model is None else model.model_dump(mode="json")
+
+
+class RecipeConfig(Config):
+    """The whole recipe as one config (paper Sec. 4-5): supervised → per-language fine-tune → slimIPL → labeling →
+    student(s) (→ labeled-only fine-tune) → report. Each stage's config is its preset, then the per-stage
+    overrides, then the typed knobs (a knob wins over the same key in the overrides)."""
+
+    run_dir: str = Field("runs/recipe", description="run directory (any fsspec URL): every stage writes below it")
+    labeled_manifest: str = Field(description="labeled rows of every language (JSONL or Parquet)")
+    dev_manifest: str | None = Field(None, description="dev rows for validation and best-checkpoint choice")
+    test_manifest: str | None = Field(None, description="test rows: every stage's model is scored on them")
+    unlabeled_manifest: str = Field(description="unlabeled rows; languages with rows here get self-training")
+    reference_manifest: str | None = Field(
+        None, description="hidden true transcripts of unlabeled clips: PL CER only, never training")
+    preset: Literal["tiny", "paper"] = Field("paper", description="stage presets: paper defaults or tiny (CPU)")
+    self_train_languages: list[str] | None = Field(
+        None, description="languages that get fine-tune + slimIPL; None: every language with unlabeled rows")
+    seed: int = Field(0, description="seed of every stage")
+    # The knobs operators turn most, typed so that the UI form checks them before a run starts.
+    supervised_updates: int | None = Field(None, ge=1, description="stage 1 budget in updates; None: preset")
+    finetune_updates: int | None = Field(None, ge=1, description="per-language fine-tune budget; None: preset")
+    slimipl_updates: int | None = Field(None, ge=1, description="per-language slimIPL budget; None: preset")
+    pl_cache_size: int | None = Field(None, ge=1, description="slimIPL dynamic PL cache size N; None: preset")
+    labeling_filter: PLFilter | None = Field(
+        None, description="which pseudo-labels labeling writes (the rest become rejects with the reason); None: "
+                          "preset (paper: 1-630 tokens)")
+    student_modes: list[StudentMode] = Field(
+        default_factory=lambda: ["from_scratch"], description="students to train: from_scratch and/or finetune")
+    student_updates: int | None = Field(
+        None, ge=1, description="budget of each student (not of its labeled-only fine-tune); None: preset")
+    student_pl_filter: PLFilter | None = Field(
+        None, description="which pseudo-labels the students read from the PL table; None: preset (every row)")
+    student_pl_share: float | None = Field(
+        None, ge=0.0, le=1.0, description="share of student updates drawn from pseudo-labels (the rest from "
+                                          "labeled data); None: natural proportions (each source's audio seconds)")
+    student_labeled_finetune: bool = Field(
+        True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
+    labeled_finetune_updates: int | None = Field(
+        None, ge=1, description="budget of each student's labeled-only fine-tune; None: preset")
+    # Any other field of a stage's config, as nested overrides of its preset.
+    supervised: dict[str, Any] = Field(default_factory=dict, description="overrides of the supervised config")
+    finetune: dict[str, Any] = Field(default_factory=dict, description="overrides of each per-language fine-tune")
+    slimipl: dict[str, Any] = Field(default_factory=dict, description="overrides of each per-language slimIPL")
+    label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config")
+    student: dict[str, Any] = Field(default_factory=dict, description="overrides of every student config")
+    student_by_mode: dict[StudentMode, dict[str, Any]] = Field(
+        default_factory=dict, description="overrides of one student mode's config, after `student`'s")
+    labeled_finetune: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the labeled-only fine-tune of the students")
+
+    @model_validator(mode="after")
+    def _check(self) -> RecipeConfig:
+        # Every stage's config is built once now, so a bad override fails before any stage runs.
+        lang = _RECIPE_LANGUAGE_PLACEHOLDER
+        self.supervised_config()
+        self.finetune_config(lang)
+        self.slimipl_config(lang)
+        self.label_config({lang: "teacher.pt"})
+        for mode in self.student_modes:
+            self.student_config(mode)
+            if self.student_labeled_finetune:
+                self.labeled_finetune_config(mode, "student.pt")
+        if len(set(self.student_modes)) != len(self.student_modes):
+            raise ValueError(f"student_modes has duplicates: {self.student_modes}")
+        return self
+
+    def supervised_config(self) -> SupervisedConfig:
+        """Stage 1's config."""
+        base = preset("supervised", self.preset, self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        return configured(SupervisedConfig, base, self.supervised | _set(max_updates=self.supervised_updates))
+
+    def finetune_config(self, language: str) -> FinetuneConfig:
+        """Stage 2's config for one language."""
+        base = preset("finetune", self.preset, language, self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        return configured(FinetuneConfig, base, self.finetune | _set(max_updates=self.finetune_updates))
+
+    def slimipl_config(self, language: str) -> SlimIPLConfig:
+        """Stage 3's config for one language."""
+        base = preset("slimipl", self.preset, language, self.labeled_manifest, self.unlabeled_manifest,
+                      self.dev_manifest, reference_manifest=self.reference_manifest, seed=self.seed)
+        knobs = _set(max_updates=self.slimipl_updates, pl_cache_size=self.pl_cache_size)
+        return configured(SlimIPLConfig, base, self.slimipl | knobs)
+
+    def label_config(self, teachers: dict[str, str]) -> LabelConfig:
+        """Step 4's config with each language's teacher."""
+        base = preset("label", self.preset, self.unlabeled_manifest, teachers)
+        return configured(LabelConfig, base, self.label | _set(filters=_dumped(self.labeling_filter)))
+
+    def student_config(self, mode: str) -> StudentConfig:
+        """Stage 5's config for one student mode."""
+        base = preset("student", self.preset, mode, self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        overrides = deep_merge(self.student, self.student_by_mode.get(mode, {}))
+        share = self.student_pl_share
+        knobs = _set(max_updates=self.student_updates, pl_filter=_dumped(self.student_pl_filter),
+                     source_weights=None if share is None else {"labeled": 1.0 - share, "pl": share})
+        return configured(StudentConfig, base, overrides | knobs)
+
+    def labeled_finetune_config(self, mode: str, student_checkpoint: str) -> StudentConfig:
+        """The optional last step: the `mode` student fine-tuned on labeled data only."""
+        base = preset("student", self.preset, "finetune", self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        base = base.model_copy(update={"labeled_only": True, "init_checkpoint": student_checkpoint,
+                                       "variant": f"{mode}-labeled-ft"})
+        return configured(StudentConfig, base, self.labeled_finetune | _set(max_updates=self.labeled_finetune_updates))
+
+
+def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
+    """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
+    cfg = corpus_data(corpus_dir, run_dir) | dict(
+        preset="tiny",
+        supervised={"max_updates": 450, "eval_every": 225},
+        finetune={"max_updates": 100, "eval_every": 50},
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60},
+        student_modes=["finetune"],
+        student={"max_updates": 80, "eval_every": 40},
+        labeled_finetune={"max_updates": 40, "eval_every": 20},
+    )
+    return RecipeConfig(**deep_merge(cfg, fields))
+
+
+def recipe_bench(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
+    """`make reproduce` (≈ 40 min on 2 slow CPU cores): the tiny presets on the bench corpus, six languages with
+    unlabeled audio, both students (from scratch on the supervised stage's budget: 1000 updates; fine-tuned: 200);
+    short per-language stages, as six of them run one after another."""
+    cfg = corpus_data(corpus_dir, run_dir) | dict(
+        preset="tiny",
+        supervised={"max_updates": 1000, "eval_every": 250},
+        finetune={"max_updates": 100, "eval_every": 50},
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50},
+        student_modes=["from_scratch", "finetune"],
+        student_by_mode={"from_scratch": {"max_updates": 1000, "eval_every": 250, "specaugment_start_updates": 100},
+                         "finetune": {"max_updates": 200, "eval_every": 100}},
+        labeled_finetune={"max_updates": 50, "eval_every": 25},
+    )
+    return RecipeConfig(**deep_merge(cfg, fields))
+
+
+RECIPE_PRESETS = {"demo": recipe_demo, "bench": recipe_bench}
+
+
+def read_form(url: str) -> dict[str, Any]:
+    """The fields of a form (a RecipeConfig or RelabelConfig as JSON) from a file at any fsspec URL."""
+    return read_json(url)
+
+
+def recipe_preset(name: str, corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
+    """A whole recipe by preset name (demo, bench) on a built corpus, with fields of the form overridden.
+
+    Raises:
+        ValueError: naming the known presets when the name is unknown.
+    """
+    return choose(RECIPE_PRESETS, "recipe preset", name)(corpus_dir, run_dir, **fields)
+
+
+AUDIO_EXTENSIONS = (".flac", ".wav", ".ogg", ".opus", ".mp3")
+
+
+class RelabelConfig(Config):
+    """The relabel job (docs/architecture.md, "Relabel"): label the audio that arrived in a watched folder since
+    the last run, or that an older teacher labeled, into an existing labels root."""
+
+    watch: str = Field(description="folder (any fsspec URL) that receives new unlabeled audio")
+    labels_root: str = Field(description="labels root the new pseudo-labels are committed into")
+    teachers: dict[str, str] = Field(
+        default_factory=dict, description="language → teacher checkpoint; empty: each language's best model in run_dir")
+    run_dir: str | None = Field(None, description="recipe run whose best models are the default teachers")
+    language_from: Literal["path", "manifest"] = Field(
+        "path", description="path: <watch>/<lang>/...; manifest: *.jsonl files in the watched folder list "
+                            "audio (relative to the manifest) with its language")
+    unknown_language: Literal["lid", "reject"] = Field(
+        "lid", description="a file whose language is unknown or has no teacher: ask the LID head of lid_checkpoint, "
+                           "or reject it with the reason")
+    lid_checkpoint: str | None = Field(
+        None, description="multilingual checkpoint whose LID head names unknown languages; None: "
+                          "<run_dir>/supervised/checkpoints/best.pt")
+    extensions: list[str] = Field(default_factory=lambda: list(AUDIO_EXTENSIONS),
+                                  description="audio file name endings to pick up (case-insensitive)")
+    preset: Literal["tiny", "paper"] = Field("paper", description="labeling preset: paper defaults or tiny (CPU)")
+    labeling_filter: PLFilter | None = Field(
+        None, description="which pseudo-labels are written (the rest become rejects with the reason); None: preset")
+    label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config")
+    lock_wait_s: float = Field(3600.0, ge=0.0, description="how long to wait for another relabel run of the "
+                                                           "same labels root to finish before failing")
+
+    @model_validator(mode="after")
+    def _check(self) -> RelabelConfig:
+        if not self.teachers and self.run_dir is None:
+            raise ValueError("give teachers (language → checkpoint) or run_dir (its best models are the teachers)")
+        if self.unknown_language == "lid" and self.lid_checkpoint is None and self.run_dir is None:
+            raise ValueError("unknown_language='lid' needs lid_checkpoint or run_dir")
+        self.label_config("manifest.jsonl", {"xx": "teacher.pt"})  # a bad override fails now, not at 2 a.m.
+        return self
+
+    def label_config(self, manifest: str, teachers: dict[str, str]) -> LabelConfig:
+        """The labeling config of one relabel run's manifest of new files."""
+        base = preset("label", self.preset, manifest, teachers)
+        return configured(LabelConfig, base, self.label | _set(filters=_dumped(self.labeling_filter)))

@@ -1,0 +1,26 @@
+"""Where a corpus built by `mlpl corpus build` keeps its files: one manifest per split under `manifests/`, and the
+hidden truth of the unlabeled clips under `hidden/` (PL CER only, never training)."""
+
+from __future__ import annotations
+
+from storage.files import join
+
+SPLITS = ("labeled", "unlabeled", "dev", "test")
+
+
+def split_manifest(corpus_dir: str, split: str) -> str:
+    """The manifest of one split: labeled, unlabeled, dev or test."""
+    return join(corpus_dir, "manifests", f"{split}.jsonl")
+
+
+def hidden_file(corpus_dir: str, name: str) -> str:
+    """A file of the hidden truth: unlabeled_reference.jsonl (the unlabeled clips' transcripts), channel.jsonl."""
+    return join(corpus_dir, "hidden", name)
+
+
+def corpus_data(corpus_dir: str, run_dir: str) -> dict[str, str]:
+    """The data fields of a `RecipeConfig` for a built corpus."""
+    return dict(run_dir=run_dir, labeled_manifest=split_manifest(corpus_dir, "labeled"),
+                dev_manifest=split_manifest(corpus_dir, "dev"), test_manifest=split_manifest(corpus_dir, "test"),
+                unlabeled_manifest=split_manifest(corpus_dir, "unlabeled"),
+                reference_manifest=hidden_file(corpus_dir, "unlabeled_reference.jsonl"))

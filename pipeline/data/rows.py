@@ -1,0 +1,141 @@
+"""Manifest rows → validated utterances and rejects (docs/architecture.md, "Data model").
+
+Validation happens where a manifest enters, without touching audio: every row is either an `Utterance` or a
+`Reject` with a reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import normalize_language
+from pipeline.data.tokenizer import prepare_text
+from storage.manifest import read_manifest
+
+ProgressFn = Callable[[int, int, str], None]  # on_progress(done, total, description) of every long loop
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One manifest row that passed validation (docs/architecture.md, "Data model")."""
+
+    id: str
+    audio: str
+    duration_s: float
+    language: str
+    text: str | None = None
+    speaker: str | None = None
+    etag: str | None = None  # the audio file's size or object-store ETag when known (relabel's change check)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input row that could not be used, and why."""
+
+    id: str | None
+    audio: str | None
+    language: str | None
+    reason: str
+    source: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        """Plain dict for the rejects table."""
+        return {"id": self.id, "audio": self.audio, "language": self.language, "reason": self.reason,
+                "source": self.source}
+
+
+
+def _row_reject(row: dict[str, Any], reason: str, source: str) -> Reject:
+    def s(key: str) -> str | None:
+        v = row.get(key)
+        return None if v is None else str(v)
+
+    return Reject(s("id"), s("audio"), s("language"), reason, source)
+
+
+def validate_rows(
+    rows: list[dict[str, Any]],
+    *,
+    source: str,
+    require_text: bool,
+    languages: Sequence[str] | None,
+) -> tuple[list[Utterance], list[Reject]]:
+    """Check manifest fields (ids, duplicates, language, text) without touching audio."""
+    utts: list[Utterance] = []
+    rejects: list[Reject] = []
+    first_seen: dict[str, int] = {}
+    known = {normalize_language(x) or x for x in languages} if languages is not None else None
+    for n, row in enumerate(rows, start=1):
+        missing = [k for k in ("id", "audio", "language") if row.get(k) in (None, "")]
+        if require_text and row.get("text") is None:
+            missing.append("text")
+        if missing:
+            rejects.append(_row_reject(row, f"row {n}: missing field(s) {', '.join(missing)}", source))
+            continue
+        uid = str(row["id"])
+        lang = normalize_language(str(row["language"]))
+        if lang is None:
+            reason = f"language {row['language']!r} is not a language code (expected BCP-47 such as 'es' or 'pt-BR')"
+            rejects.append(_row_reject(row, reason, source))
+            continue
+        if uid in first_seen:
+            rejects.append(_row_reject(row, f"duplicate id {uid!r} (first at row {first_seen[uid]})", source))
+            continue
+        first_seen[uid] = n
+        if known is not None and lang not in known:
+            reason = f"unknown language {lang!r} (known: {', '.join(sorted(known))})"
+            rejects.append(_row_reject(row, reason, source))
+            continue
+        text = row.get("text")
+        if text is not None:
+            if not isinstance(text, str):
+                rejects.append(_row_reject(row, f"text is not a string ({type(text).__name__})", source))
+                continue
+            text = prepare_text(text)
+            if require_text and not text:
+                rejects.append(_row_reject(row, "text is empty", source))
+                continue
+        try:
+            duration_s = float(row.get("duration_s") or 0.0)
+        except (TypeError, ValueError):
+            rejects.append(_row_reject(row, f"duration_s is not a number ({row.get('duration_s')!r})", source))
+            continue
+        utts.append(
+            Utterance(
+                id=uid,
+                audio=str(row["audio"]),
+                duration_s=duration_s,
+                language=lang,
+                text=text,
+                speaker=None if row.get("speaker") is None else str(row["speaker"]),
+                etag=None if row.get("etag") is None else str(row["etag"]),
+            )
+        )
+    return utts, rejects
+
+
+def rejects_for_language(rejects: list[Reject], language: str, languages: Sequence[str] | None) -> list[Reject]:
+    """The rejects a per-language stage reports: its own language's, and rows no other stage would claim
+    (no language, an unknown one); another known language's bad rows belong to that language's stage."""
+    others = {normalize_language(x) for x in languages or []} - {language}
+    return [r for r in rejects if normalize_language(r.language or "") not in others]
+
+
+def read_utterances(
+    manifest_url: str, *, require_text: bool, languages: Sequence[str] | None, language: str | None = None
+) -> tuple[list[Utterance], list[Reject]]:
+    """Manifest rows as validated utterances (no audio touched) and rejects; with `language`, that language's.
+
+    Raises:
+        FileNotFoundError: when the manifest itself is missing.
+    """
+    rows, line_rejects = read_manifest(manifest_url)
+    rejects = [Reject(r["id"], None, None, r["reason"], manifest_url) for r in line_rejects]
+    utts, row_rejects = validate_rows(rows, source=manifest_url, require_text=require_text, languages=languages)
+    rejects += row_rejects
+    if language is not None:
+        utts = [u for u in utts if u.language == language]
+        rejects = rejects_for_language(rejects, language, languages)
+    return utts, rejects

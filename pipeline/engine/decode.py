@@ -1,0 +1,126 @@
+"""The one decode path of evaluation, slimIPL labeling and PL generation: greedy CTC in eval mode (no dropout,
+no SpecAugment), `torch.inference_mode`, bf16 autocast where native, whole clips or crops stitched back together
+(paper Sec. 5.2). Per utterance: tokens, text, confidence, blank ratio, LID prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.decode import greedy_ctc_decode
+from models.encoder import CTCLIDModel
+from pipeline.config import BatchConfig
+from pipeline.data.dataset import Dataset, collate
+from pipeline.data.rows import ProgressFn
+from pipeline.data.samplers import DynamicBucketSampler
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.engine.crops import crop_and_stitch
+from pipeline.engine.device import autocast
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """Label long audio as overlapping crops stitched back together (paper Sec. 5.2), in fbank frames."""
+
+    crop_frames: int
+    overlap_frames: int
+
+
+def decode_batch(
+    model: CTCLIDModel,
+    feats: torch.Tensor,
+    feat_lens: torch.Tensor,
+    *,
+    tokenizer: Tokenizer,
+    languages: Sequence[str],
+    bf16: bool = True,
+    crop: CropSpec | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy CTC over one padded batch (B, T, n_mels) in eval mode, whole or cropped: the one decode path of
+    evaluation, slimIPL labeling and PL generation. Per utterance: tokens, text, confidence, blank ratio, LID.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    feats, feat_lens = feats.to(device, non_blocking=True), feat_lens.to(device)
+    try:
+        with torch.inference_mode(), autocast(bf16, device):
+            if crop is None:
+                out = model(feats, feat_lens)
+            else:
+                out = crop_and_stitch(model, feats, feat_lens, crop_frames=crop.crop_frames,
+                                      overlap_frames=crop.overlap_frames, bf16=bf16)
+        hyps = greedy_ctc_decode(out.log_probs.float().cpu(), out.out_lens.cpu(), blank=tokenizer.blank_id)
+        lid_probs = out.lid_logits.float().softmax(dim=-1).cpu()
+    finally:
+        model.train(was_training)
+    rows = []
+    for h, p, n in zip(hyps, lid_probs, out.out_lens.tolist(), strict=True):
+        k = int(p.argmax())
+        rows.append(
+            {
+                "tokens": h.tokens,
+                "hypothesis": tokenizer.decode(h.tokens),
+                "num_tokens": len(h.tokens),
+                "num_frames": int(n),
+                "confidence": round(h.confidence, 5),
+                "blank_ratio": round(h.blank_ratio, 5),
+                "lid_pred": languages[k],
+                "lid_prob": round(float(p[k]), 5),
+            }
+        )
+    return rows
+
+
+def decode_features(
+    model: CTCLIDModel,
+    features: Sequence[torch.Tensor],
+    *,
+    tokenizer: Tokenizer,
+    languages: Sequence[str],
+    bf16: bool = True,
+    crop: CropSpec | None = None,
+) -> list[dict[str, Any]]:
+    """`decode_batch` over unpadded per-utterance features [(T_i, n_mels)], e.g. a streamed batch's."""
+    lens = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
+    feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (B, T, n_mels)
+    return decode_batch(model, feats, lens, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop)
+
+
+def decode_dataset(
+    model: CTCLIDModel,
+    ds: Dataset,
+    *,
+    tokenizer: Tokenizer,
+    languages: Sequence[str],
+    batch: BatchConfig,
+    bf16: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy-decode every utterance of an in-memory dataset; one row per utterance with hypothesis and signals."""
+    if not ds.utterances:
+        return []
+    lang_ids = {lang: i for i, lang in enumerate(languages)}
+    sampler = DynamicBucketSampler(
+        ds.durations(),
+        max_batch_duration_s=max(batch.max_batch_duration_s, max(ds.durations(), default=0.0)),
+        max_batch_size=batch.max_batch_size,
+        num_buckets=batch.num_buckets,
+        shuffle=False,
+    )
+    rows: list[dict[str, Any]] = []
+    for idx in sampler.epoch_batches(0):
+        utts = [ds.utterances[i] for i in idx]
+        b = collate(utts, ds.features, tokenizer=None, language_ids=lang_ids)
+        decoded = decode_batch(model, b.feats, b.feat_lens, tokenizer=tokenizer, languages=languages, bf16=bf16)
+        for u, d in zip(utts, decoded, strict=True):
+            signals = {k: v for k, v in d.items() if k not in ("tokens", "num_frames")}
+            rows.append({"id": u.id, "language": u.language, "audio": u.audio, "reference": u.text} | signals)
+        if on_progress is not None:
+            on_progress(len(rows), len(ds.utterances), "decode")
+    return rows

@@ -1,0 +1,50 @@
+"""Where and at what precision models run: the device a config names, and bf16 autocast only where it is native
+(CUDA with bf16, AVX-512 BF16 CPUs; on AVX2-only CPUs bf16 matmul is emulated and slower than fp32)."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def bf16_supported() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (otherwise autocast only slows things down)."""
+    try:
+        return bool(torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16")) and bool(
+            torch.cpu._is_avx512_bf16_supported()
+        )
+    except AttributeError:
+        return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device a config's `device` names: "auto" is CUDA when present, else the CPU.
+
+    Raises:
+        ValueError: when CUDA is asked for and torch sees no CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no CUDA device here; use device='auto' or 'cpu'")
+    return torch.device(name)
+
+
+def _bf16_native(device_type: str) -> bool:
+    return torch.cuda.is_bf16_supported() if device_type == "cuda" else bf16_supported()
+
+
+def precision_used(bf16: bool, device: torch.device | str = "cpu") -> str:
+    """What autocast(bf16) really runs on this device."""
+    return "bf16" if bf16 and _bf16_native(torch.device(device).type) else "fp32"
+
+
+def autocast(enabled: bool, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast where the device runs bf16 natively (CUDA with bf16, AVX-512 BF16 CPUs), else a no-op."""
+    kind = torch.device(device).type
+    if enabled and _bf16_native(kind):
+        return torch.autocast(kind, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

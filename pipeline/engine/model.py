@@ -1,0 +1,59 @@
+"""Trained models rebuilt from checkpoints (loaded with `weights_only=True`), with what they need to read and label
+audio: tokenizer, languages, front end and audio policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.encoder import CTCLIDModel
+from pipeline.config import AudioPolicy, FeatureConfig
+from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict
+from storage.checkpoint import load_checkpoint
+
+
+@dataclass
+class Trained:
+    """A model rebuilt from a checkpoint with what it needs to read and label audio."""
+
+    model: CTCLIDModel
+    tokenizer: Tokenizer
+    languages: list[str]
+    features: FeatureConfig
+    audio_policy: AudioPolicy
+    step: int
+    checkpoint: dict[str, Any]
+
+
+def load_trained(url: str) -> Trained:
+    """Rebuild model, tokenizer and languages from a checkpoint (loaded with weights_only=True), in eval mode.
+
+    Raises:
+        FileNotFoundError: when no checkpoint is at the URL.
+        ValueError: when the file is not an mlpl checkpoint.
+    """
+    ckpt = load_checkpoint(url)
+    missing = [k for k in ("model", "model_kwargs", "tokenizer", "languages", "config") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{url} is not an mlpl checkpoint (missing {', '.join(missing)})")
+    # Its initial weights are overwritten at once: building it must not move the global RNG a stage was seeded with.
+    with torch.random.fork_rng(devices=[]):
+        model = CTCLIDModel(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    # Every stage records its front end and audio policy beside the weights (stage 1 also in its config).
+    features = ckpt.get("features", ckpt["config"].get("features"))
+    audio = ckpt.get("audio", ckpt["config"].get("audio"))
+    if features is None or audio is None:
+        raise ValueError(f"{url} is not an mlpl checkpoint (no feature or audio settings)")
+    return Trained(
+        model=model,
+        tokenizer=tokenizer_from_dict(ckpt["tokenizer"]),
+        languages=list(ckpt["languages"]),
+        features=FeatureConfig(**features),
+        audio_policy=AudioPolicy(**audio),
+        step=int(ckpt.get("step", 0)),
+        checkpoint=ckpt,
+    )

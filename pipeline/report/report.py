@@ -1,0 +1,320 @@
+"""Per-language tables across the recipe's stages (paper Table 1 layout: multilingual → fine-tune → slimIPL)
+and the run report (`mlpl report`: paper Tables 2-3 layout, Markdown + JSON + a PNG of dev CER per stage)."""
+
+from __future__ import annotations
+
+import io
+import math
+import posixpath
+from typing import Any
+
+from pipeline.layout import RunLayout
+from storage.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    join,
+    read_bytes,
+    read_json,
+    write_json,
+)
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def pl_quality_markdown(summary: dict[str, Any]) -> str:
+    """PL quality of a slimIPL run at its start and end, whole-utterance vs cropped labeling."""
+    ev = summary.get("extra", {}).get("pl_eval", {})
+    lines = [
+        f"### PL quality, slimIPL {summary.get('extra', {}).get('language', '')}",
+        "",
+        "| when | labeling | PL CER % | empty PLs % | blank ratio | PL chars/s | confidence |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for when in ("start", "end"):
+        for how in ("whole", "crop"):
+            st = ev.get(when, {}).get(how)
+            if st:
+                lines.append(
+                    f"| {when} | {how} | {_f(st.get('pl_cer'))} | {_f(100 * st['empty_share'])} | "
+                    f"{_f(st['blank_ratio'], 3)} | {_f(st['chars_per_s'], 2)} | {_f(st['confidence'], 3)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def recipe_table(supervised: dict[str, dict[str, float]], per_language: dict[str, dict[str, Any]],
+                 roles: dict[str, str] | None = None) -> str:
+    """Test CER % per stage (rows) and language (columns), as in the paper's Table 1, with slimIPL's relative
+    change over fine-tuning and the PL CER on the unlabeled clips at the start and end of slimIPL.
+
+    `supervised` is the multilingual model's `score()` table; `per_language[lang]` holds the test tables
+    ("finetune", "slimipl": score() results) and the slimIPL summary ("slimipl_summary").
+    """
+    roles = roles or {}
+    langs = sorted(k for k in supervised if k not in ("all", "macro"))
+
+    def cer(lang: str, stage: str) -> float | None:
+        table = supervised if stage == "supervised" else (per_language.get(lang, {}).get(stage) or {})
+        return table.get(lang, {}).get("cer")
+
+    def relative(lang: str) -> str:
+        ft, sl = cer(lang, "finetune"), cer(lang, "slimipl")
+        return f"{100 * (sl - ft) / ft:+.1f} %" if ft and sl is not None else "—"
+
+    def pl_cer(lang: str) -> str:
+        ev = (per_language.get(lang, {}).get("slimipl_summary") or {}).get("extra", {}).get("pl_eval", {})
+        start, end = ev.get("start", {}).get("whole", {}), ev.get("end", {}).get("whole", {})
+        return f"{_f(start.get('pl_cer'))} → {_f(end.get('pl_cer'))}" if start or end else "—"
+
+    header = "| test CER % | " + " | ".join(f"{lang} ({roles[lang]})" if lang in roles else lang for lang in langs)
+    rows = [
+        header + " |",
+        "|---|" + "---:|" * len(langs),
+        "| multilingual | " + " | ".join(_f(cer(lang, "supervised")) for lang in langs) + " |",
+        "| ↪ fine-tuned on the language | " + " | ".join(_f(cer(lang, "finetune")) for lang in langs) + " |",
+        "| ↪ slimIPL | " + " | ".join(_f(cer(lang, "slimipl")) for lang in langs) + " |",
+        "| slimIPL vs fine-tuned | " + " | ".join(relative(lang) for lang in langs) + " |",
+        "| PL CER % on unlabeled clips, start → end | " + " | ".join(pl_cer(lang) for lang in langs) + " |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+# --- the run report (paper Tables 2-3 layout) -------------------------------------------------------------
+
+# Rows in the order of the paper's tables; per-language stages take each language's own model.
+REPORT_STAGES = [
+    ("supervised", "supervised multilingual"),
+    ("finetune", "↪ per-language fine-tune"),
+    ("slimipl", "↪ per-language slimIPL"),
+]
+
+
+def _read_json(url: str) -> Any | None:
+    try:
+        return read_json(url)
+    except FileNotFoundError:
+        return None
+
+
+STUDENT_TITLES = {
+    "from_scratch": "student, from scratch",
+    "finetune": "student, fine-tuned from stage 1",
+}
+
+
+def _student_title(variant: str) -> str:
+    if variant.endswith("-labeled-ft"):
+        return "↪ + labeled-only fine-tune"
+    return STUDENT_TITLES.get(variant, f"student {variant}")
+
+
+def student_variants(run_dir: str) -> list[str]:
+    """The run's students in the paper's row order: each mode, then its labeled-only fine-tune; others after."""
+    found = set(RunLayout(run_dir).finished("student"))
+
+    def order(v: str) -> tuple:
+        base = v.removesuffix("-labeled-ft")
+        known = list(STUDENT_TITLES)
+        return (known.index(base) if base in known else len(known), base, v != base)
+
+    return sorted(found, key=order)
+
+
+def build_report(run_dir: str) -> dict[str, Any]:
+    """Test CER per stage and language from a run directory, with the averages of the paper's tables.
+
+    Rows: supervised multilingual, per-language fine-tune, per-language slimIPL, each student (and its
+    labeled-only fine-tune). Columns: CER averaged over all languages and over those with unlabeled audio (the
+    languages that got a slimIPL stage), CER per language, LID accuracy averaged over languages, PL CER on the
+    unlabeled clips (start → end of slimIPL) where hidden references were given. An average is left empty when
+    a language of its set has no figure for that row, so every average is the mean of its row's columns.
+    """
+    layout = RunLayout(run_dir)
+    sup_url = join(layout.eval("supervised"), "metrics.json")
+    sup = _read_json(sup_url)
+    if sup is None:
+        raise FileNotFoundError(f"no supervised test metrics in {sup_url}; run the supervised stage with a test "
+                                "manifest first")
+    languages = sorted(k for k in sup["metrics"] if k not in ("all", "macro"))
+    with_unlabeled = sorted(layout.finished("slimipl"))
+    rows = []
+
+    def add_row(stage: str, title: str, metrics_of, pl: dict | None = None) -> None:
+        cer, lid = {}, {}
+        for lang in languages:
+            metrics = metrics_of(lang)
+            if metrics and lang in metrics:
+                cer[lang], lid[lang] = metrics[lang]["cer"], metrics[lang]["lid_acc"]
+        rows.append({
+            "stage": stage, "title": title, "cer": cer, "lid_acc": lid, "pl_cer": pl or {},
+            "cer_all": _mean(cer, languages), "cer_unlabeled": _mean(cer, with_unlabeled),
+            "lid_acc_mean": _mean(lid, languages),
+        })
+
+    def eval_metrics(name: str) -> dict:
+        return (_read_json(join(layout.eval(name), "metrics.json")) or {}).get("metrics", {})
+
+    for stage, title in REPORT_STAGES:
+        dirs = layout.finished(stage)
+        if not dirs:
+            continue
+        if None in dirs:
+            add_row(stage, title, lambda lang, st=stage: sup["metrics"] if st == "supervised" else eval_metrics(st))
+            continue
+        pl = {}
+        for lang in dirs if stage == "slimipl" else ():
+            ev = ((_read_json(dirs[lang].result) or {}).get("extra", {}).get("pl_eval", {}))
+            start, end = ev.get("start", {}).get("whole", {}), ev.get("end", {}).get("whole", {})
+            if start.get("pl_cer") is not None or end.get("pl_cer") is not None:
+                pl[lang] = [start.get("pl_cer"), end.get("pl_cer")]
+        add_row(stage, title, lambda lang, st=stage, d=dirs: eval_metrics(f"{st}/{lang}") if lang in d else None, pl)
+    for variant in student_variants(run_dir):
+        metrics = eval_metrics(f"student/{variant}")
+        add_row(f"student/{variant}", _student_title(variant), lambda lang, m=metrics: m)
+    return {"run_dir": run_dir, "languages": languages, "with_unlabeled": with_unlabeled, "rows": rows}
+
+
+def _mean(values: dict[str, float], over: list[str]) -> float | None:
+    if not over or any(values.get(lang) is None for lang in over):
+        return None
+    return sum(values[lang] for lang in over) / len(over)
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as one Markdown table (rows: stages; columns: averages, languages, LID, PL CER)."""
+    langs, unl = report["languages"], report["with_unlabeled"]
+    lines = [
+        "| model | avg CER (all) | avg CER (with unlabeled) | " + " | ".join(
+            f"{lang}{'*' if lang in unl else ''}" for lang in langs) + " | LID acc % | PL CER % start → end |",
+        "|---|---:|---:|" + "---:|" * len(langs) + "---:|---|",
+    ]
+    for r in report["rows"]:
+        pl = ", ".join(f"{lang} {_f(a)} → {_f(b)}" for lang, (a, b) in r["pl_cer"].items()) or "—"
+        lines.append(f"| {r['title']} | {_f(r['cer_all'])} | {_f(r['cer_unlabeled'])} | "
+                     + " | ".join(_f(r["cer"].get(lang)) for lang in langs)
+                     + f" | {_f(r['lid_acc_mean'])} | {pl} |")
+    lines.append(f"\nTest CER %. \\* languages with unlabeled audio ({', '.join(unl) or 'none'}). An average is "
+                 "empty when one of its languages has no model at that stage.")
+    return "\n".join(lines) + "\n"
+
+
+def dev_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Validation CER (macro over the stage's dev languages) against updates, per stage and language."""
+    layout = RunLayout(run_dir)
+    dirs = {}
+    for stage, _ in REPORT_STAGES:
+        for lang, d in sorted(layout.finished(stage).items(), key=lambda kv: kv[0] or ""):
+            dirs[stage if lang is None else f"{stage}/{lang}"] = d
+    for variant in student_variants(run_dir):
+        dirs[f"student/{variant}"] = layout.student(variant)
+    curves = {}
+    for name, d in dirs.items():
+        evals = _read_json(d.file("dev_evals.json")) or []
+        points = [(e["step"], e["metrics"]["macro"]["cer"]) for e in evals if "macro" in e.get("metrics", {})]
+        if points:
+            curves[name] = points
+    return curves
+
+
+def plot_dev_curves(curves: dict[str, list[tuple[int, float]]], title: str = "") -> bytes:
+    """A PNG of validation CER against updates, one curve per stage (like the paper's Figs. 7-8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xlabel("updates in the stage")
+    ax.set_ylabel("dev CER %")
+    ax.set_title(title or "validation CER per stage")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend()
+    buf = io.BytesIO()
+    # The curve names ride in a PNG text chunk, so a reader (or a test) can tell what was drawn.
+    fig.savefig(buf, format="png", bbox_inches="tight", metadata={"Description": "curves: " + ", ".join(curves)})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(run_dir: str) -> dict[str, Any]:
+    """Build the report and write `<run>/report/report.{md,json}` and `dev_cer.png`; returns the report with
+    its Markdown, the PNG's URL and its bytes."""
+    report = build_report(run_dir)
+    markdown = report_markdown(report)
+    curves = dev_curves(run_dir)
+    out = RunLayout(run_dir).report
+    write_json(join(out, "report.json"), report | {"dev_curves": curves})
+    atomic_write_text(join(out, "report.md"), markdown)
+    png, image = join(out, "dev_cer.png"), plot_dev_curves(curves, f"validation CER per stage — {run_dir}")
+    atomic_write_bytes(png, image)
+    return report | {"markdown": markdown, "plot": png, "plot_png": image, "dev_curves": curves}
+
+
+def write_recipe_record(run_dir: str, record: dict[str, Any]) -> str:
+    """`<run>/report/recipe_run.json`: what a recipe run did (stages, wall times, labels); returns its URL."""
+    url = join(RunLayout(run_dir).report, "recipe_run.json")
+    write_json(url, record)
+    return url
+
+
+# --- the results page of `make reproduce` -----------------------------------------------------------------
+
+
+def orderings(report: dict[str, Any], roles: dict[str, str]) -> list[dict[str, Any]]:
+    """The paper's orderings checked on a report, for every student row: (1) the student's CER averaged over
+    the languages with unlabeled audio is below the supervised model's; (2) among those languages, a
+    low-resource one gains the most (relative CER reduction from the supervised model to the student)."""
+    rows = {r["stage"]: r for r in report["rows"]}
+    base, unl = rows.get("supervised"), report["with_unlabeled"]
+    out = []
+    for stage, r in rows.items():
+        if not stage.startswith("student/") or base is None:
+            continue
+        a, b = base["cer_unlabeled"], r["cer_unlabeled"]
+        out.append({"student": stage, "check": "student below base on the languages with unlabeled audio",
+                    "holds": None if a is None or b is None else b < a,
+                    "detail": f"avg CER {_f(a)} → {_f(b)} over {', '.join(unl)}"})
+        gains = {lang: 100 * (base["cer"][lang] - r["cer"][lang]) / base["cer"][lang]
+                 for lang in unl if lang in r["cer"] and base["cer"].get(lang)}
+        low = [lang for lang in unl if roles.get(lang) == "low"]
+        holds = None
+        if gains and low and len(unl) > len(low):
+            holds = max(gains, key=gains.get) in low
+        out.append({"student": stage, "check": "the low-resource language gains the most",
+                    "holds": holds,
+                    "detail": ", ".join(f"{lang}{' (low)' if lang in low else ''} {g:+.1f} %"
+                                        for lang, g in sorted(gains.items(), key=lambda kv: -kv[1]))
+                    or "no figures"})
+    return out
+
+
+def orderings_markdown(checks: list[dict[str, Any]]) -> str:
+    """The ordering checks as a table: holds / fails / not measurable, with the numbers."""
+    word = {True: "holds", False: "**fails**", None: "not measurable"}
+    lines = ["| student | paper's ordering | here | numbers |", "|---|---|---|---|"]
+    lines += [f"| {c['student']} | {c['check']} | {word[c['holds']]} | {c['detail']} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str, machine: str,
+                  roles: dict[str, str]) -> str:
+    """The results page of a recipe run (table, plot beside it, orderings, wall times, command); returns it."""
+    report = out["report"]
+    checks = orderings(build_report(out["run_dir"]), roles)
+    plot_name = posixpath.basename(path).rsplit(".", 1)[0] + "_dev_cer.png"
+    atomic_write_bytes(join(posixpath.dirname(path) or ".", plot_name), read_bytes(report["plot"]))
+    walls = "\n".join(f"| {name} | {s:.0f} |" for name, s in out["wall_s"].items())
+    text = (
+        f"# Results: the whole recipe on the `{out.get('corpus', {}).get('name', 'bench')}` corpus\n\n"
+        f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores. Run directory `{out['run_dir']}`.\n\n"
+        f"## Test CER (paper Tables 2-3 layout)\n\n{report['markdown']}\n"
+        f"## Do the paper's orderings hold?\n\n{orderings_markdown(checks)}\n"
+        f"## Validation CER per stage\n\n![validation CER per stage]({plot_name})\n\n"
+        f"## Wall time per stage\n\n| stage | wall s |\n|---|---:|\n{walls}\n"
+    )
+    atomic_write_text(path, text)
+    return text

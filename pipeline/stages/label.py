@@ -1,0 +1,504 @@
+"""Corpus-wide pseudo-label generation (recipe step 4; docs/architecture.md, "Pseudo-label generation").
+
+Every row of an unlabeled manifest is labeled by its language's teacher through the one decode path
+(`pipeline.engine.decode`: eval mode, `inference_mode`, bf16 autocast where native, greedy CTC),
+streaming: length-sorted batches by audio seconds are decoded in a prefetch thread, clips longer than
+`max_whole_s` are labeled as overlapping crops stitched back together (`pipeline.engine.crops`), and each clip's
+16 kHz mono FLAC goes straight into its shard. Nothing holds more than a batch of audio.
+
+The manifest is split into deterministic work units per language (manifest order, at most
+`unit_max_utterances` rows and `unit_max_audio_s` seconds each). A unit is keyed by the sha256 of its rows,
+its teacher's sha256 and the decode config; a committed unit with the same keys is skipped, so a rerun does
+no model work, and a new teacher or decode config relabels exactly the units it touches, replacing their
+files (no duplicate rows). A killed run redoes only the unit that was in flight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from pipeline.config import LabelConfig
+from pipeline.data.rows import ProgressFn, Reject, Utterance, read_utterances
+from pipeline.data.stream import LazyBatchLoader, LoadedBatch, header_duration_s
+from pipeline.engine.decode import CropSpec, decode_features
+from pipeline.engine.device import precision_used, resolve_device
+from pipeline.engine.model import Trained, load_trained
+from pipeline.stages.label_summary import reject_category, summary_markdown
+from storage.files import atomic_write_text, exists, join, read_text, sha256_of
+from storage.pl import LabelStore, ShardWriter, sample_key
+
+log = logging.getLogger("mlpl.label")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A language's teacher checkpoint and its identity."""
+
+    language: str
+    url: str
+    sha256: str
+    name: str  # "<stage>@<step>" from the checkpoint, e.g. "slimipl/sl@400"
+
+    @property
+    def ident(self) -> str:
+        """The `teacher` column: name and a sha256 prefix."""
+        return f"{self.name}:{self.sha256[:16]}"
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Consecutive rows of one language in manifest order: one Parquet file, one shard, one commit."""
+
+    language: str
+    index: int
+    utterances: tuple[Utterance, ...]
+    rows_sha256: str
+
+    @property
+    def name(self) -> str:
+        """`<lang>-<NNNNNN>`."""
+        return LabelStore.unit_name(self.language, self.index)
+
+    @property
+    def audio_s(self) -> float:
+        """Declared (or header) seconds of audio."""
+        return sum(u.duration_s for u in self.utterances)
+
+
+@dataclass
+class LabelPlan:
+    """What one labeling run will do: its units, teachers and keys (small; passed to workers)."""
+
+    cfg: LabelConfig
+    root: str
+    manifest_sha256: str
+    teachers: dict[str, Teacher]
+    decode_keys: dict[str, str]  # language → decode key (precision and the teacher's front end included)
+    precision: str
+    units: list[WorkUnit]
+    input_rejects: dict[str, Counter] = field(default_factory=dict)  # language → category counts
+
+    def unit_keys(self, unit: WorkUnit) -> dict[str, str]:
+        """What a committed unit must match to be skipped."""
+        teacher = self.teachers.get(unit.language)
+        return {"rows": unit.rows_sha256, "teacher": teacher.sha256 if teacher else "none",
+                "decode": self.decode_keys.get(unit.language, "none")}
+
+
+@lru_cache(maxsize=8)
+def _teacher_model(url: str, sha256: str) -> Trained:
+    """A teacher loaded once per process (keyed by content, so a replaced file is reloaded)."""
+    del sha256
+    return load_trained(url)
+
+
+def _teacher(language: str, url: str) -> Teacher:
+    try:
+        sha = sha256_of(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"teacher checkpoint for {language!r} not found: {url}") from None
+    trained = _teacher_model(url, sha)
+    if language not in trained.languages:
+        raise ValueError(f"teacher {url} does not know language {language!r} (its languages: "
+                         f"{', '.join(trained.languages)}); map {language!r} to a checkpoint trained on it")
+    ckpt = trained.checkpoint
+    return Teacher(language, url, sha, f"{ckpt.get('stage', 'checkpoint')}@{ckpt.get('step', 0)}")
+
+
+def _rows_sha256(utts: Sequence[Utterance]) -> str:
+    # The etag joins the key only where a row has one, so roots labeled before it existed keep their keys.
+    blob = json.dumps([[u.id, u.audio, u.duration_s, u.language] + ([u.etag] if u.etag else []) for u in utts],
+                      ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def split_units(utts: Sequence[Utterance], *, max_utterances: int, max_audio_s: float) -> list[list[Utterance]]:
+    """Consecutive rows cut into units of at most `max_utterances` rows and `max_audio_s` declared seconds
+    (a single longer clip is a unit of its own)."""
+    units: list[list[Utterance]] = []
+    cur: list[Utterance] = []
+    seconds = 0.0
+    for u in utts:
+        if cur and (len(cur) >= max_utterances or seconds + u.duration_s > max_audio_s):
+            units.append(cur)
+            cur, seconds = [], 0.0
+        cur.append(u)
+        seconds += u.duration_s
+    if cur:
+        units.append(cur)
+    return units
+
+
+def _with_duration(u: Utterance) -> Utterance:
+    """A row whose duration is missing gets it from the file header; an unreadable header leaves 0 (the row
+    is then rejected with the exact reason when its unit decodes it)."""
+    if math.isfinite(u.duration_s) and u.duration_s > 0:
+        return u
+    try:
+        return replace(u, duration_s=header_duration_s(u.audio))
+    except Exception:  # any failure here is reported by the decoder, with its reason, inside the unit
+        return replace(u, duration_s=0.0)
+
+
+def _reject_row(r: Reject, **extra: Any) -> dict[str, Any]:
+    return {"id": r.id, "audio": r.audio, "reason": r.reason, "category": extra.pop("category", None)
+            or reject_category(r.reason), "source": r.source} | extra
+
+
+def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
+    """Validate the manifest (no audio decoded), split it into units and record their numbers in the catalog.
+
+    Raises:
+        FileNotFoundError: when the manifest or a teacher checkpoint is missing.
+        ValueError: when a teacher does not know its language, or the root numbered this manifest's units
+            with other unit settings.
+    """
+    store = LabelStore(root)
+    if not exists(cfg.manifest):
+        raise FileNotFoundError(f"manifest not found: {cfg.manifest}")
+    manifest_sha = sha256_of(cfg.manifest)
+    teachers = {lang: _teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
+    precision = precision_used(cfg.bf16, resolve_device(cfg.device))
+    decode_keys = {
+        lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"))
+        for lang, t in teachers.items()
+    }
+    utts, rejects = read_utterances(cfg.manifest, require_text=False, languages=None)
+    by_lang: dict[str, list[Utterance]] = {}
+    for u in utts:
+        by_lang.setdefault(u.language, []).append(_with_duration(u))
+    settings = {"unit_max_utterances": cfg.unit_max_utterances, "unit_max_audio_s": cfg.unit_max_audio_s}
+    chunks = {lang: split_units(rows, max_utterances=cfg.unit_max_utterances, max_audio_s=cfg.unit_max_audio_s)
+              for lang, rows in sorted(by_lang.items())}
+    input_rejects: dict[str, list[dict[str, Any]]] = {}
+    for r in rejects:
+        input_rejects.setdefault(r.language or "und", []).append(_reject_row(r))
+    record = store.manifest_record(manifest_sha)
+    if record is None:
+        nxt = store.next_unit_numbers()
+        record = {"manifest": cfg.manifest, "sha256": manifest_sha, "settings": settings,
+                  "units": {lang: [nxt.get(lang, 0), len(c)] for lang, c in chunks.items()},
+                  "input_rejects": {lang: len(v) for lang, v in sorted(input_rejects.items())},
+                  "created_at": datetime.now(UTC).isoformat()}
+        store.register_manifest(manifest_sha, record, input_rejects)
+    elif record["settings"] != settings:
+        raise ValueError(
+            f"{root} already split {cfg.manifest} into units with {record['settings']}; relabeling it with "
+            f"{settings} would give its rows two homes. Use the same unit settings or another labels root"
+        )
+    units = [
+        WorkUnit(lang, record["units"][lang][0] + i, tuple(chunk), _rows_sha256(chunk))
+        for lang, lang_chunks in chunks.items() for i, chunk in enumerate(lang_chunks)
+    ]
+    counts = {lang: Counter(r["category"] for r in rows) for lang, rows in input_rejects.items()}
+    return LabelPlan(cfg, root, manifest_sha, teachers, decode_keys, precision, units, counts)
+
+
+# --- labeling one unit -------------------------------------------------------------------------------------
+
+
+def filter_reason(decoded: dict[str, Any], language: str, cfg: LabelConfig) -> tuple[str, str] | None:
+    """(category, reason) when a PL must be dropped, else None."""
+    f, n = cfg.filters, decoded["num_tokens"]
+    if n < f.min_tokens:
+        return "empty_pl", f"pseudo-label has {n} tokens, below filters.min_tokens={f.min_tokens}"
+    if n > f.max_tokens:
+        return "too_long_pl", f"pseudo-label has {n} tokens, above filters.max_tokens={f.max_tokens}"
+    if f.min_confidence is not None and decoded["confidence"] < f.min_confidence:
+        return ("low_confidence",
+                f"confidence {decoded['confidence']:.3f} is below filters.min_confidence={f.min_confidence}")
+    if f.require_lid_agreement and decoded["lid_pred"] != language:
+        return ("lid_mismatch", f"LID predicts {decoded['lid_pred']!r} (p={decoded['lid_prob']:.3f}) but the row "
+                f"says {language!r}")
+    return None
+
+
+@dataclass
+class UnitStats:
+    """What one unit's labeling cost and found (also the record's numbers)."""
+
+    audio_s: float = 0.0  # decoded seconds that went through the model
+    model_s: float = 0.0  # wall seconds in decode_batch
+    frames: int = 0  # valid fbank frames fed to the model
+    padded_frames: int = 0  # fbank frames including batch padding
+
+
+def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig):
+    """(loader, crop) pairs: whole clips in length-sorted batches, then long clips one at a time in crops."""
+    whole = [u for u in unit.utterances if u.duration_s <= cfg.max_whole_s]
+    long = [u for u in unit.utterances if u.duration_s > cfg.max_whole_s]
+    common = dict(features=trained.features, policy=cfg.audio, shuffle=False, with_flac=True,
+                  prefetch_batches=cfg.prefetch_batches, source=cfg.manifest)
+    frames_per_s = 1000.0 / trained.features.hop_ms
+    if whole:
+        yield LazyBatchLoader(whole, max_batch_duration_s=cfg.batch.max_batch_duration_s,
+                              max_batch_size=cfg.batch.max_batch_size, num_buckets=cfg.batch.num_buckets,
+                              **common), None
+    if long:
+        crop = CropSpec(round(cfg.crop_s * frames_per_s), round(cfg.crop_overlap_s * frames_per_s))
+        yield LazyBatchLoader(long, max_batch_duration_s=max(u.duration_s for u in long), max_batch_size=1,
+                              num_buckets=1, **common), crop
+
+
+def _decode(batch: LoadedBatch, trained: Trained, cfg: LabelConfig, crop: CropSpec | None,
+            stats: UnitStats) -> list[dict[str, Any]]:
+    t0 = time.perf_counter()
+    out = decode_features(trained.model, batch.features, tokenizer=trained.tokenizer, languages=trained.languages,
+                          bf16=cfg.bf16, crop=crop)
+    stats.model_s += time.perf_counter() - t0
+    lens = [f.shape[0] for f in batch.features]
+    stats.frames += sum(lens)
+    stats.padded_frames += len(lens) * max(lens)
+    stats.audio_s += sum(batch.durations_s or [])
+    return out
+
+
+def identify_languages(utts: Sequence[Utterance], checkpoint: str, cfg: LabelConfig) -> tuple[dict[str, Any],
+                                                                                                 list[Reject]]:
+    """The LID head's language for each clip ({id: (language, probability)}) through the labeling decode path
+    (long clips in crops); clips that cannot be read come back as rejects with the reason."""
+    trained = _teacher_model(checkpoint, sha256_of(checkpoint))
+    trained.model.to(resolve_device(cfg.device))
+    unit = WorkUnit(trained.languages[0], 0, tuple(_with_duration(u) for u in utts), _rows_sha256(utts))
+    found: dict[str, Any] = {}
+    rejects: list[Reject] = []
+    for loader, crop in _batches(unit, trained, cfg):
+        with loader:
+            for batch in loader.iter_epoch(0):
+                for u, d in zip(batch.utterances, _decode(batch, trained, cfg, crop, UnitStats()), strict=True):
+                    found[u.id] = (d["lid_pred"], d["lid_prob"])
+            rejects += loader.rejects
+    return found, rejects
+
+
+@dataclass
+class UnitOutput:
+    """What labeling one unit produces: kept rows (their audio written to the unit's shard as they come), rejects
+    with their reasons, and what the model work cost."""
+
+    shard: ShardWriter
+    shard_rel: str
+    teacher: Teacher | None
+    decode_key: str
+    created_at: datetime
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    stats: UnitStats = field(default_factory=UnitStats)
+
+    def add(self, u: Utterance, d: dict[str, Any], flac: bytes, duration_s: float, cfg: LabelConfig) -> None:
+        """One decoded clip: a row (and its shard member) when it passes the filter, else a reject."""
+        signals = {"duration_s": round(duration_s, 3), "num_tokens": d["num_tokens"], "confidence": d["confidence"],
+                   "lid_pred": d["lid_pred"], "lid_prob": d["lid_prob"], "blank_ratio": d["blank_ratio"],
+                   "teacher": self.teacher.ident, "decode": self.decode_key, "created_at": self.created_at,
+                   "audio_etag": u.etag}
+        dropped = filter_reason(d, u.language, cfg)
+        if dropped is not None:
+            r = Reject(u.id, u.audio, u.language, dropped[1], "filter")
+            self.rejects.append(_reject_row(r, category=dropped[0], text=d["hypothesis"], **signals))
+            return
+        key = sample_key(u.id)
+        row = {"id": u.id, "audio": u.audio, "text": d["hypothesis"], **signals, "shard": self.shard_rel, "key": key}
+        self.shard.write(key, flac, row | {"language": u.language, "created_at": self.created_at.isoformat()})
+        self.rows.append(row)
+
+
+def _label_with_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput,
+                        on_progress: Callable[[float], None] | None) -> None:
+    """Decode the unit's clips with its language's teacher (whole clips batched, long ones in crops)."""
+    cfg, teacher = plan.cfg, out.teacher
+    trained = _teacher_model(teacher.url, teacher.sha256)
+    trained.model.to(resolve_device(cfg.device))  # once per process: a no-op when it is there already
+    etags = {u.id: u.etag for u in unit.utterances}
+    for loader, crop in _batches(unit, trained, cfg):
+        with loader:
+            for batch in loader.iter_epoch(0):
+                decoded = _decode(batch, trained, cfg, crop, out.stats)
+                for u, d, flac, dur in zip(batch.utterances, decoded, batch.flac, batch.durations_s, strict=True):
+                    out.add(u, d, flac, dur, cfg)
+                if on_progress is not None:
+                    on_progress(sum(u.duration_s for u in batch.utterances))
+            for r in loader.rejects:
+                out.rejects.append(_reject_row(r, created_at=out.created_at, teacher=teacher.ident,
+                                               audio_etag=etags.get(r.id)))
+
+
+def _reject_all_without_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput) -> None:
+    """A unit of a language that has no teacher: every row is a reject that says so."""
+    known = ", ".join(sorted(plan.teachers)) or "none"
+    for u in unit.utterances:
+        reason = f"no teacher for language {u.language!r} (teachers: {known})"
+        out.rejects.append(_reject_row(Reject(u.id, u.audio, u.language, reason, plan.cfg.manifest),
+                                       duration_s=u.duration_s or None, created_at=out.created_at,
+                                       audio_etag=u.etag))
+
+
+def _unit_record(plan: LabelPlan, unit: WorkUnit, keys: dict[str, str], out: UnitOutput, wall_s: float) -> dict:
+    """The unit's catalog record: its keys, teacher, decode settings, counts, costs and files."""
+    cfg, teacher, rows, stats = plan.cfg, out.teacher, out.rows, out.stats
+    return {
+        "unit": unit.index, "language": unit.language, "name": unit.name, "keys": keys,
+        "manifest": cfg.manifest, "manifest_sha256": plan.manifest_sha256,
+        "teacher": None if teacher is None else {"url": teacher.url, "sha256": teacher.sha256, "id": teacher.ident},
+        "decode": {"key": out.decode_key, "precision": plan.precision,
+                   "config": cfg.model_dump(mode="json", include={"max_whole_s", "crop_s", "crop_overlap_s",
+                                                                  "filters", "audio"})},
+        "rows": len(rows), "rejects": len(out.rejects),
+        "rejects_by_category": dict(sorted(Counter(r["category"] for r in out.rejects).items())),
+        "input_utterances": len(unit.utterances), "audio_s": round(stats.audio_s, 3),
+        "kept_audio_s": round(sum(r["duration_s"] for r in rows), 3),
+        "confidence_sum": round(sum(r["confidence"] for r in rows), 5),
+        "frames": stats.frames, "padded_frames": stats.padded_frames,
+        "model_s": round(stats.model_s, 3), "wall_s": round(wall_s, 3),
+        "shard": out.shard_rel, "shard_samples": out.shard.count, "shard_bytes": out.shard.bytes,
+        "parquet": f"pl/language={unit.language}/part-{unit.index:06d}.parquet",
+        "created_at": out.created_at.isoformat(),
+    }
+
+
+def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], None] | None = None) -> dict:
+    """Label one unit and commit it (shard, rejects, PL file, catalog record), or skip it when committed
+    with the same keys. Returns the unit's record plus `skipped`, and which process (`worker`) with how many
+    torch `threads` ran it (a Dask worker applies the plan's threads before each unit)."""
+    if plan.cfg.num_threads is not None and torch.get_num_threads() != plan.cfg.num_threads:
+        torch.set_num_threads(plan.cfg.num_threads)
+    where = {"worker": f"{socket.gethostname()}:{os.getpid()}", "threads": torch.get_num_threads()}
+    store = LabelStore(plan.root)
+    keys = plan.unit_keys(unit)
+    committed = store.committed_record(unit.language, unit.index, keys)
+    if committed is not None:
+        if on_progress is not None:
+            on_progress(unit.audio_s)
+        return committed | {"skipped": True} | where
+    t_start = time.perf_counter()
+    out = UnitOutput(store.open_shard(unit.language, unit.index), store.shard_relpath(unit.language, unit.index),
+                     plan.teachers.get(unit.language), keys["decode"], datetime.now(UTC))
+    try:
+        if out.teacher is None:
+            _reject_all_without_teacher(plan, unit, out)
+        else:
+            _label_with_teacher(plan, unit, out, on_progress)
+        wall_s = time.perf_counter() - t_start
+        record = _unit_record(plan, unit, keys, out, wall_s)
+        store.commit_unit(unit.language, unit.index, shard=out.shard, rows=out.rows, rejects=out.rejects,
+                          record=record)
+    except BaseException:
+        out.shard.abort()
+        raise
+    _release_freed_memory()
+    audio_s = out.stats.audio_s
+    log.info("unit %s: %d kept, %d rejected, %.0f s of audio in %.1f s (%.0f audio-s/s; model %.1f s)", unit.name,
+             len(out.rows), len(out.rejects), audio_s, wall_s, audio_s / max(wall_s, 1e-9), out.stats.model_s)
+    return record | {"skipped": False} | where
+
+
+def _release_freed_memory() -> None:
+    """Hand the unit's freed buffers back to the OS (glibc keeps them otherwise, and fragmentation then grows
+    the peak RSS with the number of units labeled; docs/benchmarks.md). A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# --- the whole corpus ---------------------------------------------------------------------------------------
+
+
+def summarize(plan: LabelPlan, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per language: hours labeled, rows kept, rejects by category (input rows included), mean confidence,
+    and the throughput of the units labeled in this run."""
+    out: dict[str, dict[str, Any]] = {}
+    languages = sorted({u.language for u in plan.units} | set(plan.input_rejects))
+    for lang in languages:
+        recs = [r for r in records if r["language"] == lang]
+        by_cat: Counter = Counter(plan.input_rejects.get(lang, Counter()))
+        for r in recs:
+            by_cat.update(r["rejects_by_category"])
+        kept = sum(r["rows"] for r in recs)
+        fresh = [r for r in recs if not r.get("skipped")]
+        wall = sum(r["wall_s"] for r in fresh)
+        out[lang] = {
+            "units": len(recs),
+            "hours_labeled": round(sum(r["audio_s"] for r in recs) / 3600, 4),
+            "hours_kept": round(sum(r["kept_audio_s"] for r in recs) / 3600, 4),
+            "rows_kept": kept,
+            "rows_rejected": sum(by_cat.values()),
+            "rejected_by_reason": dict(sorted(by_cat.items())),
+            "mean_confidence": round(sum(r["confidence_sum"] for r in recs) / kept, 4) if kept else None,
+            "units_labeled_now": len(fresh),
+            "audio_s_per_s": round(sum(r["audio_s"] for r in fresh) / wall, 1) if wall > 0 else None,
+        }
+    return out
+
+
+@dataclass
+class LabelResult:
+    """A labeling run: the per-language summary and what this run did."""
+
+    root: str
+    summary: dict[str, Any]
+    units: int
+    units_labeled: int
+    units_skipped: int
+    model_s: float
+    wall_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict (for Prefect results and JSON)."""
+        return {"root": self.root, "summary": self.summary, "units": self.units, "units_labeled": self.units_labeled,
+                "units_skipped": self.units_skipped, "model_s": round(self.model_s, 3), "wall_s": round(self.wall_s, 3)}
+
+
+def finish(plan: LabelPlan, records: Sequence[dict[str, Any]], wall_s: float) -> LabelResult:
+    """Write `summary.json` / `summary.md` under the root (only when they change) and return the result."""
+    summary = summarize(plan, records)
+    # Corpus-level figures only in the files, so an idle rerun leaves them byte for byte as they were.
+    stable = {lang: {k: v for k, v in s.items() if k not in ("units_labeled_now", "audio_s_per_s")}
+              for lang, s in summary.items()}
+    files = {
+        "summary.json": json.dumps(stable, indent=2, sort_keys=True) + "\n",
+        "summary.md": summary_markdown({lang: s | {"audio_s_per_s": None} for lang, s in summary.items()}),
+    }
+    for name, text in files.items():
+        url = join(plan.root, name)
+        if not exists(url) or read_text(url) != text:
+            atomic_write_text(url, text)
+    fresh = [r for r in records if not r.get("skipped")]
+    return LabelResult(plan.root, summary, len(records), len(fresh), len(records) - len(fresh),
+                       sum(r["model_s"] for r in fresh), wall_s)
+
+
+def run_label(cfg: LabelConfig, root: str, *, on_progress: ProgressFn | None = None) -> LabelResult:
+    """Label a whole manifest into a labels root: plan, label every unit not yet committed, summarize."""
+    t0 = time.perf_counter()
+    plan = plan_labeling(cfg, root)
+    total = sum(u.audio_s for u in plan.units)
+    done = 0.0
+    log.info("labeling %s: %d units, %.0f s of audio, %s; teachers: %s", cfg.manifest, len(plan.units), total,
+             plan.precision, ", ".join(f"{k}={t.ident}" for k, t in plan.teachers.items()))
+
+    def advance(seconds: float) -> None:
+        nonlocal done
+        done += seconds
+        if on_progress is not None:
+            on_progress(int(done), int(total), "label audio-s")
+
+    records = [label_unit(plan, unit, advance) for unit in plan.units]
+    result = finish(plan, records, time.perf_counter() - t0)
+    log.info("labeled %d units, skipped %d committed ones; model %.1f s, wall %.1f s", result.units_labeled,
+             result.units_skipped, result.model_s, result.wall_s)
+    return result
