@@ -4,8 +4,8 @@ training, fine-tuning, slimIPL and the student.
 `open_stage` names the stage's folder from its config, keys it on its config and inputs, and returns the finished
 result when nothing changed (the stage cache); otherwise it sets the threads and seeds every RNG, so two runs with
 the same seed draw the same dropout and SpecAugment masks whatever the process did before. The stage then loads
-its data and model, writes `config.json` and its rejects, builds its `Trainer` and resumes it from `last.pt`
-through the same object.
+its data and model, writes `config.json` and its rejects, builds its `Trainer`, and resumes it and its labeled
+batch sampler from `last.pt` through the same object.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from pipeline.config import TrainingConfig
 from pipeline.data.dataset import Dataset, collate, load_dataset, reject_untrainable
 from pipeline.data.rows import ProgressFn, Reject
-from pipeline.data.samplers import DynamicBucketSampler
+from pipeline.data.samplers import DynamicBucketSampler, batch_sampler
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.engine.distributed import World, shard
 from pipeline.engine.distributed import world as current_world
@@ -69,6 +69,16 @@ class OpenStage:
         write_rejects(self.dir.file("rejects.jsonl"), [r.as_row() for r in rejects])
         for r in rejects if warn else []:
             log.warning("reject %s (%s): %s", r.id, r.source, r.reason)
+
+    def restore(self, trainer: Trainer, train: Dataset,
+                stop_after: int | None) -> tuple[DynamicBucketSampler, dict[str, Any] | None]:
+        """The labeled batch sampler over `train`, and the Trainer restored from `last.pt` when resuming: (the
+        sampler at its saved position, the stage's own saved state or None)."""
+        sampler = batch_sampler(train.durations(), self.cfg.batch, self.cfg.seed)
+        saved = trainer.restore(self.resume, stop_after)
+        if saved:
+            sampler.load_state_dict(saved["sampler"])
+        return sampler, saved
 
     def trainer(self, *, model, model_kwargs: dict[str, Any], tokenizer: Tokenizer, languages: list[str],
                 dev: Dataset | None, meta: dict[str, Any], on_progress: ProgressFn | None) -> Trainer:

@@ -12,7 +12,6 @@ import logging
 
 from pipeline.config import FinetuneConfig
 from pipeline.data.rows import ProgressFn
-from pipeline.data.samplers import batch_sampler
 from pipeline.engine.stage_cache import StageResult
 from pipeline.layout import RunLayout
 from pipeline.stages.common import labeled_loop, load_labeled, open_stage, stage_meta, start_from
@@ -42,10 +41,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str, *, resume: bool = True, on_p
     trainer = stage.trainer(model=trained.model, model_kwargs=trained.checkpoint["model_kwargs"],
                             tokenizer=trained.tokenizer, languages=trained.languages, dev=dev,
                             meta=stage_meta(trained, init_url, language=lang), on_progress=on_progress)
-    sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
-    stage_state = trainer.restore(stage.resume, stop_after)
-    if stage_state:
-        sampler.load_state_dict(stage_state["sampler"])
+    sampler, _ = stage.restore(trainer, train, stop_after)
     log.info("finetune/%s from %s: %d utterances (%.1f s), %d rejects, %s", lang, init_url, len(train.utterances),
              sum(train.durations()), len(rejects), trainer.precision)
     labeled_loop(trainer, train, sampler)

@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from pipeline.config import SlimIPLConfig
 from pipeline.data.dataset import Batch, Dataset, collate
 from pipeline.data.rows import ProgressFn, Utterance
-from pipeline.data.samplers import batch_sampler
+from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.engine.decode import CropSpec, decode_features
@@ -75,13 +75,14 @@ class SlimIPL:
     the PL cache, the collapse guard, the labeler (the live model or its EMA) and the slot RNG."""
 
     def __init__(self, cfg: SlimIPLConfig, trainer: Trainer, trained: Trained, train: Dataset,
-                 unlabeled: list[Utterance], references: dict[str, str], stage_dir: StageDir, init_url: str):
+                 sampler: DynamicBucketSampler, unlabeled: list[Utterance], references: dict[str, str],
+                 stage_dir: StageDir, init_url: str):
         self.cfg, self.trainer, self.model, self.train = cfg, trainer, trained.model, train
         self.references, self.stage_dir, self.init_url = references, stage_dir, init_url
         self.start_dropout = trained.checkpoint["model_kwargs"]["dropout"], trained.checkpoint["model_kwargs"][
             "layerdrop"]
         self.by_id = {u.id: u for u in unlabeled}
-        self.sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
+        self.sampler = sampler  # the labeled batches, already at their saved position on resume
         ub = cfg.unlabeled_batch
         self.loader = LazyBatchLoader(unlabeled, features=trained.features, policy=trained.audio_policy,
                                       max_batch_duration_s=ub.max_batch_duration_s, max_batch_size=ub.max_batch_size,
@@ -109,8 +110,8 @@ class SlimIPL:
                 "ema": self.ema.state_dict() if self.ema is not None else None, **asdict(self.progress)}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Continue from a saved state; a full cache means the PL phase's dynamic dropout is on."""
-        self.sampler.load_state_dict(saved["sampler"])
+        """Continue from a saved state (the labeled sampler is restored with the Trainer); a full cache means the
+        PL phase's dynamic dropout is on."""
         self.loader.load_state_dict(saved["unlabeled"])
         self.cache.load_state_dict(saved["cache"])
         self.guard.load_state_dict(saved["guard"])
@@ -335,8 +336,8 @@ def run_slimipl(cfg: SlimIPLConfig, run_dir: str, *, resume: bool = True, on_pro
     trainer = stage.trainer(model=trained.model, model_kwargs=trained.checkpoint["model_kwargs"],
                             tokenizer=trained.tokenizer, languages=trained.languages, dev=dev,
                             meta=stage_meta(trained, init_url, language=lang), on_progress=on_progress)
-    slim = SlimIPL(cfg, trainer, trained, train, unlabeled, references, stage.dir, init_url)
-    saved = trainer.restore(stage.resume, stop_after)
+    sampler, saved = stage.restore(trainer, train, stop_after)
+    slim = SlimIPL(cfg, trainer, trained, train, sampler, unlabeled, references, stage.dir, init_url)
     if saved:
         slim.load_state_dict(saved)
     pl_eval_loader = _pl_eval_loader(unlabeled, references, cfg, trained)

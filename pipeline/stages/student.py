@@ -25,7 +25,7 @@ from pipeline.config import ModelConfig, StudentConfig, model_kwargs
 from pipeline.data.dataset import Dataset, collate
 from pipeline.data.pl_stream import PLBatchStream, pl_samples
 from pipeline.data.rows import ProgressFn, Reject
-from pipeline.data.samplers import DynamicBucketSampler, batch_sampler
+from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.engine.distributed import World, gather_unique, shard
 from pipeline.engine.model import Trained, load_trained
 from pipeline.engine.stage_cache import StageResult
@@ -173,12 +173,9 @@ def run_student(cfg: StudentConfig, run_dir: str, *, resume: bool = True, on_pro
     trainer = stage.trainer(model=model, model_kwargs=kwargs, tokenizer=trained.tokenizer,
                             languages=trained.languages, dev=dev, on_progress=on_progress,
                             meta=stage_meta(trained, init_url, labels_root=labels_root, mode=cfg.mode))
-    sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
-    stage_state = trainer.restore(stage.resume, stop_after)
-    if stage_state:
-        sampler.load_state_dict(stage_state["sampler"])
-        if pl is not None:
-            pl.load_state_dict(stage_state["pl"])
+    sampler, saved = stage.restore(trainer, train, stop_after)
+    if saved and pl is not None:
+        pl.load_state_dict(saved["pl"])
     log.info("%s (%s from %s): labeled %d utts %.0f s, PL %d rows %.0f s, weights %s, %d parameters, %s",
              stage.name, cfg.mode, init_url, len(train.utterances), audio_s["labeled"],
              len(pl.samples) if pl else 0, audio_s["pl"], {k: round(v, 3) for k, v in mixer.weights.items()},

@@ -14,7 +14,6 @@ from models.encoder import CTCLIDModel
 from pipeline.config import SupervisedConfig, model_kwargs
 from pipeline.data.dataset import Dataset, load_dataset, reject_untrainable
 from pipeline.data.rows import ProgressFn
-from pipeline.data.samplers import batch_sampler
 from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.common import labeled_loop, open_stage
@@ -77,10 +76,7 @@ def run_supervised(cfg: SupervisedConfig, run_dir: str, *, resume: bool = True, 
     trainer = stage.trainer(model=CTCLIDModel(**kwargs), model_kwargs=kwargs, tokenizer=tokenizer,
                             languages=languages, dev=dev, on_progress=on_progress,
                             meta={"features": cfg.features.model_dump(), "audio": cfg.audio.model_dump()})
-    sampler = batch_sampler(train.durations(), cfg.batch, cfg.seed)
-    stage_state = trainer.restore(stage.resume, stop_after)
-    if stage_state:
-        sampler.load_state_dict(stage_state["sampler"])
+    sampler, _ = stage.restore(trainer, train, stop_after)
     log.info(
         "supervised: %d utterances (%.2f h), %d languages, vocab %d, %d rejects, %s",
         len(train.utterances), sum(train.durations()) / 3600, len(languages), tokenizer.vocab_size, len(rejects),
