@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from pipeline.data.audio import AudioError, decode_audio, log_mel
 from pipeline.config import AudioPolicy, BatchConfig, FeatureConfig
+from pipeline.data.audio import AudioError, decode_audio, log_mel
 from pipeline.data.rows import Reject, Utterance
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.engine.distributed import World

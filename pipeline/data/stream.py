@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import soundfile as sf
 import torch
 
-from pipeline.data.audio import AudioError, load_audio, load_audio_and_flac, log_mel
 from pipeline.config import AudioPolicy, FeatureConfig
+from pipeline.data.audio import AudioError, load_audio, load_audio_and_flac, log_mel
 from pipeline.data.rows import Reject, Utterance, read_utterances
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.engine.distributed import World

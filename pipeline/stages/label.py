@@ -107,7 +107,13 @@ def _teacher_model(url: str, sha256: str) -> Trained:
     return load_trained(url)
 
 
-def _teacher(language: str, url: str) -> Teacher:
+def load_teacher(language: str, url: str) -> Teacher:
+    """A language's teacher checkpoint, loaded once per process, and its identity.
+
+    Raises:
+        FileNotFoundError: when the checkpoint is missing.
+        ValueError: when the checkpoint does not know the language.
+    """
     try:
         sha = sha256_of(url)
     except FileNotFoundError:
@@ -172,7 +178,7 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
     if not exists(cfg.manifest):
         raise FileNotFoundError(f"manifest not found: {cfg.manifest}")
     manifest_sha = sha256_of(cfg.manifest)
-    teachers = {lang: _teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
+    teachers = {lang: load_teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
     precision = precision_used(cfg.bf16, resolve_device(cfg.device))
     decode_keys = {
         lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"))

@@ -23,7 +23,7 @@ from typing import Any
 from pipeline.config import RelabelConfig, normalize_language
 from pipeline.data.rows import ProgressFn, Utterance
 from pipeline.layout import RunLayout, teachers_for_run
-from pipeline.stages.label import _teacher, identify_languages, run_label
+from pipeline.stages.label import identify_languages, load_teacher, run_label
 from pipeline.stages.label_summary import reject_category
 from storage.files import StorageLock, atomic_write_text, exists, file_listing
 from storage.manifest import read_manifest
@@ -136,7 +136,7 @@ def run_relabel(cfg: RelabelConfig, *, on_progress: ProgressFn | None = None) ->
     t0 = time.perf_counter()
     with StorageLock(LabelStore(cfg.labels_root).relabel_lock_url, wait_s=cfg.lock_wait_s):
         teachers = _teachers(cfg)
-        idents = {lang: _teacher(lang, url).ident for lang, url in teachers.items()}
+        idents = {lang: load_teacher(lang, url).ident for lang, url in teachers.items()}
         rows, manifest_rejects = scan(cfg)
         done = latest_attempts(cfg.labels_root).set_index("id") if exists(cfg.labels_root) else None
         by_lid = _name_languages(cfg, rows, done, teachers)
