@@ -34,16 +34,13 @@ def _with_overrides(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return cfg
 
 
-def _tiny_adamw(lr: float, warmup_updates: int) -> OptimConfig:
-    return OptimConfig(name="adamw", lr=lr, warmup_updates=warmup_updates, schedule="cosine", weight_decay=0.01)
-
-
 def _tiny_training(*, lr: float, warmup_updates: int, num_buckets: int, max_updates: int, eval_every: int,
                    save_every: int) -> dict[str, Any]:
     """What the CPU presets of the training stages share: AdamW with warmup and cosine decay, 60 s batches, narrow
     SpecAugment, logs every 50 updates."""
     return dict(batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=num_buckets),
-                optim=_tiny_adamw(lr, warmup_updates), specaugment=tiny_specaugment(), max_updates=max_updates,
+                optim=OptimConfig(name="adamw", lr=lr, warmup_updates=warmup_updates, schedule="cosine",
+                                  weight_decay=0.01), specaugment=tiny_specaugment(), max_updates=max_updates,
                 eval_every=eval_every, save_every=save_every, log_every=50)
 
 

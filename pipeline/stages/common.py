@@ -49,7 +49,6 @@ class OpenStage:
 
     name: str  # "finetune/sl": the folder under the run directory
     dir: StageDir
-    layout: RunLayout
     cfg: TrainingConfig
     identity: dict[str, str | None]
     resume: bool
@@ -93,16 +92,15 @@ def open_stage(cfg: TrainingConfig, run_dir: str, inputs: dict[str, str | None],
     """Start a training stage: key it on its config and the sha256 of its input files (plus `extra_identity`,
     e.g. the PL rows a student reads); unless the finished stage is reused (`.cached`), set threads and seed."""
     started_at = time.perf_counter()
-    layout = RunLayout(run_dir)
     name = cfg.stage_name()
-    stage_dir = layout.stage(name)
+    stage_dir = RunLayout(run_dir).stage(name)
     identity = input_identity(**inputs) | (extra_identity or {})
     cached, resume = reuse_or_resume(name, stage_dir, cfg, identity, resume)
     if cached is None:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed)
-    return OpenStage(name, stage_dir, layout, cfg, identity, resume, started_at, current_world(), cached)
+    return OpenStage(name, stage_dir, cfg, identity, resume, started_at, current_world(), cached)
 
 
 def start_from(url: str, language: str | None = None, dropout: float | None = None,

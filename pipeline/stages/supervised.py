@@ -17,7 +17,7 @@ from pipeline.data.rows import ProgressFn
 from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.common import labeled_loop, open_stage
-from storage.checkpoint import load_checkpoint
+from storage.checkpoint import read_checkpoint_fields
 from storage.files import exists, write_json
 
 log = logging.getLogger("mlpl.train")
@@ -64,7 +64,9 @@ def run_supervised(cfg: SupervisedConfig, run_dir: str, *, resume: bool = True, 
     stage = open_stage(cfg, run_dir, {"train": cfg.train_manifest, "dev": cfg.dev_manifest}, resume=resume)
     if stage.cached:
         return stage.cached
-    saved = load_checkpoint(stage.dir.last) if stage.resume and exists(stage.dir.last) else None
+    # Only the vocabulary and languages here (Trainer.restore reads the whole record).
+    saved = read_checkpoint_fields(stage.dir.last, ["languages", "tokenizer"]) if stage.resume and exists(
+        stage.dir.last) else None
     train, dev, languages, tokenizer = prepare_data(cfg, saved, on_progress)
     rejects = train.rejects + (dev.rejects if dev else [])
     stage.write_rejects(rejects)
