@@ -8,6 +8,7 @@ from pipeline.config.base import (
     BatchConfig,
     Config,
     FeatureConfig,
+    LanguageMix,
     ModelConfig,
     OptimConfig,
     PLFilter,
@@ -57,10 +58,10 @@ from pipeline.config.stages import (
 
 __all__ = [
     "AUDIO_EXTENSIONS", "AudioPolicy", "BatchConfig", "CollapseGuardConfig", "Config", "FeatureConfig",
-    "FinetuneConfig", "LabelConfig", "ModelConfig", "OptimConfig", "PLFilter", "PRESETS", "RECIPE_PRESETS",
-    "RecipeConfig", "RelabelConfig", "SlimIPLConfig", "SpecAugmentConfig", "StudentConfig", "SupervisedConfig",
-    "TrainingConfig", "configured", "corpus_data", "deep_merge", "finetune_paper", "finetune_tiny", "label_paper",
-    "label_tiny", "labeling_audio_policy", "model_kwargs", "normalize_language", "parse_assignments", "preset",
-    "read_form", "recipe_bench", "recipe_demo", "recipe_preset", "slimipl_paper", "slimipl_tiny", "student_paper",
-    "student_tiny", "supervised_paper", "supervised_tiny", "tiny_specaugment",
+    "FinetuneConfig", "LabelConfig", "LanguageMix", "ModelConfig", "OptimConfig", "PLFilter", "PRESETS",
+    "RECIPE_PRESETS", "RecipeConfig", "RelabelConfig", "SlimIPLConfig", "SpecAugmentConfig", "StudentConfig",
+    "SupervisedConfig", "TrainingConfig", "configured", "corpus_data", "deep_merge", "finetune_paper", "finetune_tiny",
+    "label_paper", "label_tiny", "labeling_audio_policy", "model_kwargs", "normalize_language", "parse_assignments",
+    "preset", "read_form", "recipe_bench", "recipe_demo", "recipe_preset", "slimipl_paper", "slimipl_tiny",
+    "student_paper", "student_tiny", "supervised_paper", "supervised_tiny", "tiny_specaugment",
 ]

@@ -150,7 +150,50 @@ class OptimConfig(Config):
 
 # Budget, cadence and where it runs: a run may be extended, or resumed with other threads or on another device,
 # so the resume key leaves them out.
-_NOT_IN_RESUME_KEY = {"max_updates", "eval_every", "save_every", "log_every", "num_threads", "device"}
+# average_top_n only chooses which dev-scored weights are kept and averaged at the end, never what an update computes.
+_NOT_IN_RESUME_KEY = {"max_updates", "eval_every", "save_every", "log_every", "num_threads", "device", "average_top_n"}
+
+
+class LanguageMix(Config):
+    """How a training stage mixes the languages of its labeled batches (`pipeline.data.samplers.labeled_sampler`).
+
+    natural: all utterances pooled, so each language appears in proportion to its data; temperature: every batch
+    is one language drawn with p_l ∝ n_l^α (n_l: the language's labeled audio seconds; α < 1 flattens towards
+    uniform and up-samples low-resource languages); weights: every batch one language drawn with the explicit
+    weights, normalized (a language with data must be listed; weight 0 leaves it out).
+    """
+
+    kind: Literal["natural", "temperature", "weights"] = "natural"
+    alpha: float = Field(0.5, gt=0.0, le=1.0)  # α, used by kind="temperature" only
+    weights: dict[str, float] | None = None  # {"es": 2, "sl": 1}; kind="weights" only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LanguageMix:
+        errors = []
+        if self.kind == "weights":
+            if not self.weights:
+                errors.append('language_mix.kind="weights" needs language_mix.weights, e.g. {"es": 1, "sl": 1}')
+            else:
+                bad = {k: w for k, w in self.weights.items() if not 0 <= w < float("inf")}  # NaN fails too
+                if bad:
+                    errors.append(f"language_mix.weights {bad}: every weight must be a finite number >= 0")
+                elif not any(self.weights.values()):
+                    errors.append(f"language_mix.weights={self.weights}: at least one weight must be above 0")
+                codes = [normalize_language(k) for k in self.weights]
+                if any(c is None for c in codes):
+                    errors.append(f"language_mix.weights keys {sorted(self.weights)} must be language codes "
+                                  "(BCP-47 such as 'es' or 'pt-BR')")
+                elif len(set(codes)) < len(codes):
+                    errors.append(f"language_mix.weights keys {sorted(self.weights)} name a language twice")
+        elif self.weights is not None:
+            errors.append(f'language_mix.weights is only read with kind="weights" (kind is {self.kind!r}); '
+                          'set kind="weights" or drop weights')
+        raise_all(errors)
+        return self
+
+    def normalized_weights(self) -> dict[str, float]:
+        """The explicit weights keyed by canonical language code (kind="weights")."""
+        return {language_code(k): float(w) for k, w in (self.weights or {}).items()}
 
 
 class TrainingConfig(Config):
@@ -160,9 +203,13 @@ class TrainingConfig(Config):
     batch: BatchConfig = Field(default_factory=BatchConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     lid_weight: float = Field(1.0, ge=0.0)  # γ in ℓ = ℓ_CTC + γ·ℓ_LID (γ = 1 best in the paper)
+    language_mix: LanguageMix = Field(default_factory=LanguageMix)  # natural: languages pooled (paper)
     max_updates: int = Field(300000, gt=0)
     eval_every: int = Field(5000, gt=0)
     save_every: int = Field(1000, gt=0)
+    # TopIPL-style teacher: keep the N best dev-scored weights and average them into checkpoints/averaged.pt at the
+    # end of the stage; 0 (and 1, whose mean is best.pt itself) leaves it off.
+    average_top_n: int = Field(0, ge=0)
     log_every: int = Field(100, gt=0)
     bf16: bool = True  # autocast where the device has native bf16 (CUDA, AVX-512 BF16 CPUs); fp32 elsewhere
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default

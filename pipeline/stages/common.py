@@ -22,7 +22,7 @@ import torch
 from pipeline.config import TrainingConfig
 from pipeline.data.dataset import Dataset, collate, load_dataset, reject_untrainable
 from pipeline.data.rows import ProgressFn, Reject
-from pipeline.data.samplers import DynamicBucketSampler, batch_sampler
+from pipeline.data.samplers import LabeledSampler, labeled_sampler, mix_record
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.engine.distributed import World, shard
 from pipeline.engine.distributed import world as current_world
@@ -70,10 +70,16 @@ class OpenStage:
             log.warning("reject %s (%s): %s", r.id, r.source, r.reason)
 
     def restore(self, trainer: Trainer, train: Dataset,
-                stop_after: int | None) -> tuple[DynamicBucketSampler, dict[str, Any] | None]:
-        """The labeled batch sampler over `train`, and the Trainer restored from `last.pt` when resuming: (the
-        sampler at its saved position, the stage's own saved state or None)."""
-        sampler = batch_sampler(train.durations(), self.cfg.batch, self.cfg.seed)
+                stop_after: int | None) -> tuple[LabeledSampler, dict[str, Any] | None]:
+        """The labeled batch sampler over `train` (languages mixed as `cfg.language_mix` says), and the Trainer
+        restored from `last.pt` when resuming: (the sampler at its saved position, the stage's own saved state or
+        None).
+
+        Raises:
+            ValueError: for mixing weights that do not fit the data's languages.
+        """
+        sampler = labeled_sampler(train.durations(), [u.language for u in train.utterances], self.cfg.batch,
+                                  self.cfg.language_mix, self.cfg.seed)
         saved = trainer.restore(self.resume, stop_after)
         if saved:
             sampler.load_state_dict(saved["sampler"])
@@ -162,8 +168,22 @@ def load_labeled(trained: Trained, language: str | None, train_manifest: str, de
     return train, dev
 
 
-def labeled_loop(trainer: Trainer, train: Dataset, sampler: DynamicBucketSampler) -> None:
-    """Labeled batches until the budget: the whole loop of the supervised and fine-tune stages (this rank's share)."""
+def log_mix(trainer: Trainer, what: str, record: dict[str, Any]) -> None:
+    """One log line (rank 0): the configured mix beside the realized one (a `mix_record` or `source_mix`); none
+    when there is nothing to mix (one language, one source)."""
+    if not trainer.world.is_main or len(record["configured"]) < 2:
+        return
+    # Pooled batches hold every language, so only the audio share compares with the natural mix.
+    share = "audio_share" if record.get("kind") == "natural" else "batch_share"
+    realized = {k: v[share] for k, v in record["realized"].items()}
+    log.info("%s update %d: %s mix %s configured %s, realized %s %s over %d batches", trainer.stage, trainer.step,
+             what, record.get("kind", ""), {k: round(v, 3) for k, v in record["configured"].items()},
+             share.removesuffix("_share"), realized, record["batches"])
+
+
+def labeled_loop(trainer: Trainer, train: Dataset, sampler: LabeledSampler) -> None:
+    """Labeled batches until the budget: the whole loop of the supervised and fine-tune stages (this rank's share);
+    the language mix is logged with every save of last.pt."""
     trainer.model.train()
     batches = shard(sampler, trainer.world)
     while not trainer.done:
@@ -173,3 +193,5 @@ def labeled_loop(trainer: Trainer, train: Dataset, sampler: DynamicBucketSampler
                         language_ids=trainer.lang_ids, specaugment=trainer.cfg.specaugment)
         trainer.update(batch, t0=t0)
         trainer.after_update(lambda: {"sampler": sampler.state_dict()})
+        if trainer.last_saved_step == trainer.step:
+            log_mix(trainer, "language", mix_record(trainer.cfg.language_mix, sampler))

@@ -4,7 +4,9 @@ plus the pseudo-label corpus. See docs/architecture.md, "Student".
 Two sources feed one loop: labeled batches (the labeled manifests, as stage 1 reads them) and PL batches
 streamed from the corpus's WebDataset shards (`pipeline.data.pl_stream`). Each update draws its source with the
 configured weights (default: natural proportions, i.e. each source's share of audio seconds, as the paper
-pools them); the draw for update n is a pure function of (seed, n), so resume needs no mixer state. PL
+pools them); the draw for update n is a pure function of (seed, n), so resume needs no mixer state. The labeled
+batches mix languages as `language_mix` says (`pipeline.data.samplers.labeled_sampler`); both mixes, configured
+and realized, are logged with every save of last.pt and recorded in result.json (`source_mix`, `language_mix`). PL
 filters (confidence, LID agreement, token bounds, teacher) are applied when the table is read, so one PL
 corpus serves many students. `from_scratch` builds a new model (any size) on the init checkpoint's
 vocabulary, languages and front end, with SpecAugment switched on only after a delay; `finetune` continues
@@ -25,13 +27,13 @@ from pipeline.config import ModelConfig, StudentConfig, model_kwargs
 from pipeline.data.dataset import Dataset, collate
 from pipeline.data.pl_stream import PLBatchStream, pl_samples
 from pipeline.data.rows import ProgressFn, Reject
-from pipeline.data.samplers import DynamicBucketSampler
+from pipeline.data.samplers import LabeledSampler, mix_record
 from pipeline.engine.distributed import World, gather_unique, shard
 from pipeline.engine.model import Trained, load_trained
 from pipeline.engine.stage_cache import StageResult
 from pipeline.engine.trainer import Trainer
 from pipeline.layout import RunLayout
-from pipeline.stages.common import load_labeled, open_stage, stage_meta
+from pipeline.stages.common import load_labeled, log_mix, open_stage, stage_meta
 from storage.checkpoint import read_checkpoint_fields
 from storage.pl import load_pseudo_labels
 
@@ -118,9 +120,26 @@ def source_mixer(cfg: StudentConfig, train: Dataset, pl: PLBatchStream | None) -
     return SourceMixer(weights, cfg.seed), audio_s
 
 
+def source_mix(history: list[dict[str, Any]], weights: dict[str, float]) -> dict[str, Any]:
+    """The configured source weights beside the realized mix: updates (one batch each) and audio seconds per source
+    over every run of the stage (the Trainer's history survives resume)."""
+    batches: dict[str, int] = {k: 0 for k in weights}
+    audio_s: dict[str, float] = {k: 0.0 for k in weights}
+    for h in history:
+        batches[h["kind"]] = batches.get(h["kind"], 0) + 1
+        audio_s[h["kind"]] = audio_s.get(h["kind"], 0.0) + h["audio_s"]
+    n, total_s = sum(batches.values()), sum(audio_s.values())
+    return {"configured": {k: round(v, 4) for k, v in weights.items()}, "batches": n, "audio_s": round(total_s, 1),
+            "realized": {k: {"batches": batches[k], "audio_s": round(audio_s[k], 1),
+                             "batch_share": round(batches[k] / n, 4) if n else 0.0,
+                             "audio_share": round(audio_s[k] / total_s, 4) if total_s else 0.0}
+                         for k in sorted(batches)}}
+
+
 def student_loop(trainer: Trainer, cfg: StudentConfig, mixer: SourceMixer, train: Dataset,
-                 sampler: DynamicBucketSampler, pl: PLBatchStream | None) -> None:
-    """Updates until the budget, each on a labeled or a PL batch as the mixer draws (the same draw on every rank)."""
+                 sampler: LabeledSampler, pl: PLBatchStream | None) -> None:
+    """Updates until the budget, each on a labeled or a PL batch as the mixer draws (the same draw on every rank);
+    the source and language mixes are logged with every save of last.pt."""
     labeled_batches = shard(sampler, trainer.world)
     pl_batches = iter(pl) if pl is not None else None
     while not trainer.done:
@@ -136,6 +155,15 @@ def student_loop(trainer: Trainer, cfg: StudentConfig, mixer: SourceMixer, train
         batch = collate(utts, feats, tokenizer=trainer.tokenizer, language_ids=trainer.lang_ids, specaugment=spec)
         trainer.update(batch, t0=t0, kind=source)
         trainer.after_update(lambda: stage_state_of(sampler, pl))
+        if trainer.last_saved_step == trainer.step:
+            for what, record in mixes(trainer, cfg, mixer, sampler).items():
+                log_mix(trainer, what.removesuffix("_mix"), record)
+
+
+def mixes(trainer: Trainer, cfg: StudentConfig, mixer: SourceMixer, sampler: LabeledSampler) -> dict[str, Any]:
+    """The source and language mixes, configured and realized so far (result.json's `source_mix`, `language_mix`)."""
+    return {"source_mix": source_mix(trainer.history, mixer.weights),
+            "language_mix": mix_record(cfg.language_mix, sampler)}
 
 
 def run_student(cfg: StudentConfig, run_dir: str, *, resume: bool = True, on_progress: ProgressFn | None = None,
@@ -188,7 +216,7 @@ def run_student(cfg: StudentConfig, run_dir: str, *, resume: bool = True, on_pro
     updates = {k: sum(1 for h in trainer.history if h["kind"] == k) for k in ("labeled", "pl")}
     extra = {
         "mode": cfg.mode, "init_checkpoint": init_url, "labels_root": None if cfg.labeled_only else labels_root,
-        "weights": mixer.weights, "updates_by_source": updates,
+        "weights": mixer.weights, "updates_by_source": updates, **mixes(trainer, cfg, mixer, sampler),
         "sources": {"labeled": {"utterances": len(train.utterances), "audio_s": round(audio_s["labeled"], 1)},
                     "pl": {"rows_read": 0 if rows is None else len(rows), "audio_s": round(audio_s["pl"], 1),
                            "rejects": len(pl_rejects) + len(stream_rejects)}},
@@ -198,6 +226,6 @@ def run_student(cfg: StudentConfig, run_dir: str, *, resume: bool = True, on_pro
         len(rows) if rows is not None else 0), num_rejects=len(all_rejects), extra=extra)
 
 
-def stage_state_of(sampler: DynamicBucketSampler, pl: PLBatchStream | None) -> dict[str, Any]:
+def stage_state_of(sampler: LabeledSampler, pl: PLBatchStream | None) -> dict[str, Any]:
     """The student's own resume state: where both sources are."""
     return {"sampler": sampler.state_dict()} | ({"pl": pl.state_dict()} if pl else {})

@@ -1,9 +1,10 @@
 """Stage 1 of the recipe (paper Sec. 4): supervised multilingual CTC + LID training, ℓ = ℓ_CTC + γ·ℓ_LID.
 
-All labeled languages pooled in their natural proportions; the shared character vocabulary is built here and
-every later stage inherits it through the checkpoint. The loop is batch → update → periodic work; start-up is
-`pipeline.stages.common.open_stage`, the machinery (resume record, LR, dev evaluation, checkpoints) is
-`pipeline.engine.trainer.Trainer`.
+All labeled languages pooled in their natural proportions (the paper's; `language_mix` can instead draw one
+language per batch by temperature or weights, and result.json records the mix realized); the shared character
+vocabulary is built here and every later stage inherits it through the checkpoint. The loop is batch → update →
+periodic work; start-up is `pipeline.stages.common.open_stage`, the machinery (resume record, LR, dev evaluation,
+checkpoints) is `pipeline.engine.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from models.encoder import CTCLIDModel
 from pipeline.config import SupervisedConfig, model_kwargs
 from pipeline.data.dataset import Dataset, load_dataset, reject_untrainable
 from pipeline.data.rows import ProgressFn
+from pipeline.data.samplers import mix_record
 from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.common import labeled_loop, open_stage
@@ -86,4 +88,4 @@ def run_supervised(cfg: SupervisedConfig, run_dir: str, *, resume: bool = True, 
     )
     labeled_loop(trainer, train, sampler)
     return trainer.finish({"sampler": sampler.state_dict()}, num_train_utterances=len(train.utterances),
-                          num_rejects=len(rejects))
+                          num_rejects=len(rejects), extra={"language_mix": mix_record(cfg.language_mix, sampler)})
