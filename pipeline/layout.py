@@ -4,18 +4,20 @@
 <run>/supervised/            a stage folder: config.json, checkpoints/{last,best}.pt, metrics.jsonl,
 <run>/finetune/<lang>/         dev_evals.json, rejects.jsonl, result.json (what the next stage reads)
 <run>/slimipl/<lang>/          (+ pl_metrics.jsonl, checkpoints/good.pt)
-<run>/student/<variant>/
+<run>/student/<variant>/       (any stage with average_top_n ≥ 2: + checkpoints/top/*.pt, checkpoints/averaged.pt)
 <run>/labels/                the PL corpus (its own layout: storage.pl.LabelStore)
 <run>/eval/<stage name>/     test scores of a stage's best model (metrics.json/.md, hypotheses.jsonl)
 <run>/report/                report.{md,json}, dev_cer.png, recipe_run.json
 ```
 
 A stage's name is its folder relative to the run ("finetune/sl"), as every training config says
-(`cfg.stage_name()`), so a reader finds any result by name.
+(`cfg.stage_name()`), so a reader finds any result by name. A stage's teacher is its best.pt, or its averaged.pt
+(the mean of its top-N dev-scored checkpoints) when that scored no worse on dev (`StageDir.teacher`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from storage.checkpoint import read_checkpoint_fields
@@ -23,6 +25,37 @@ from storage.files import exists, join, list_files
 
 # Per-language stages in the order of the recipe; a language's teacher is its latest stage that finished.
 PER_LANGUAGE_STAGES = ("finetune", "slimipl")
+
+log = logging.getLogger("mlpl.layout")
+
+
+def prefers_averaged(averaged_cer: float, best_cer: float) -> bool:
+    """The one teacher rule: the averaged model teaches when its dev CER is not worse than best.pt's."""
+    return averaged_cer <= best_cer
+
+
+def teacher_note(averaged_cer: float, best_cer: float) -> str:
+    """The line a stage and a labeling run record about the teacher: which model, and both dev CERs."""
+    if prefers_averaged(averaged_cer, best_cer):
+        return f"teacher: averaged (dev CER {averaged_cer:.2f}) vs best ({best_cer:.2f})"
+    return f"teacher: best (dev CER {best_cer:.2f}) vs averaged ({averaged_cer:.2f})"
+
+
+@dataclass(frozen=True)
+class TeacherChoice:
+    """Which checkpoint of a stage teaches, and the dev CERs it was chosen on (None without an averaged.pt)."""
+
+    url: str
+    kind: str  # "best" or "averaged"
+    averaged_cer: float | None = None
+    best_cer: float | None = None
+
+    @property
+    def note(self) -> str:
+        """"teacher: averaged (dev CER x) vs best (y)", or just "teacher: best" when nothing was averaged."""
+        if self.averaged_cer is None or self.best_cer is None:
+            return f"teacher: {self.kind}"
+        return teacher_note(self.averaged_cer, self.best_cer)
 
 
 @dataclass(frozen=True)
@@ -48,6 +81,35 @@ class StageDir:
     def best(self) -> str:
         """The model with the lowest dev CER (the last one without dev data)."""
         return self.checkpoint("best")
+
+    @property
+    def averaged(self) -> str:
+        """The mean of the stage's top-N dev-scored checkpoints (with `average_top_n` ≥ 2)."""
+        return self.checkpoint("averaged")
+
+    @property
+    def top_dir(self) -> str:
+        """Where the weights of the top-N dev evaluations are kept until the stage averages them."""
+        return join(self.url, "checkpoints", "top")
+
+    def top(self, step: int) -> str:
+        """One top-N member: the weights at a dev-evaluated update."""
+        return join(self.top_dir, f"step{step:08d}.pt")
+
+    def teacher(self) -> TeacherChoice:
+        """best.pt, or averaged.pt when it exists and its recorded dev CER is not worse than best.pt's (only then
+        are the two records read; no weights are read where the files are local).
+
+        Raises:
+            FileNotFoundError: when averaged.pt exists but best.pt does not.
+            ValueError: when either is not an mlpl checkpoint.
+        """
+        if not exists(self.averaged):
+            return TeacherChoice(self.best, "best")
+        averaged_cer = float(read_checkpoint_fields(self.averaged, ["average"])["average"]["dev_cer"])
+        best_cer = float(read_checkpoint_fields(self.best, ["best"])["best"]["metric"])
+        kind = "averaged" if prefers_averaged(averaged_cer, best_cer) else "best"
+        return TeacherChoice(self.averaged if kind == "averaged" else self.best, kind, averaged_cer, best_cer)
 
     @property
     def result(self) -> str:
@@ -119,19 +181,37 @@ class RunLayout:
         """
         return list(read_checkpoint_fields(self.supervised.best, ["languages"])["languages"])
 
-    def teacher(self, language: str) -> str:
-        """A language's best model in the run: its slimIPL checkpoint, else its fine-tune, else the multilingual one.
+    def teacher_choice(self, language: str) -> TeacherChoice:
+        """A language's best model in the run and why: its slimIPL stage, else its fine-tune, else the multilingual
+        one (the first with a best.pt), and within it best.pt or averaged.pt (`StageDir.teacher`).
 
         Raises:
             FileNotFoundError: when the run has none of them.
         """
-        candidates = [self.stage(f"{kind}/{language}").best for kind in reversed(PER_LANGUAGE_STAGES)]
-        candidates.append(self.supervised.best)
-        found = next((c for c in candidates if exists(c)), None)
+        stages = [self.stage(f"{kind}/{language}") for kind in reversed(PER_LANGUAGE_STAGES)] + [self.supervised]
+        found = next((s for s in stages if exists(s.best)), None)
         if found is None:
-            raise FileNotFoundError(f"no teacher for {language!r} in {self.run_dir}: none of {', '.join(candidates)} "
-                                    "exists")
-        return found
+            raise FileNotFoundError(f"no teacher for {language!r} in {self.run_dir}: none of "
+                                    f"{', '.join(s.best for s in stages)} exists")
+        return found.teacher()
+
+    def teacher(self, language: str) -> str:
+        """A language's teacher checkpoint (`teacher_choice`'s URL).
+
+        Raises:
+            FileNotFoundError: when the run has no model for the language.
+        """
+        return self.teacher_choice(language).url
+
+
+def teacher_choices_for_run(run_dir: str, languages: list[str] | None = None) -> dict[str, TeacherChoice]:
+    """Each language's teacher in a run and why (all of the run's languages by default).
+
+    Raises:
+        FileNotFoundError: when the run has no model for a language.
+    """
+    layout = RunLayout(run_dir)
+    return {lang: layout.teacher_choice(lang) for lang in (layout.languages() if languages is None else languages)}
 
 
 def teachers_for_run(run_dir: str, languages: list[str] | None = None) -> dict[str, str]:
@@ -140,5 +220,8 @@ def teachers_for_run(run_dir: str, languages: list[str] | None = None) -> dict[s
     Raises:
         FileNotFoundError: when the run has no model for a language.
     """
-    layout = RunLayout(run_dir)
-    return {lang: layout.teacher(lang) for lang in (layout.languages() if languages is None else languages)}
+    choices = teacher_choices_for_run(run_dir, languages)
+    for lang, choice in choices.items():
+        if choice.averaged_cer is not None:
+            log.info("%s %s (%s)", lang, choice.note, choice.url)
+    return {lang: choice.url for lang, choice in choices.items()}

@@ -5,7 +5,8 @@ from. Each stage writes its own short loop and drives a `Trainer` for everything
 of the step, the update itself (`train_step`: ℓ = ℓ_CTC + γ·ℓ_LID, one function for one process or N), dev
 evaluation and best-checkpoint selection, one resume record in `checkpoints/last.pt` (model, optimizer, every
 RNG, history, timing, and the stage's own state such as sampler positions or the PL cache), metrics files and
-logged rates.
+logged rates. With `average_top_n` ≥ 2 it also keeps the top-N dev-scored weights and ends the stage with their
+average, `checkpoints/averaged.pt`, scored on dev (pipeline/engine/average.py).
 
 Resume is keyed on what changes the result — the config without budget/cadence/threads, the sha256 of the input
 manifests and of the starting checkpoint — so a finished run can be extended or resumed with other threads, but
@@ -19,6 +20,7 @@ was trained with.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -36,15 +38,16 @@ from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.data.dataset import Batch, Dataset
 from pipeline.data.rows import ProgressFn
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.engine.average import TopCheckpoints, average_checkpoints, save_top_checkpoint, write_averaged
 from pipeline.engine.decode import decode_dataset
 from pipeline.engine.device import autocast, precision_used, resolve_device
 from pipeline.engine.distributed import World, all_reduce_floats, gather, wrap_model
 from pipeline.engine.distributed import world as current_world
 from pipeline.engine.evaluate import format_table, score
 from pipeline.engine.stage_cache import StageResult, cache_record
-from pipeline.layout import StageDir
+from pipeline.layout import StageDir, prefers_averaged, teacher_note
 from storage.checkpoint import load_checkpoint, save_checkpoint
-from storage.files import atomic_write_text, exists, remove, write_json
+from storage.files import atomic_write_text, exists, list_files, remove, write_json
 from storage.manifest import write_manifest
 
 log = logging.getLogger("mlpl.train")
@@ -172,6 +175,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.best: dict[str, float] = {"metric": math.inf, "step": 0}
+        self.top = TopCheckpoints(cfg.average_top_n)  # in the resume record, so a killed stage keeps its list
+        self._dropped: list[int] = []  # top-N steps whose files go once last.pt no longer lists them
+        if cfg.average_top_n == 1:
+            log.warning("%s: average_top_n=1 averages nothing (the mean of one checkpoint is best.pt); set 0 or ≥ 2",
+                        stage)
         self.train_wall_s = self.audio_s = self.prior_stage_wall_s = 0.0
         self.losses: list[float] = []
         self.end = cfg.max_updates
@@ -190,7 +198,7 @@ class Trainer:
             state = load_checkpoint(self.last_url)
             self._check_resume(state)
         elif not resume and self.world.is_main:
-            for url in (self.last_url, self.best_url):
+            for url in (self.last_url, self.best_url, self.dir.averaged):
                 remove(url)  # a fresh start must not leave the old run's checkpoints as if they were ours
         if state is not None:
             if self.world.distributed:  # this rank's own RNG and data position
@@ -203,12 +211,30 @@ class Trainer:
             timing = state["timing"]
             self.train_wall_s, self.audio_s = timing["train_wall_s"], timing["audio_s"]
             self.prior_stage_wall_s = timing["stage_wall_s"]
+            self.top.load_state_dict(state.get("top", []))
+            self._dropped = self.top.resize(self.cfg.average_top_n)  # N is no part of the resume key
             if state["config"]["max_updates"] != self.cfg.max_updates:
                 log.info("%s: max_updates %d → %d; the LR schedule follows the new budget",
                          self.stage, state["config"]["max_updates"], self.cfg.max_updates)
             log.info("%s: resumed from %s at update %d", self.stage, self.last_url, self.step)
+        if self.world.is_main:
+            self._reconcile_top()
         self.end = self.cfg.max_updates if stop_after is None else min(self.cfg.max_updates, self.step + stop_after)
         return None if state is None else state.get("stage_state")
+
+    def _reconcile_top(self) -> None:
+        """Make checkpoints/top/ match the restored list: a kill between a dev evaluation and the next last.pt leaves
+        a file the list never got (deleted here; that update is evaluated again), and a member file lost since
+        leaves the list."""
+        listed = {self.dir.top(step).rsplit("/", 1)[-1] for step in self.top.steps() + self._dropped}
+        for url in list_files(self.dir.top_dir, "*.pt"):
+            if url.rsplit("/", 1)[-1] not in listed:
+                remove(url)
+        missing = [step for step in self.top.steps() if not exists(self.dir.top(step))]
+        if missing:
+            log.warning("%s: top-%d checkpoints of updates %s are gone; averaging the others", self.stage,
+                        self.top.size, missing)
+            self.top.load_state_dict([e for e in self.top.state_dict() if e["step"] not in missing])
 
     def _check_resume(self, state: dict[str, Any]) -> None:
         saved = state.get("resume", {})
@@ -241,31 +267,37 @@ class Trainer:
                 rank_states = gather({"rng": rng_state(), "stage_state": stage_state or {}}, self.world)
         if not self.world.is_main:
             return
-        save_checkpoint(
-            url,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "stage": self.stage,
-                "step": self.step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "rng": rng_state(),
-                "config": self.cfg.model_dump(mode="json"),
-                "resume": self.resume,
-                "model_kwargs": self.model_kwargs,
-                "tokenizer": self.tokenizer.to_dict(),
-                "languages": self.languages,
-                "precision": self.precision,
-                "history": self.history,
-                "evals": self.evals,
-                "best": self.best,
-                "timing": self.timing(),
-                "stage_state": stage_state or {},
-                "world_size": self.world.size,
-                **({"rank_states": rank_states} if rank_states is not None else {}),
-                **self.meta,
-            },
-        )
+        save_checkpoint(url, self._record(stage_state, rank_states))
+        if url == self.last_url:
+            for step in self._dropped:  # last.pt no longer lists them: a resume can no longer need them
+                remove(self.dir.top(step))
+            self._dropped = []
+
+    def _record(self, stage_state: dict[str, Any] | None, rank_states: list | None = None) -> dict[str, Any]:
+        """The checkpoint record of the current weights: everything a resume or `load_trained` reads."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "stage": self.stage,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
+            "resume": self.resume,
+            "model_kwargs": self.model_kwargs,
+            "tokenizer": self.tokenizer.to_dict(),
+            "languages": self.languages,
+            "precision": self.precision,
+            "history": self.history,
+            "evals": self.evals,
+            "best": self.best,
+            "top": self.top.state_dict(),
+            "timing": self.timing(),
+            "stage_state": stage_state or {},
+            "world_size": self.world.size,
+            **({"rank_states": rank_states} if rank_states is not None else {}),
+            **self.meta,
+        }
 
     def timing(self) -> dict[str, float]:
         """Training and stage seconds over every run of this stage."""
@@ -349,14 +381,56 @@ class Trainer:
 
     def evaluate_dev(self) -> dict[str, dict[str, float]]:
         """Greedy-decode the dev set, record it, and keep best.pt at the lowest dev macro CER."""
-        table = score(decode_dataset(self.model, self.dev, tokenizer=self.tokenizer, languages=self.languages,
-                                     batch=self.cfg.batch, bf16=self.cfg.bf16))
+        table = self.score_dev(self.model)
+        self.record_dev(table)
+        return table
+
+    def score_dev(self, model: CTCLIDModel) -> dict[str, dict[str, float]]:
+        """A model's dev scores (greedy decoding): per language and macro CER/WER, LID accuracy."""
+        return score(decode_dataset(model, self.dev, tokenizer=self.tokenizer, languages=self.languages,
+                                    batch=self.cfg.batch, bf16=self.cfg.bf16))
+
+    def record_dev(self, table: dict[str, dict[str, float]]) -> None:
+        """Record a dev evaluation of the current weights: best.pt on a new best, a top-N member when it ranks."""
         self.evals.append({"step": self.step, "metrics": table})
         log.info("%s dev at update %d:\n%s", self.stage, self.step, format_table(table))
-        if table["macro"]["cer"] < self.best["metric"]:
-            self.best = {"metric": table["macro"]["cer"], "step": self.step}
+        cer = table["macro"]["cer"]
+        if cer < self.best["metric"]:
+            self.best = {"metric": cer, "step": self.step}
             self.save(self.best_url)
-        return table
+        if self.top.admits(cer):
+            save_top_checkpoint(self.dir.top(self.step), self.model, self.step, cer)
+            self._dropped += self.top.add(self.step, cer)
+
+    def average(self) -> dict[str, Any] | None:
+        """averaged.pt: the mean of the top-N checkpoints, scored on dev, and which of it and best.pt teaches (rank 0
+        only); None, and no averaged.pt, when averaging is off or nothing was dev-scored."""
+        if not self.top.entries or self.dev is None:
+            remove(self.dir.averaged)  # an earlier run's average must not pass for this stage's teacher
+            if self.top.enabled:
+                log.warning("%s: average_top_n=%d but no dev evaluation was kept (no dev set, or resumed from a run "
+                            "that kept none); the teacher is best.pt", self.stage, self.top.size)
+            return None
+        steps = self.top.steps()
+        weights = average_checkpoints([self.dir.top(step) for step in steps])
+        model = copy.deepcopy(self.model)  # the stage's own model keeps its trained weights
+        model.load_state_dict(weights)
+        table = self.score_dev(model)
+        cer, best_cer = table["macro"]["cer"], self.best["metric"]
+        average = {
+            "checkpoint": self.dir.averaged,
+            "teacher": "averaged" if prefers_averaged(cer, best_cer) else "best",
+            "note": teacher_note(cer, best_cer),
+            "dev_cer": cer,
+            "best": dict(self.best),
+            "members": self.top.state_dict(),
+            "dev_metrics": table,
+        }
+        # Its step is the newest update that went into the mean.
+        write_averaged(self.dir.averaged, self._record(None) | {"step": max(steps)}, weights, average)
+        log.info("%s: averaged the top %d dev checkpoints (updates %s): %s", self.stage, len(steps), steps,
+                 average["note"])
+        return average
 
     def write_metrics(self) -> None:
         """metrics.jsonl (one row per update, each once) and dev_evals.json (rank 0 only)."""
@@ -373,6 +447,8 @@ class Trainer:
         main = self.world.is_main
         if main and (self.dev is None or not self.evals or not exists(self.best_url)):
             self.save(self.best_url, stage_state)  # without a dev evaluation the last model is the best we know
+        average = self.average() if main else None
+        extra = (extra or {}) | ({"average": average} if average else {})
         dev_metrics = self.evals[-1]["metrics"] if self.evals else {}
         timing = self.timing()
         result = StageResult(
@@ -390,17 +466,20 @@ class Trainer:
             train_wall_s=round(timing["train_wall_s"], 2),
             train_audio_s_per_s=round(timing["audio_s"] / timing["train_wall_s"], 1) if timing["train_wall_s"] else 0.0,
             stage_wall_s=round(timing["stage_wall_s"], 2),
-            extra=extra or {},
+            extra=extra,
             losses=self.losses,
         )
         if not main:
             return result
         # A `stop_after` stop is no finished stage.
         cache = cache_record(self.stage, self.cfg, self.resume, self.step >= self.cfg.max_updates,
-                             [self.last_url, self.best_url])
+                             [self.last_url, self.best_url] + ([self.dir.averaged] if average else []))
         write_json(self.dir.result,
                    json.loads(json.dumps(result.summary() | {"cache": cache}, default=str)))
         if dev_metrics:
-            atomic_write_text(self.dir.file("dev_metrics.md"),
-                              format_table(dev_metrics, f"{self.stage} dev at update {self.step}"))
+            text = format_table(dev_metrics, f"{self.stage} dev at update {self.step}")
+            if average:
+                title = f"{self.stage} dev of the average of updates {', '.join(map(str, self.top.steps()))}"
+                text += "\n\n" + format_table(average["dev_metrics"], title) + f"\n\n{average['note']}\n"
+            atomic_write_text(self.dir.file("dev_metrics.md"), text)
         return result
