@@ -3,16 +3,35 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mlpl-installed
+# KenLM's estimator (lmplz) for the labeling LMs, built from the kenlm source distribution on PyPI with cmake and
+# Boost from Debian's packages; order 6 is the most flashlight-text's bundled KenLM loads.
+KENLM_VERSION := 0.2.0
+KENLM_DIR     := build/kenlm
+LMPLZ         := $(KENLM_DIR)/bin/lmplz
+BOOST_PKGS    := libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev zlib1g-dev
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: install demo test test-fast lint bench reproduce server serve screenshot clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
+
+$(LMPLZ):
+	@test -f /usr/include/boost/program_options.hpp || (command -v apt-get >/dev/null && \
+		apt-get install -y -qq --no-install-recommends $(BOOST_PKGS) >/dev/null) || \
+		(echo "lmplz needs cmake, a C++ compiler and Boost: apt-get install cmake g++ $(BOOST_PKGS)" >&2; exit 1)
+	@mkdir -p $(KENLM_DIR)/src
+	@test -f $(KENLM_DIR)/kenlm.tar.gz || $(PYTHON) -c "import re, urllib.request as u; \
+		page = u.urlopen('https://pypi.org/simple/kenlm/', timeout=60).read().decode(); \
+		u.urlretrieve(re.search(r'href=\"([^\"#]*/kenlm-$(KENLM_VERSION)\.tar\.gz)', page)[1], '$(KENLM_DIR)/kenlm.tar.gz')"
+	tar xzf $(KENLM_DIR)/kenlm.tar.gz -C $(KENLM_DIR)/src --strip-components=1
+	cmake -S $(KENLM_DIR)/src -B $(KENLM_DIR)/cmake -DCMAKE_BUILD_TYPE=Release -DKENLM_MAX_ORDER=6 >/dev/null
+	cmake --build $(KENLM_DIR)/cmake --target lmplz build_binary -j2 >$(KENLM_DIR)/build.log 2>&1
+	@mkdir -p $(KENLM_DIR)/bin && cp $(KENLM_DIR)/cmake/bin/lmplz $(KENLM_DIR)/cmake/bin/build_binary $(KENLM_DIR)/bin/
 
 install: $(STAMP)
 

@@ -16,17 +16,20 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.artifacts import stage_run_name
 from flows.label import label_flow
 from flows.report import report_task
 from flows.stages import train_flow
 from pipeline.config import FinetuneConfig, RecipeConfig, SlimIPLConfig
+from pipeline.config.decoding import BeamDecoderConfig
 from pipeline.data.rows import read_utterances
 from pipeline.layout import RunLayout, teachers_for_run
 from pipeline.report.report import write_recipe_record
+from pipeline.stages.lm import labeling_decoders
 
 
 def supervised_step(cfg: RecipeConfig) -> dict:
@@ -48,9 +51,31 @@ def language_step(cfg: RecipeConfig, language: str) -> dict:
                          cfg.test_manifest)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="lm-and-decoders")
+def decoders_task(cfg: RecipeConfig, teachers: dict[str, str]) -> dict:
+    """With `labeling_lm`: each labeled language's LM built and its beam search tuned on dev with its teacher;
+    the dev figures (greedy vs LM-fused) published as the `decoder-tuning` artifact."""
+    decoders, records = labeling_decoders(cfg, teachers, cfg.label_config(teachers).batch)
+    lines = ["| language | LM | dev clips | greedy CER / WER | LM-fused CER / WER | decoder |",
+             "|---|---|---:|---|---|---|"]
+    for lang, r in records.items():
+        dev = r.get("dev") or {}
+        figures = [f"{d['cer']:.1f} / {d['wer']:.1f}" if d else "—" for d in (dev.get("greedy"), dev.get("beam"))]
+        lines.append(f"| {lang} | {r['lm']['unit']} {r['lm']['order']}-gram, {r['lm']['sentences']} sentences | "
+                     f"{dev.get('clips', '—')} | {figures[0]} | {figures[1]} | {r['decoder']} |")
+    create_markdown_artifact(markdown="\n".join(lines) + "\n", key="decoder-tuning",
+                             description=f"labeling LMs and decoders of {cfg.run_dir}")
+    return {"decoders": {k: v.model_dump(mode="json") for k, v in decoders.items()}, "records": records}
+
+
 def label_step(cfg: RecipeConfig) -> dict:
-    """Step 4: the unlabeled manifest labeled by each language's best model of the run into `<run>/labels`."""
-    return label_flow(cfg.label_config(teachers_for_run(cfg.run_dir)), RunLayout(cfg.run_dir).labels)
+    """Step 4: the unlabeled manifest labeled by each language's best model of the run into `<run>/labels`, with
+    LM-fused beam search where the form asks for it (the LMs built and tuned first)."""
+    teachers = teachers_for_run(cfg.run_dir)
+    decoders = {}
+    if cfg.labeling_lm is not None:
+        decoders = {k: BeamDecoderConfig(**v) for k, v in decoders_task(cfg, teachers)["decoders"].items()}
+    return label_flow(cfg.label_config(teachers, decoders), RunLayout(cfg.run_dir).labels)
 
 
 def _untimed(name: str, fn: Callable, *args):

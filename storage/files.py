@@ -17,6 +17,7 @@ import json
 import os
 import posixpath
 import socket
+import tempfile
 import time
 import uuid
 from typing import Any
@@ -147,6 +148,21 @@ def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:
 def copy_file(src: str, dst: str) -> None:
     """Copy a file atomically (read whole, then `atomic_write_bytes`), across file systems too."""
     atomic_write_bytes(dst, read_bytes(src))
+
+
+def local_folder(url: str, names: list[str], key: str) -> str:
+    """A local path holding the named files of a folder URL: the folder itself when it is local, else a copy in
+    the temp dir under `key` (e.g. the content's hash), fetched once per machine. Native libraries (KenLM) read
+    only local files."""
+    fs, path = _fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return path
+    local = os.path.join(tempfile.gettempdir(), "mlpl-cache", key)
+    for name in names:
+        target = os.path.join(local, name)
+        if not os.path.exists(target):
+            copy_file(join(url, name), target)
+    return local
 
 
 def open_binary(url: str):

@@ -9,11 +9,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Config, PLFilter, deep_merge
+from pipeline.config.base import Config, LanguageMix, PLFilter, deep_merge
+from pipeline.config.decoding import BeamDecoderConfig, DecoderTuning, LMConfig, LMUnit
 from pipeline.config.presets import choose, configured, preset
 from pipeline.config.stages import FinetuneConfig, LabelConfig, SlimIPLConfig, StudentConfig, SupervisedConfig
 from pipeline.corpus.layout import corpus_data
-from storage.files import read_json
+from storage.files import join, read_json
 
 StudentMode = Literal["from_scratch", "finetune"]
 
@@ -50,6 +51,26 @@ class RecipeConfig(Config):
     finetune_updates: int | None = Field(None, ge=1, description="per-language fine-tune budget; None: preset")
     slimipl_updates: int | None = Field(None, ge=1, description="per-language slimIPL budget; None: preset")
     pl_cache_size: int | None = Field(None, ge=1, description="slimIPL dynamic PL cache size N; None: preset")
+    teacher_average_top_n: int | None = Field(
+        None, ge=0, description="fine-tune and slimIPL also write the mean of their N best dev checkpoints; it is the "
+                                "teacher when its dev CER is not worse than best.pt's (NeMo's TopIPL); 0: off; "
+                                "None: preset")
+    language_mix: LanguageMix | None = Field(
+        None, description="how the supervised stage and the students mix labeled languages: natural (pooled, the "
+                          "paper's), temperature (p ∝ audio seconds^alpha, one language per batch) or explicit "
+                          "weights; None: preset (natural)")
+    labeling_lm: LMUnit | None = Field(
+        None, description="label with CTC beam search fused with a per-language n-gram LM built from the labeled "
+                          "transcripts (+ lm_text_dir): char (lexicon-free) or word (lexicon); None: greedy CTC")
+    lm_text_dir: str | None = Field(
+        None, description="folder of extra LM text, <lang>.txt, one sentence per line (never the unlabeled "
+                          "clips' transcripts, never dev/test); a missing file means transcripts only")
+    lm_order: int | None = Field(None, ge=2, le=6, description="n-gram order; None: 6 for char, 4 for word")
+    labeling_decoder: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the beam search (beam_size, beam_size_token, ...); its LM "
+                                          "weight and sil/word score are tuned on dev unless given here")
+    decoder_tuning: DecoderTuning = Field(default_factory=DecoderTuning,
+                                          description="the dev grid of LM weights and sil/word scores")
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels labeling writes (the rest become rejects with the reason); None: "
                           "preset (paper: 1-630 tokens)")
@@ -85,6 +106,12 @@ class RecipeConfig(Config):
         self.finetune_config(lang)
         self.slimipl_config(lang)
         self.label_config({lang: "teacher.pt"})
+        if self.labeling_lm is not None:
+            self.lm_config(lang, "teacher.pt")
+            self.beam_config("lm")
+            if self.dev_manifest is None and not self.fixed_decoder_weights():
+                raise ValueError("labeling_lm tunes the LM weight on dev rows: give dev_manifest, or fix lm_weight and "
+                                 "sil_score/word_score in labeling_decoder")
         for mode in self.student_modes:
             self.student_config(mode)
             if self.student_labeled_finetune:
@@ -96,24 +123,47 @@ class RecipeConfig(Config):
     def supervised_config(self) -> SupervisedConfig:
         """Stage 1's config."""
         base = preset("supervised", self.preset, self.labeled_manifest, self.dev_manifest, seed=self.seed)
-        return configured(SupervisedConfig, base, self.supervised | _set(max_updates=self.supervised_updates))
+        knobs = _set(max_updates=self.supervised_updates, language_mix=_dumped(self.language_mix))
+        return configured(SupervisedConfig, base, self.supervised | knobs)
 
     def finetune_config(self, language: str) -> FinetuneConfig:
         """Stage 2's config for one language."""
         base = preset("finetune", self.preset, language, self.labeled_manifest, self.dev_manifest, seed=self.seed)
-        return configured(FinetuneConfig, base, self.finetune | _set(max_updates=self.finetune_updates))
+        knobs = _set(max_updates=self.finetune_updates, average_top_n=self.teacher_average_top_n)
+        return configured(FinetuneConfig, base, self.finetune | knobs)
 
     def slimipl_config(self, language: str) -> SlimIPLConfig:
         """Stage 3's config for one language."""
         base = preset("slimipl", self.preset, language, self.labeled_manifest, self.unlabeled_manifest,
                       self.dev_manifest, reference_manifest=self.reference_manifest, seed=self.seed)
-        knobs = _set(max_updates=self.slimipl_updates, pl_cache_size=self.pl_cache_size)
+        knobs = _set(max_updates=self.slimipl_updates, pl_cache_size=self.pl_cache_size,
+                     average_top_n=self.teacher_average_top_n)
         return configured(SlimIPLConfig, base, self.slimipl | knobs)
 
-    def label_config(self, teachers: dict[str, str]) -> LabelConfig:
-        """Step 4's config with each language's teacher."""
+    def label_config(self, teachers: dict[str, str],
+                     decoders: dict[str, BeamDecoderConfig] | None = None) -> LabelConfig:
+        """Step 4's config with each language's teacher and, with `labeling_lm`, its tuned beam decoder."""
         base = preset("label", self.preset, self.unlabeled_manifest, teachers)
-        return configured(LabelConfig, base, self.label | _set(filters=_dumped(self.labeling_filter)))
+        knobs = _set(filters=_dumped(self.labeling_filter),
+                     decoders={k: v.model_dump(mode="json") for k, v in decoders.items()} if decoders else None)
+        return configured(LabelConfig, base, self.label | knobs)
+
+    def lm_config(self, language: str, tokenizer_checkpoint: str) -> LMConfig:
+        """A language's labeling LM: its labeled transcripts plus `<lm_text_dir>/<lang>.txt` where it exists."""
+        unit = self.labeling_lm or "char"
+        texts = [join(self.lm_text_dir, f"{language}.txt")] if self.lm_text_dir else []
+        return LMConfig(language=language, tokenizer_checkpoint=tokenizer_checkpoint,
+                        labeled_manifest=self.labeled_manifest, text_files=texts, unit=unit,
+                        order=self.lm_order or (6 if unit == "char" else 4))
+
+    def beam_config(self, lm_url: str) -> BeamDecoderConfig:
+        """The beam search over an LM folder before tuning: defaults, then `labeling_decoder`."""
+        return BeamDecoderConfig(**({"lm": lm_url, "unit": self.labeling_lm or "char"} | self.labeling_decoder))
+
+    def fixed_decoder_weights(self) -> bool:
+        """Whether `labeling_decoder` fixes every weight the tuning would choose."""
+        second = "sil_score" if (self.labeling_lm or "char") == "char" else "word_score"
+        return {"lm_weight", second} <= set(self.labeling_decoder)
 
     def student_config(self, mode: str) -> StudentConfig:
         """Stage 5's config for one student mode."""
@@ -121,7 +171,8 @@ class RecipeConfig(Config):
         overrides = deep_merge(self.student, self.student_by_mode.get(mode, {}))
         share = self.student_pl_share
         knobs = _set(max_updates=self.student_updates, pl_filter=_dumped(self.student_pl_filter),
-                     source_weights=None if share is None else {"labeled": 1.0 - share, "pl": share})
+                     source_weights=None if share is None else {"labeled": 1.0 - share, "pl": share},
+                     language_mix=_dumped(self.language_mix))
         return configured(StudentConfig, base, overrides | knobs)
 
     def labeled_finetune_config(self, mode: str, student_checkpoint: str) -> StudentConfig:
@@ -129,7 +180,8 @@ class RecipeConfig(Config):
         base = preset("student", self.preset, "finetune", self.labeled_manifest, self.dev_manifest, seed=self.seed)
         base = base.model_copy(update={"labeled_only": True, "init_checkpoint": student_checkpoint,
                                        "variant": f"{mode}-labeled-ft"})
-        return configured(StudentConfig, base, self.labeled_finetune | _set(max_updates=self.labeled_finetune_updates))
+        knobs = _set(max_updates=self.labeled_finetune_updates, language_mix=_dumped(self.language_mix))
+        return configured(StudentConfig, base, self.labeled_finetune | knobs)
 
 
 def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
@@ -139,6 +191,7 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
         supervised={"max_updates": 450, "eval_every": 225},
         finetune={"max_updates": 100, "eval_every": 50},
         slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60},
+        labeling_lm="char",
         student_modes=["finetune"],
         student={"max_updates": 80, "eval_every": 40},
         labeled_finetune={"max_updates": 40, "eval_every": 20},
@@ -204,6 +257,18 @@ class RelabelConfig(Config):
     extensions: list[str] = Field(default_factory=lambda: list(AUDIO_EXTENSIONS),
                                   description="audio file name endings to pick up (case-insensitive)")
     preset: Literal["tiny", "paper"] = Field("paper", description="labeling preset: paper defaults or tiny (CPU)")
+    labeling_lm: LMUnit | None = Field(
+        None, description="label with CTC beam search fused with a per-language n-gram LM built from the labeled "
+                          "transcripts (+ lm_text_dir): char (lexicon-free) or word (lexicon); None: greedy CTC")
+    lm_text_dir: str | None = Field(
+        None, description="folder of extra LM text, <lang>.txt, one sentence per line (never the unlabeled "
+                          "clips' transcripts, never dev/test); a missing file means transcripts only")
+    lm_order: int | None = Field(None, ge=2, le=6, description="n-gram order; None: 6 for char, 4 for word")
+    labeling_decoder: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the beam search (beam_size, beam_size_token, ...); its LM "
+                                          "weight and sil/word score are tuned on dev unless given here")
+    decoder_tuning: DecoderTuning = Field(default_factory=DecoderTuning,
+                                          description="the dev grid of LM weights and sil/word scores")
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels are written (the rest become rejects with the reason); None: preset")
     label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config")

@@ -27,6 +27,7 @@ from pipeline.config.base import (
     language_code,
     raise_all,
 )
+from pipeline.config.decoding import BeamDecoderConfig
 
 Language = Annotated[str, AfterValidator(language_code)]  # normalized: "SL" → "sl", "pt_BR" → "pt-br"
 
@@ -155,6 +156,8 @@ class LabelConfig(Config):
     num_threads: int | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # where teachers decode
     prefetch_batches: int = Field(2, ge=0)  # 0: decode in the labeling thread (no prefetch thread)
+    # language → LM-fused beam search (docs/architecture.md, "LM-fused labeling"); other languages decode greedy.
+    decoders: dict[str, BeamDecoderConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:
@@ -172,13 +175,14 @@ class LabelConfig(Config):
         raise_all(errors)
         return self
 
-    def decode_key(self, precision: str, features: dict[str, Any]) -> str:
-        """Hash of everything that changes a unit's rows: how audio is read, decoded and filtered, and the
-        precision that ran (not batching, threads or unit sizes)."""
+    def decode_key(self, precision: str, features: dict[str, Any], decoder: dict[str, Any] | None = None) -> str:
+        """Hash of everything that changes a unit's rows: how audio is read, decoded (greedy, or the language's
+        beam search and its LM's identity) and filtered, and the precision that ran (not batching, threads or
+        unit sizes)."""
         blob = json.dumps(
             {"audio": self.audio.model_dump(mode="json"), "filters": self.filters.model_dump(mode="json"),
              "max_whole_s": self.max_whole_s, "crop_s": self.crop_s, "crop_overlap_s": self.crop_overlap_s,
-             "precision": precision, "features": features},
+             "precision": precision, "features": features} | ({"decoder": decoder} if decoder else {}),
             sort_keys=True,
         ).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

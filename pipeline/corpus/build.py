@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config.presets import choose
 from pipeline.corpus import augment, speech
-from pipeline.corpus.layout import SPLITS, hidden_file, split_manifest
+from pipeline.corpus.layout import SPLITS, hidden_file, split_manifest, text_only_file
 from pipeline.corpus.text import LANGUAGE_LETTERS, default_cache_dir, load_sentences
 from pipeline.data.text import normalize_text
 from storage.files import (
@@ -45,6 +45,7 @@ from storage.files import (
     join,
     list_files,
     read_json,
+    read_text,
     relative_to,
     remove,
     write_json,
@@ -351,7 +352,19 @@ def allocate_sentences(cfg: CorpusConfig, language: str, sentences: list[str]) -
     for split, k in sizes.items():
         blocks[split] = [tuple(pool[start + i * k : start + (i + 1) * k]) for i in range(cfg.clips(split, role))]
         start += k * cfg.clips(split, role)
+    # The text-only split: what no clip's candidates reserved (never a clip's sentence, of any split), for LMs.
+    used = {sentence for split_blocks in blocks.values() for block in split_blocks for sentence in block}
+    blocks["text"] = [tuple(s for s in pool[start:] if s not in used)]
     return blocks
+
+
+def _write_text_only(cfg: CorpusConfig, out_dir: str, sentences: dict[str, list[str]]) -> None:
+    # Written on every build, also of a finished corpus: it is cheap, and corpora built before it existed get it.
+    for language in cfg.languages:
+        text = "\n".join(allocate_sentences(cfg, language, sentences[language])["text"][0]) + "\n"
+        url = text_only_file(out_dir, language)
+        if not exists(url) or read_text(url) != text:
+            atomic_write_text(url, text)
 
 
 def _plan(cfg: CorpusConfig, out_dir: str, sentences: dict[str, list[str]]) -> tuple[list[ClipJob], list[Speaker]]:
@@ -571,6 +584,7 @@ def build_corpus(
     for language in cfg.languages:
         sentences[language], text_sources[language] = load_sentences(language, cache_dir=cache_dir, text_dir=text_dir)
     identity = _identity(cfg, text_sources)
+    _write_text_only(cfg, out_dir, sentences)
     card_url = join(out_dir, "corpus_card.json")
     if exists(card_url):
         card = read_json(card_url)

@@ -1,5 +1,6 @@
 """Where a corpus built by `mlpl corpus build` keeps its files: one manifest per split under `manifests/`, and the
-hidden truth of the unlabeled clips under `hidden/` (PL CER only, never training)."""
+hidden truth of the unlabeled clips under `hidden/` (PL CER only, never training), and the text-only split under
+`text/` (sentences no clip speaks: LM text)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,15 @@ def hidden_file(corpus_dir: str, name: str) -> str:
     return join(corpus_dir, "hidden", name)
 
 
+def text_only_file(corpus_dir: str, language: str) -> str:
+    """The text-only split of a language: sentences used by no clip, one per line (LM text, never audio)."""
+    return join(corpus_dir, "text", f"{language}.txt")
+
+
 def corpus_data(corpus_dir: str, run_dir: str) -> dict[str, str]:
     """The data fields of a `RecipeConfig` for a built corpus."""
     return dict(run_dir=run_dir, labeled_manifest=split_manifest(corpus_dir, "labeled"),
                 dev_manifest=split_manifest(corpus_dir, "dev"), test_manifest=split_manifest(corpus_dir, "test"),
                 unlabeled_manifest=split_manifest(corpus_dir, "unlabeled"),
-                reference_manifest=hidden_file(corpus_dir, "unlabeled_reference.jsonl"))
+                reference_manifest=hidden_file(corpus_dir, "unlabeled_reference.jsonl"),
+                lm_text_dir=join(corpus_dir, "text"))

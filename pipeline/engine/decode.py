@@ -1,6 +1,7 @@
 """The one decode path of evaluation, slimIPL labeling and PL generation: greedy CTC in eval mode (no dropout,
 no SpecAugment), `torch.inference_mode`, bf16 autocast where native, whole clips or crops stitched back together
-(paper Sec. 5.2). Per utterance: tokens, text, confidence, blank ratio, LID prediction."""
+(paper Sec. 5.2), or, given a `BeamDecoder`, CTC beam search fused with the language's n-gram LM over the same
+posteriors. Per utterance: tokens, text, confidence, blank ratio, LID prediction, and what decoded it."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from models.decode import greedy_ctc_decode
 from models.encoder import CTCLIDModel
 from pipeline.config import BatchConfig
 from pipeline.data.dataset import Dataset, collate
-from pipeline.data.rows import ProgressFn
+from pipeline.data.rows import ProgressFn, Utterance
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.engine.beam import BeamDecoder
 from pipeline.engine.crops import crop_and_stitch
 from pipeline.engine.device import autocast
 
@@ -38,9 +40,11 @@ def decode_batch(
     languages: Sequence[str],
     bf16: bool = True,
     crop: CropSpec | None = None,
+    beam: BeamDecoder | None = None,
 ) -> list[dict[str, Any]]:
-    """Greedy CTC over one padded batch (B, T, n_mels) in eval mode, whole or cropped: the one decode path of
-    evaluation, slimIPL labeling and PL generation. Per utterance: tokens, text, confidence, blank ratio, LID.
+    """Greedy CTC (or `beam`'s LM-fused search) over one padded batch (B, T, n_mels) in eval mode, whole or
+    cropped: the one decode path of evaluation, slimIPL labeling and PL generation. Per utterance: tokens, text,
+    confidence (the acoustic model's, mean top posterior per frame, whatever decoded), blank ratio, LID, `decoder`.
 
     The model's train/eval mode is restored afterwards.
     """
@@ -55,23 +59,29 @@ def decode_batch(
             else:
                 out = crop_and_stitch(model, feats, feat_lens, crop_frames=crop.crop_frames,
                                       overlap_frames=crop.overlap_frames, bf16=bf16)
-        hyps = greedy_ctc_decode(out.log_probs.float().cpu(), out.out_lens.cpu(), blank=tokenizer.blank_id)
+        log_probs = out.log_probs.float().cpu()
+        hyps = greedy_ctc_decode(log_probs, out.out_lens.cpu(), blank=tokenizer.blank_id)
         lid_probs = out.lid_logits.float().softmax(dim=-1).cpu()
     finally:
         model.train(was_training)
     rows = []
-    for h, p, n in zip(hyps, lid_probs, out.out_lens.tolist(), strict=True):
+    for i, (h, p, n) in enumerate(zip(hyps, lid_probs, out.out_lens.tolist(), strict=True)):
         k = int(p.argmax())
+        tokens, text = h.tokens, tokenizer.decode(h.tokens)
+        if beam is not None:
+            text = beam.decode(log_probs[i, :n])
+            tokens = tokenizer.encode(text)
         rows.append(
             {
-                "tokens": h.tokens,
-                "hypothesis": tokenizer.decode(h.tokens),
-                "num_tokens": len(h.tokens),
+                "tokens": tokens,
+                "hypothesis": text,
+                "num_tokens": len(tokens),
                 "num_frames": int(n),
                 "confidence": round(h.confidence, 5),
                 "blank_ratio": round(h.blank_ratio, 5),
                 "lid_pred": languages[k],
                 "lid_prob": round(float(p[k]), 5),
+                "decoder": "greedy" if beam is None else beam.cfg.describe(),
             }
         )
     return rows
@@ -85,11 +95,28 @@ def decode_features(
     languages: Sequence[str],
     bf16: bool = True,
     crop: CropSpec | None = None,
+    beam: BeamDecoder | None = None,
 ) -> list[dict[str, Any]]:
     """`decode_batch` over unpadded per-utterance features [(T_i, n_mels)], e.g. a streamed batch's."""
     lens = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
     feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (B, T, n_mels)
-    return decode_batch(model, feats, lens, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop)
+    return decode_batch(model, feats, lens, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop,
+                        beam=beam)
+
+
+def _dataset_batches(ds: Dataset, languages: Sequence[str], batch: BatchConfig):
+    """(utterances, padded batch) in length-sorted order over an in-memory dataset."""
+    lang_ids = {lang: i for i, lang in enumerate(languages)}
+    sampler = DynamicBucketSampler(
+        ds.durations(),
+        max_batch_duration_s=max(batch.max_batch_duration_s, max(ds.durations(), default=0.0)),
+        max_batch_size=batch.max_batch_size,
+        num_buckets=batch.num_buckets,
+        shuffle=False,
+    )
+    for idx in sampler.epoch_batches(0):
+        utts = [ds.utterances[i] for i in idx]
+        yield utts, collate(utts, ds.features, tokenizer=None, language_ids=lang_ids)
 
 
 def decode_dataset(
@@ -101,26 +128,37 @@ def decode_dataset(
     batch: BatchConfig,
     bf16: bool = True,
     on_progress: ProgressFn | None = None,
+    beam: BeamDecoder | None = None,
 ) -> list[dict[str, Any]]:
-    """Greedy-decode every utterance of an in-memory dataset; one row per utterance with hypothesis and signals."""
-    if not ds.utterances:
-        return []
-    lang_ids = {lang: i for i, lang in enumerate(languages)}
-    sampler = DynamicBucketSampler(
-        ds.durations(),
-        max_batch_duration_s=max(batch.max_batch_duration_s, max(ds.durations(), default=0.0)),
-        max_batch_size=batch.max_batch_size,
-        num_buckets=batch.num_buckets,
-        shuffle=False,
-    )
+    """Decode every utterance of an in-memory dataset (greedy, or `beam`); one row per utterance with hypothesis
+    and signals."""
     rows: list[dict[str, Any]] = []
-    for idx in sampler.epoch_batches(0):
-        utts = [ds.utterances[i] for i in idx]
-        b = collate(utts, ds.features, tokenizer=None, language_ids=lang_ids)
-        decoded = decode_batch(model, b.feats, b.feat_lens, tokenizer=tokenizer, languages=languages, bf16=bf16)
+    for utts, b in _dataset_batches(ds, languages, batch):
+        decoded = decode_batch(model, b.feats, b.feat_lens, tokenizer=tokenizer, languages=languages, bf16=bf16,
+                               beam=beam)
         for u, d in zip(utts, decoded, strict=True):
             signals = {k: v for k, v in d.items() if k not in ("tokens", "num_frames")}
             rows.append({"id": u.id, "language": u.language, "audio": u.audio, "reference": u.text} | signals)
         if on_progress is not None:
             on_progress(len(rows), len(ds.utterances), "decode")
     return rows
+
+
+def dataset_posteriors(model: CTCLIDModel, ds: Dataset, *, languages: Sequence[str], batch: BatchConfig,
+                       bf16: bool = True) -> list[tuple[Utterance, torch.Tensor]]:
+    """Each utterance with its (T, V) float32 CTC log-posteriors on CPU, in eval mode: what a decoder grid search
+    decodes many times over without running the model again."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out_rows: list[tuple[Utterance, torch.Tensor]] = []
+    try:
+        for utts, b in _dataset_batches(ds, languages, batch):
+            with torch.inference_mode(), autocast(bf16, device):
+                out = model(b.feats.to(device), b.feat_lens.to(device))
+            log_probs = out.log_probs.float().cpu()
+            out_rows += [(u, log_probs[i, :n].clone()) for i, (u, n) in enumerate(zip(utts, out.out_lens.tolist(),
+                                                                                        strict=True))]
+    finally:
+        model.train(was_training)
+    return out_rows

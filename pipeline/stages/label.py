@@ -1,7 +1,8 @@
 """Corpus-wide pseudo-label generation (recipe step 4; docs/architecture.md, "Pseudo-label generation").
 
 Every row of an unlabeled manifest is labeled by its language's teacher through the one decode path
-(`pipeline.engine.decode`: eval mode, `inference_mode`, bf16 autocast where native, greedy CTC),
+(`pipeline.engine.decode`: eval mode, `inference_mode`, bf16 autocast where native, greedy CTC, or CTC beam
+search fused with the language's n-gram LM where `decoders` names one),
 streaming: length-sorted batches by audio seconds are decoded in a prefetch thread, clips longer than
 `max_whole_s` are labeled as overlapping crops stitched back together (`pipeline.engine.crops`), and each clip's
 16 kHz mono FLAC goes straight into its shard. Nothing holds more than a batch of audio.
@@ -35,11 +36,12 @@ import torch
 from pipeline.config import LabelConfig
 from pipeline.data.rows import ProgressFn, Reject, Utterance, read_utterances
 from pipeline.data.stream import LazyBatchLoader, LoadedBatch, header_duration_s
+from pipeline.engine.beam import LM_FILES, BeamDecoder, cached_decoder
 from pipeline.engine.decode import CropSpec, decode_features
 from pipeline.engine.device import precision_used, resolve_device
 from pipeline.engine.model import Trained, load_trained
 from pipeline.stages.label_summary import reject_category, summary_markdown
-from storage.files import atomic_write_text, exists, join, read_text, sha256_of
+from storage.files import atomic_write_text, exists, join, local_folder, read_json, read_text, sha256_of
 from storage.pl import LabelStore, ShardWriter, sample_key
 
 log = logging.getLogger("mlpl.label")
@@ -88,16 +90,30 @@ class LabelPlan:
     root: str
     manifest_sha256: str
     teachers: dict[str, Teacher]
-    decode_keys: dict[str, str]  # language → decode key (precision and the teacher's front end included)
+    decode_keys: dict[str, str]  # language → decode key (precision, the teacher's front end, the LM included)
     precision: str
     units: list[WorkUnit]
     input_rejects: dict[str, Counter] = field(default_factory=dict)  # language → category counts
+    lm_identities: dict[str, str] = field(default_factory=dict)  # language → its LM's identity (meta.json)
 
     def unit_keys(self, unit: WorkUnit) -> dict[str, str]:
         """What a committed unit must match to be skipped."""
         teacher = self.teachers.get(unit.language)
         return {"rows": unit.rows_sha256, "teacher": teacher.sha256 if teacher else "none",
                 "decode": self.decode_keys.get(unit.language, "none")}
+
+    def beam(self, language: str, trained: Trained) -> BeamDecoder | None:
+        """The language's LM-fused beam search (its LM files fetched locally once), or None: greedy."""
+        cfg = self.cfg.decoders.get(language)
+        if cfg is None:
+            return None
+        local = local_folder(cfg.lm, list(LM_FILES), self.lm_identities[language][:16])
+        return cached_decoder(cfg, local, trained.tokenizer)
+
+    def decode_column(self, language: str) -> str:
+        """The `decode` column: what decoded (greedy, or the beam search and its LM settings) and the key."""
+        cfg = self.cfg.decoders.get(language)
+        return f"{'greedy' if cfg is None else cfg.describe()} #{self.decode_keys.get(language, 'none')}"
 
 
 @lru_cache(maxsize=8)
@@ -180,8 +196,10 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
     manifest_sha = sha256_of(cfg.manifest)
     teachers = {lang: load_teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
     precision = precision_used(cfg.bf16, resolve_device(cfg.device))
+    lm_identities = {lang: _lm_identity(lang, d.lm) for lang, d in cfg.decoders.items() if lang in teachers}
     decode_keys = {
-        lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"))
+        lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"),
+                             _decoder_identity(cfg, lang, lm_identities))
         for lang, t in teachers.items()
     }
     utts, rejects = read_utterances(cfg.manifest, require_text=False, languages=None)
@@ -212,7 +230,28 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
         for lang, lang_chunks in chunks.items() for i, chunk in enumerate(lang_chunks)
     ]
     counts = {lang: Counter(r["category"] for r in rows) for lang, rows in input_rejects.items()}
-    return LabelPlan(cfg, root, manifest_sha, teachers, decode_keys, precision, units, counts)
+    return LabelPlan(cfg, root, manifest_sha, teachers, decode_keys, precision, units, counts, lm_identities)
+
+
+def _lm_identity(language: str, lm_url: str) -> str:
+    """The identity of a finished LM folder (its meta.json).
+
+    Raises:
+        FileNotFoundError: the folder holds no finished LM.
+    """
+    meta = join(lm_url, "meta.json")
+    if not exists(meta):
+        raise FileNotFoundError(f"the {language!r} decoder's LM {lm_url} is not built (no meta.json): build it with "
+                                "`mlpl lm` or the recipe's lm step, or drop the language from `decoders`")
+    return read_json(meta)["identity"]
+
+
+def _decoder_identity(cfg: LabelConfig, language: str, lm_identities: dict[str, str]) -> dict[str, Any] | None:
+    """What of a language's beam decoder changes its rows: its settings and its LM's content (not its URL)."""
+    d = cfg.decoders.get(language)
+    if d is None:
+        return None
+    return d.model_dump(mode="json", exclude={"lm"}) | {"lm_identity": lm_identities[language]}
 
 
 # --- labeling one unit -------------------------------------------------------------------------------------
@@ -262,10 +301,10 @@ def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig):
 
 
 def _decode(batch: LoadedBatch, trained: Trained, cfg: LabelConfig, crop: CropSpec | None,
-            stats: UnitStats) -> list[dict[str, Any]]:
+            stats: UnitStats, beam: BeamDecoder | None = None) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     out = decode_features(trained.model, batch.features, tokenizer=trained.tokenizer, languages=trained.languages,
-                          bf16=cfg.bf16, crop=crop)
+                          bf16=cfg.bf16, crop=crop, beam=beam)
     stats.model_s += time.perf_counter() - t0
     lens = [f.shape[0] for f in batch.features]
     stats.frames += sum(lens)
@@ -300,7 +339,7 @@ class UnitOutput:
     shard: ShardWriter
     shard_rel: str
     teacher: Teacher | None
-    decode_key: str
+    decode: str  # the `decode` column: what decoded and its key
     created_at: datetime
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
@@ -310,7 +349,7 @@ class UnitOutput:
         """One decoded clip: a row (and its shard member) when it passes the filter, else a reject."""
         signals = {"duration_s": round(duration_s, 3), "num_tokens": d["num_tokens"], "confidence": d["confidence"],
                    "lid_pred": d["lid_pred"], "lid_prob": d["lid_prob"], "blank_ratio": d["blank_ratio"],
-                   "teacher": self.teacher.ident, "decode": self.decode_key, "created_at": self.created_at,
+                   "teacher": self.teacher.ident, "decode": self.decode, "created_at": self.created_at,
                    "audio_etag": u.etag}
         dropped = filter_reason(d, u.language, cfg)
         if dropped is not None:
@@ -330,10 +369,11 @@ def _label_with_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput,
     trained = _teacher_model(teacher.url, teacher.sha256)
     trained.model.to(resolve_device(cfg.device))  # once per process: a no-op when it is there already
     etags = {u.id: u.etag for u in unit.utterances}
+    beam = plan.beam(unit.language, trained)
     for loader, crop in _batches(unit, trained, cfg):
         with loader:
             for batch in loader.iter_epoch(0):
-                decoded = _decode(batch, trained, cfg, crop, out.stats)
+                decoded = _decode(batch, trained, cfg, crop, out.stats, beam)
                 for u, d, flac, dur in zip(batch.utterances, decoded, batch.flac, batch.durations_s, strict=True):
                     out.add(u, d, flac, dur, cfg)
                 if on_progress is not None:
@@ -360,9 +400,10 @@ def _unit_record(plan: LabelPlan, unit: WorkUnit, keys: dict[str, str], out: Uni
         "unit": unit.index, "language": unit.language, "name": unit.name, "keys": keys,
         "manifest": cfg.manifest, "manifest_sha256": plan.manifest_sha256,
         "teacher": None if teacher is None else {"url": teacher.url, "sha256": teacher.sha256, "id": teacher.ident},
-        "decode": {"key": out.decode_key, "precision": plan.precision,
+        "decode": {"key": keys["decode"], "what": out.decode, "precision": plan.precision,
                    "config": cfg.model_dump(mode="json", include={"max_whole_s", "crop_s", "crop_overlap_s",
-                                                                  "filters", "audio"})},
+                                                                  "filters", "audio"}),
+                   "decoder": _decoder_identity(cfg, unit.language, plan.lm_identities)},
         "rows": len(rows), "rejects": len(out.rejects),
         "rejects_by_category": dict(sorted(Counter(r["category"] for r in out.rejects).items())),
         "input_utterances": len(unit.utterances), "audio_s": round(stats.audio_s, 3),
@@ -392,7 +433,7 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
         return committed | {"skipped": True} | where
     t_start = time.perf_counter()
     out = UnitOutput(store.open_shard(unit.language, unit.index), store.shard_relpath(unit.language, unit.index),
-                     plan.teachers.get(unit.language), keys["decode"], datetime.now(UTC))
+                     plan.teachers.get(unit.language), plan.decode_column(unit.language), datetime.now(UTC))
     try:
         if out.teacher is None:
             _reject_all_without_teacher(plan, unit, out)

@@ -1,0 +1,161 @@
+"""CTC beam search fused with an n-gram LM (torchaudio's `ctc_decoder` over flashlight-text), and the LM's
+vocabulary files that make it agree with our tokenizer. See docs/architecture.md, "LM-fused labeling".
+
+Pitfalls this module exists for (DESIGN.md, environment facts): lexicon-free, torchaudio builds the LM's word
+dictionary in hash order unless `lm_dict` lists the tokens in vocabulary order (then LM weight 0 is exactly
+greedy); ARPA words are whitespace-separated, so the space character becomes the sil token `|`; the blank must
+have a name that is not a character.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from pipeline.config.decoding import BeamDecoderConfig, LMUnit
+from pipeline.data.tokenizer import BLANK, UNK, CharTokenizer, Tokenizer, prepare_text
+
+SIL_CANDIDATES = ("|", "▁", "<sil>")
+LM_FILES = ("lm.arpa", "tokens.txt", "lm_dict.txt", "lexicon.txt")  # an LM folder; meta.json marks it complete
+FLASHLIGHT_FIX = "pip install flashlight-text==0.0.7 (wheels for CPython 3.11 and 3.12)"
+LMPLZ_FIX = "run `make install` (it builds build/kenlm/bin/lmplz) or set MLPL_LMPLZ to a KenLM lmplz binary"
+
+
+def sil_token(tokenizer: CharTokenizer) -> str:
+    """The LM's name for the space character: the first candidate that is not itself a character."""
+    return next(s for s in SIL_CANDIDATES if s not in tokenizer.symbols)
+
+
+def lm_tokens(tokenizer: Tokenizer) -> list[str]:
+    """The decoder's token names in vocabulary order: the space is the sil token, blank and unk keep their names.
+
+    Raises:
+        ValueError: for a tokenizer that is not character-level (an LM over pieces is not built here).
+    """
+    if not isinstance(tokenizer, CharTokenizer):
+        raise ValueError("LM-fused decoding needs a character tokenizer (the paper's); this checkpoint has "
+                         f"{type(tokenizer).__name__}")
+    sil = sil_token(tokenizer)
+    return [sil if s == " " else s for s in tokenizer.symbols]
+
+
+def lm_sentences(texts: Iterable[str], tokenizer: Tokenizer, unit: LMUnit) -> tuple[list[str], int]:
+    """The LM's training lines (char: characters separated by spaces, word boundaries as the sil token; word:
+    the words) and how many sentences were dropped for a character the vocabulary lacks."""
+    lm_tokens(tokenizer)  # a character tokenizer, or the error that says why not
+    known, sil = set(tokenizer.symbols[2:]), sil_token(tokenizer)
+    lines, dropped = [], 0
+    for text in texts:
+        text = prepare_text(text)
+        if not text:
+            continue
+        if any(c not in known and c != " " for c in text):
+            dropped += 1
+            continue
+        lines.append(" ".join(sil if c == " " else c for c in text) if unit == "char" else text)
+    return lines, dropped
+
+
+def lexicon_lines(lines: Iterable[str], tokenizer: Tokenizer) -> list[str]:
+    """A word LM's lexicon: each word of the text spelled in characters. No trailing sil token: the model emits no
+    space after a clip's last word, which would then never complete; spaces between words are the decoder's sil."""
+    lm_tokens(tokenizer)  # a character tokenizer, or the error that says why not
+    words = sorted({w for line in lines for w in line.split()})
+    return [f"{w}\t{' '.join(w)}" for w in words]
+
+
+def lmplz_path() -> str:
+    """KenLM's lmplz: $MLPL_LMPLZ, else build/kenlm/bin/lmplz in the checkout, else on PATH.
+
+    Raises:
+        FileNotFoundError: naming the fix when none is found.
+    """
+    candidates = [os.environ.get("MLPL_LMPLZ"), str(Path(__file__).resolve().parents[2] / "build/kenlm/bin/lmplz"),
+                  shutil.which("lmplz")]
+    for c in candidates:
+        if c and os.access(c, os.X_OK):
+            return c
+    raise FileNotFoundError(f"KenLM's lmplz was not found: {LMPLZ_FIX}")
+
+
+def estimate_arpa(lines: list[str], order: int, prune: list[int], out_path: str) -> str:
+    """Modified Kneser-Ney n-gram LM of the lines by KenLM's lmplz, written as ARPA to out_path; lmplz's log.
+
+    Raises:
+        RuntimeError: lmplz failed (its last lines say why).
+    """
+    with tempfile.TemporaryDirectory(prefix="mlpl-lmplz-") as tmp:
+        text = os.path.join(tmp, "text.txt")
+        Path(text).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # --discount_fallback: small per-language texts lack the count-of-counts modified KN needs at high orders.
+        cmd = [lmplz_path(), "-o", str(order), "--discount_fallback", "-S", "20%", "-T", tmp, "--text", text,
+               "--arpa", out_path]
+        if prune:
+            cmd += ["--prune", *map(str, prune)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"lmplz failed ({done.returncode}): {tail}")
+    return done.stderr
+
+
+def _ctc_decoder():
+    """torchaudio's ctc_decoder, or a one-line error naming the fix when flashlight-text is missing."""
+    try:
+        import flashlight.lib.text.decoder  # noqa: F401  (torchaudio imports it lazily; fail here, clearly)
+        from torchaudio.models.decoder import ctc_decoder
+    except ImportError as err:
+        raise ImportError(f"LM-fused decoding needs flashlight-text: {FLASHLIGHT_FIX} ({err})") from None
+    return ctc_decoder
+
+
+class BeamDecoder:
+    """One language's LM-fused CTC beam search over a local LM folder (lm.arpa, tokens.txt, lm_dict.txt and,
+    for the word unit, lexicon.txt)."""
+
+    def __init__(self, cfg: BeamDecoderConfig, lm_dir: str, tokenizer: Tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        tokens = lm_tokens(tokenizer)
+        on_disk = Path(lm_dir, "tokens.txt").read_text(encoding="utf-8").splitlines()
+        if on_disk != tokens:
+            raise ValueError(f"the LM in {lm_dir} was built for another vocabulary than the teacher's; rebuild it "
+                             "from the teacher's checkpoint")
+        self.sil = sil_token(tokenizer)
+        word = cfg.unit == "word"
+        self._decoder = _ctc_decoder()(
+            lexicon=str(Path(lm_dir, "lexicon.txt")) if word else None, tokens=tokens,
+            lm=str(Path(lm_dir, "lm.arpa")), lm_dict=None if word else str(Path(lm_dir, "lm_dict.txt")),
+            nbest=1, beam_size=cfg.beam_size, beam_size_token=cfg.beam_size_token, beam_threshold=cfg.beam_threshold,
+            lm_weight=cfg.lm_weight, word_score=cfg.word_score, sil_score=cfg.sil_score,
+            unk_score=float("-inf") if word else 0.0, blank_token=BLANK, sil_token=self.sil, unk_word=UNK)
+
+    def decode(self, log_probs: torch.Tensor) -> str:
+        """The best hypothesis' text for one utterance's (T, V) log-probabilities."""
+        emissions = log_probs.detach().to(torch.float32).cpu().contiguous().unsqueeze(0)
+        hyp = self._decoder(emissions)[0]
+        if not hyp:
+            return ""
+        if self.cfg.unit == "word":
+            return " ".join(hyp[0].words)
+        # Lexicon-free: the tokens are the characters (blank and repeats already merged by the decoder).
+        return prepare_text(self.tokenizer.decode(t for t in hyp[0].tokens.tolist()))
+
+
+_DECODERS: dict[tuple[str, str, tuple[str, ...]], BeamDecoder] = {}
+
+
+def cached_decoder(cfg: BeamDecoderConfig, lm_dir: str, tokenizer: Tokenizer) -> BeamDecoder:
+    """A BeamDecoder per (config, LM folder, vocabulary), built once per process (loading an LM costs seconds)."""
+    key = (cfg.model_dump_json(), lm_dir, tuple(lm_tokens(tokenizer)))
+    if key not in _DECODERS:
+        if len(_DECODERS) >= 16:
+            _DECODERS.pop(next(iter(_DECODERS)))
+        _DECODERS[key] = BeamDecoder(cfg, lm_dir, tokenizer)
+    return _DECODERS[key]
