@@ -31,7 +31,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key
 from pipeline.config import LabelConfig
 from pipeline.stages.label import LabelPlan, WorkUnit, finish, label_unit, plan_labeling
-from pipeline.stages.label_summary import open_with_pandas, summary_markdown
+from pipeline.stages.label_summary import audit_columns, open_with_pandas, summary_markdown
 
 
 @task(cache_policy=NO_CACHE, retries=1, tags=[DEVICE_TAG], task_run_name="label-{unit.name}")
@@ -79,11 +79,13 @@ def label_flow(cfg: LabelConfig, root: str) -> dict:
                     "labeled", rec["worker"], rec["rows"], rec["rejects"], f", {rate:.0f} audio-s/s" if rate else "")
     records.sort(key=lambda r: (r["language"], r["unit"]))
     result = finish(plan, records, time.perf_counter() - t0)
-    rows = [{"language": lang} | {k: v for k, v in s.items() if k != "rejected_by_reason"}
+    # One flat row per language; the dev audit (expected PL quality) as columns, its buckets in `label-corpus`.
+    rows = [{"language": lang} | {k: v for k, v in s.items() if k not in ("rejected_by_reason", "dev_audit")}
             | {"rejected_by_reason": ", ".join(f"{k} {n}" for k, n in s["rejected_by_reason"].items())}
-            for lang, s in result.summary.items()]
+            | audit_columns(s) for lang, s in result.summary.items()]
     create_table_artifact(table=rows, key=artifact_key("label", "summary"),
-                          description=f"pseudo-labels per language under {root}")
+                          description=f"pseudo-labels per language under {root}"
+                                      + (" and their expected quality from the dev audit" if plan.audit else ""))
     create_markdown_artifact(
         markdown=f"### Pseudo-labels under `{root}`\n\n{summary_markdown(result.summary)}\n"
                  f"{result.units_labeled} units labeled, {result.units_skipped} already committed.\n\n"

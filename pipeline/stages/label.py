@@ -12,6 +12,10 @@ The manifest is split into deterministic work units per language (manifest order
 its teacher's sha256 and the decode config; a committed unit with the same keys is skipped, so a rerun does
 no model work, and a new teacher or decode config relabels exactly the units it touches, replacing their
 files (no duplicate rows). A killed run redoes only the unit that was in flight.
+
+With `audit_manifest`, labeled dev rows are first labeled the same way and scored per confidence bucket
+(`label_audit`), and `audit_max_dev_cer` reads per-language confidence thresholds off that audit
+(`min_confidence_by_language`, part of a unit's key: a new threshold relabels only its language).
 """
 
 from __future__ import annotations
@@ -36,12 +40,13 @@ import torch
 from pipeline.config import LabelConfig
 from pipeline.data.rows import ProgressFn, Reject, Utterance, read_utterances
 from pipeline.data.stream import LazyBatchLoader, LoadedBatch, header_duration_s
-from pipeline.engine.beam import LM_FILES, BeamDecoder, cached_decoder
+from pipeline.engine.beam import BeamDecoder
 from pipeline.engine.decode import CropSpec, decode_features
 from pipeline.engine.device import precision_used, resolve_device
 from pipeline.engine.model import Trained, load_trained
 from pipeline.stages.label_summary import reject_category, summary_markdown
-from storage.files import atomic_write_text, exists, join, local_folder, read_json, read_text, sha256_of
+from pipeline.stages.lm import lm_identity, open_decoder
+from storage.files import atomic_write_text, exists, join, read_text, sha256_of
 from storage.pl import LabelStore, ShardWriter, sample_key
 
 log = logging.getLogger("mlpl.label")
@@ -90,30 +95,39 @@ class LabelPlan:
     root: str
     manifest_sha256: str
     teachers: dict[str, Teacher]
-    decode_keys: dict[str, str]  # language → decode key (precision, the teacher's front end, the LM included)
+    # language → decode key of what decodes and the corpus-wide filters (precision, the teacher's front end, the LM
+    # included): also the dev audit's key, so a per-language confidence threshold read off the audit leaves it as is
+    decode_keys: dict[str, str]
     precision: str
     units: list[WorkUnit]
     input_rejects: dict[str, Counter] = field(default_factory=dict)  # language → category counts
     lm_identities: dict[str, str] = field(default_factory=dict)  # language → its LM's identity (meta.json)
+    audit: dict[str, Any] | None = None  # language → its dev audit and threshold (label_audit.audit_view)
+    threshold_notes: dict[str, str] = field(default_factory=dict)  # language → where its threshold came from
+
+    def unit_decode_key(self, language: str) -> str:
+        """The language's decode key plus its confidence threshold, if any: what a unit's rows depend on."""
+        key = self.decode_keys.get(language, "none")
+        threshold = self.cfg.min_confidence_by_language.get(language)
+        if not threshold:  # None, or 0 (rejects nothing): roots labeled before thresholds existed keep their keys
+            return key
+        return hashlib.sha256(json.dumps({"decode": key, "min_confidence": threshold}).encode()).hexdigest()[:16]
 
     def unit_keys(self, unit: WorkUnit) -> dict[str, str]:
         """What a committed unit must match to be skipped."""
         teacher = self.teachers.get(unit.language)
         return {"rows": unit.rows_sha256, "teacher": teacher.sha256 if teacher else "none",
-                "decode": self.decode_keys.get(unit.language, "none")}
+                "decode": self.unit_decode_key(unit.language)}
 
     def beam(self, language: str, trained: Trained) -> BeamDecoder | None:
         """The language's LM-fused beam search (its LM files fetched locally once), or None: greedy."""
         cfg = self.cfg.decoders.get(language)
-        if cfg is None:
-            return None
-        local = local_folder(cfg.lm, list(LM_FILES), self.lm_identities[language][:16])
-        return cached_decoder(cfg, local, trained.tokenizer)
+        return None if cfg is None else open_decoder(language, cfg, trained.tokenizer)
 
     def decode_column(self, language: str) -> str:
         """The `decode` column: what decoded (greedy, or the beam search and its LM settings) and the key."""
         cfg = self.cfg.decoders.get(language)
-        return f"{'greedy' if cfg is None else cfg.describe()} #{self.decode_keys.get(language, 'none')}"
+        return f"{'greedy' if cfg is None else cfg.describe()} #{self.unit_decode_key(language)}"
 
 
 @lru_cache(maxsize=8)
@@ -183,20 +197,24 @@ def _reject_row(r: Reject, **extra: Any) -> dict[str, Any]:
 
 
 def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
-    """Validate the manifest (no audio decoded), split it into units and record their numbers in the catalog.
+    """Validate the manifest (no audio decoded), split it into units and record their numbers in the catalog;
+    with `audit_manifest`, run the dev audit (cached in the root) and apply the thresholds it chooses.
 
     Raises:
-        FileNotFoundError: when the manifest or a teacher checkpoint is missing.
-        ValueError: when a teacher does not know its language, or the root numbered this manifest's units
-            with other unit settings.
+        FileNotFoundError: when the manifest, the audit manifest or a teacher checkpoint is missing.
+        ValueError: when a teacher does not know its language, the root numbered this manifest's units
+            with other unit settings, or `audit_max_dev_cer` is set without `audit_manifest`.
     """
     store = LabelStore(root)
     if not exists(cfg.manifest):
         raise FileNotFoundError(f"manifest not found: {cfg.manifest}")
+    if cfg.audit_max_dev_cer is not None and cfg.audit_manifest is None:
+        raise ValueError(f"audit_max_dev_cer={cfg.audit_max_dev_cer} chooses confidence thresholds from the dev "
+                         "audit: set audit_manifest to labeled dev rows, or drop audit_max_dev_cer")
     manifest_sha = sha256_of(cfg.manifest)
     teachers = {lang: load_teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
     precision = precision_used(cfg.bf16, resolve_device(cfg.device))
-    lm_identities = {lang: _lm_identity(lang, d.lm) for lang, d in cfg.decoders.items() if lang in teachers}
+    lm_identities = {lang: lm_identity(lang, d.lm) for lang, d in cfg.decoders.items() if lang in teachers}
     decode_keys = {
         lang: cfg.decode_key(precision, _teacher_model(t.url, t.sha256).features.model_dump(mode="json"),
                              _decoder_identity(cfg, lang, lm_identities))
@@ -230,20 +248,12 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
         for lang, lang_chunks in chunks.items() for i, chunk in enumerate(lang_chunks)
     ]
     counts = {lang: Counter(r["category"] for r in rows) for lang, rows in input_rejects.items()}
-    return LabelPlan(cfg, root, manifest_sha, teachers, decode_keys, precision, units, counts, lm_identities)
+    plan = LabelPlan(cfg, root, manifest_sha, teachers, decode_keys, precision, units, counts, lm_identities)
+    if cfg.audit_manifest is None:
+        return plan
+    from pipeline.stages.label_audit import apply_audit  # here: label_audit builds on this module's decode path
 
-
-def _lm_identity(language: str, lm_url: str) -> str:
-    """The identity of a finished LM folder (its meta.json).
-
-    Raises:
-        FileNotFoundError: the folder holds no finished LM.
-    """
-    meta = join(lm_url, "meta.json")
-    if not exists(meta):
-        raise FileNotFoundError(f"the {language!r} decoder's LM {lm_url} is not built (no meta.json): build it with "
-                                "`mlpl lm` or the recipe's lm step, or drop the language from `decoders`")
-    return read_json(meta)["identity"]
+    return apply_audit(plan)
 
 
 def _decoder_identity(cfg: LabelConfig, language: str, lm_identities: dict[str, str]) -> dict[str, Any] | None:
@@ -257,8 +267,10 @@ def _decoder_identity(cfg: LabelConfig, language: str, lm_identities: dict[str, 
 # --- labeling one unit -------------------------------------------------------------------------------------
 
 
-def filter_reason(decoded: dict[str, Any], language: str, cfg: LabelConfig) -> tuple[str, str] | None:
-    """(category, reason) when a PL must be dropped, else None."""
+def filter_reason(decoded: dict[str, Any], language: str, cfg: LabelConfig,
+                  threshold_note: str | None = None) -> tuple[str, str] | None:
+    """(category, reason) when a PL must be dropped, else None; `threshold_note` says where the language's
+    confidence threshold came from (e.g. the dev audit)."""
     f, n = cfg.filters, decoded["num_tokens"]
     if n < f.min_tokens:
         return "empty_pl", f"pseudo-label has {n} tokens, below filters.min_tokens={f.min_tokens}"
@@ -267,6 +279,10 @@ def filter_reason(decoded: dict[str, Any], language: str, cfg: LabelConfig) -> t
     if f.min_confidence is not None and decoded["confidence"] < f.min_confidence:
         return ("low_confidence",
                 f"confidence {decoded['confidence']:.3f} is below filters.min_confidence={f.min_confidence}")
+    threshold = cfg.min_confidence_by_language.get(language)
+    if threshold is not None and decoded["confidence"] < threshold:
+        return ("low_confidence", f"confidence {decoded['confidence']:.3f} is below {language!r}'s threshold "
+                f"min_confidence_by_language[{language!r}]={threshold} ({threshold_note or 'set in the config'})")
     if f.require_lid_agreement and decoded["lid_pred"] != language:
         return ("lid_mismatch", f"LID predicts {decoded['lid_pred']!r} (p={decoded['lid_prob']:.3f}) but the row "
                 f"says {language!r}")
@@ -283,12 +299,12 @@ class UnitStats:
     padded_frames: int = 0  # fbank frames including batch padding
 
 
-def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig):
+def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig, *, source: str | None = None, with_flac: bool = True):
     """(loader, crop) pairs: whole clips in length-sorted batches, then long clips one at a time in crops."""
     whole = [u for u in unit.utterances if u.duration_s <= cfg.max_whole_s]
     long = [u for u in unit.utterances if u.duration_s > cfg.max_whole_s]
-    common = dict(features=trained.features, policy=cfg.audio, shuffle=False, with_flac=True,
-                  prefetch_batches=cfg.prefetch_batches, source=cfg.manifest)
+    common = dict(features=trained.features, policy=cfg.audio, shuffle=False, with_flac=with_flac,
+                  prefetch_batches=cfg.prefetch_batches, source=source or cfg.manifest)
     frames_per_s = 1000.0 / trained.features.hop_ms
     if whole:
         yield LazyBatchLoader(whole, max_batch_duration_s=cfg.batch.max_batch_duration_s,
@@ -331,6 +347,25 @@ def identify_languages(utts: Sequence[Utterance], checkpoint: str, cfg: LabelCon
     return found, rejects
 
 
+def decode_clips(plan: LabelPlan, language: str, utts: Sequence[Utterance],
+                 source: str) -> tuple[list[tuple[Utterance, dict[str, Any]]], list[Reject]]:
+    """Clips decoded with the language's teacher and decoder exactly as its units are (whole clips batched, long
+    ones in crops), writing nothing: (clip, decoded row) pairs, and the clips that could not be read."""
+    teacher = plan.teachers[language]
+    trained = _teacher_model(teacher.url, teacher.sha256)
+    trained.model.to(resolve_device(plan.cfg.device))
+    beam = plan.beam(language, trained)
+    unit = WorkUnit(language, 0, tuple(_with_duration(u) for u in utts), "")
+    found: list[tuple[Utterance, dict[str, Any]]] = []
+    rejects: list[Reject] = []
+    for loader, crop in _batches(unit, trained, plan.cfg, source=source, with_flac=False):
+        with loader:
+            for batch in loader.iter_epoch(0):
+                found += zip(batch.utterances, _decode(batch, trained, plan.cfg, crop, UnitStats(), beam), strict=True)
+            rejects += loader.rejects
+    return found, rejects
+
+
 @dataclass
 class UnitOutput:
     """What labeling one unit produces: kept rows (their audio written to the unit's shard as they come), rejects
@@ -341,6 +376,7 @@ class UnitOutput:
     teacher: Teacher | None
     decode: str  # the `decode` column: what decoded and its key
     created_at: datetime
+    threshold_note: str | None = None  # where the language's confidence threshold came from (filter_reason)
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     stats: UnitStats = field(default_factory=UnitStats)
@@ -351,7 +387,7 @@ class UnitOutput:
                    "lid_pred": d["lid_pred"], "lid_prob": d["lid_prob"], "blank_ratio": d["blank_ratio"],
                    "teacher": self.teacher.ident, "decode": self.decode, "created_at": self.created_at,
                    "audio_etag": u.etag}
-        dropped = filter_reason(d, u.language, cfg)
+        dropped = filter_reason(d, u.language, cfg, self.threshold_note)
         if dropped is not None:
             r = Reject(u.id, u.audio, u.language, dropped[1], "filter")
             self.rejects.append(_reject_row(r, category=dropped[0], text=d["hypothesis"], **signals))
@@ -396,14 +432,18 @@ def _reject_all_without_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput
 def _unit_record(plan: LabelPlan, unit: WorkUnit, keys: dict[str, str], out: UnitOutput, wall_s: float) -> dict:
     """The unit's catalog record: its keys, teacher, decode settings, counts, costs and files."""
     cfg, teacher, rows, stats = plan.cfg, out.teacher, out.rows, out.stats
+    decode = {"key": keys["decode"], "what": out.decode, "precision": plan.precision,
+              "config": cfg.model_dump(mode="json", include={"max_whole_s", "crop_s", "crop_overlap_s", "filters",
+                                                             "audio"}),
+              "decoder": _decoder_identity(cfg, unit.language, plan.lm_identities)}
+    threshold = cfg.min_confidence_by_language.get(unit.language)
+    if threshold:  # only where one is set, so records of roots without thresholds stay as they were
+        decode |= {"min_confidence": threshold, "min_confidence_from": out.threshold_note or "set in the config"}
     return {
         "unit": unit.index, "language": unit.language, "name": unit.name, "keys": keys,
         "manifest": cfg.manifest, "manifest_sha256": plan.manifest_sha256,
         "teacher": None if teacher is None else {"url": teacher.url, "sha256": teacher.sha256, "id": teacher.ident},
-        "decode": {"key": keys["decode"], "what": out.decode, "precision": plan.precision,
-                   "config": cfg.model_dump(mode="json", include={"max_whole_s", "crop_s", "crop_overlap_s",
-                                                                  "filters", "audio"}),
-                   "decoder": _decoder_identity(cfg, unit.language, plan.lm_identities)},
+        "decode": decode,
         "rows": len(rows), "rejects": len(out.rejects),
         "rejects_by_category": dict(sorted(Counter(r["category"] for r in out.rejects).items())),
         "input_utterances": len(unit.utterances), "audio_s": round(stats.audio_s, 3),
@@ -433,7 +473,8 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
         return committed | {"skipped": True} | where
     t_start = time.perf_counter()
     out = UnitOutput(store.open_shard(unit.language, unit.index), store.shard_relpath(unit.language, unit.index),
-                     plan.teachers.get(unit.language), plan.decode_column(unit.language), datetime.now(UTC))
+                     plan.teachers.get(unit.language), plan.decode_column(unit.language), datetime.now(UTC),
+                     plan.threshold_notes.get(unit.language))
     try:
         if out.teacher is None:
             _reject_all_without_teacher(plan, unit, out)
@@ -467,7 +508,7 @@ def _release_freed_memory() -> None:
 
 def summarize(plan: LabelPlan, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per language: hours labeled, rows kept, rejects by category (input rows included), mean confidence,
-    and the throughput of the units labeled in this run."""
+    the throughput of the units labeled in this run and, with an audit manifest, the dev audit (`dev_audit`)."""
     out: dict[str, dict[str, Any]] = {}
     languages = sorted({u.language for u in plan.units} | set(plan.input_rejects))
     for lang in languages:
@@ -489,6 +530,8 @@ def summarize(plan: LabelPlan, records: Sequence[dict[str, Any]]) -> dict[str, A
             "units_labeled_now": len(fresh),
             "audio_s_per_s": round(sum(r["audio_s"] for r in fresh) / wall, 1) if wall > 0 else None,
         }
+        if plan.audit and lang in plan.audit:  # the dev audit: the expected quality of this language's PLs
+            out[lang]["dev_audit"] = plan.audit[lang]
     return out
 
 

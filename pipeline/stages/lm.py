@@ -22,8 +22,17 @@ from pipeline.config import BatchConfig, RecipeConfig
 from pipeline.config.decoding import BeamDecoderConfig, DecoderTuning, LMConfig
 from pipeline.data.dataset import load_dataset
 from pipeline.data.rows import read_utterances
-from pipeline.data.tokenizer import tokenizer_from_dict
-from pipeline.engine.beam import LM_FILES, BeamDecoder, estimate_arpa, lexicon_lines, lm_sentences, lm_tokens
+from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict
+from pipeline.engine.beam import (
+    LM_FILES,
+    BeamDecoder,
+    binarize,
+    cached_decoder,
+    estimate_arpa,
+    lexicon_lines,
+    lm_sentences,
+    lm_tokens,
+)
 from pipeline.engine.decode import dataset_posteriors
 from pipeline.engine.evaluate import score
 from pipeline.engine.model import load_trained
@@ -42,6 +51,8 @@ from storage.files import (
 
 log = logging.getLogger("mlpl.lm")
 
+LM_FORMAT = 2  # bump when an LM folder's files change (2: + lm.bin), so older folders are rebuilt
+
 
 def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -50,6 +61,30 @@ def _sha(obj: Any) -> str:
 def lm_dir(run_dir: str, language: str) -> str:
     """A language's LM folder in a run."""
     return join(run_dir, "lm", language)
+
+
+def lm_identity(language: str, lm_url: str) -> str:
+    """The identity of a finished LM folder (its meta.json).
+
+    Raises:
+        FileNotFoundError: the folder holds no finished LM.
+    """
+    meta = join(lm_url, "meta.json")
+    if not exists(meta):
+        raise FileNotFoundError(f"the {language!r} decoder's LM {lm_url} is not built (no meta.json): build it with "
+                                "the recipe's lm step (labeling_lm), or drop the language from `decoders`")
+    return read_json(meta)["identity"]
+
+
+def open_decoder(language: str, cfg: BeamDecoderConfig, tokenizer: Tokenizer) -> BeamDecoder:
+    """A language's beam search over its built LM, the LM's files fetched to this machine once (KenLM reads only
+    local files), built once per process.
+
+    Raises:
+        FileNotFoundError: the LM is not built.
+    """
+    local = local_folder(cfg.lm, list(LM_FILES), lm_identity(language, cfg.lm)[:16])
+    return cached_decoder(cfg, local, tokenizer)
 
 
 def build_lm(cfg: LMConfig, run_dir: str) -> dict[str, Any]:
@@ -73,8 +108,8 @@ def build_lm(cfg: LMConfig, run_dir: str) -> dict[str, Any]:
             raise FileNotFoundError(f"LM text for {cfg.language!r} not found: {url}")
         texts += read_text(url).splitlines()
         sources[url] = sha256_of(url)
-    identity = _sha({"config": cfg.model_dump(mode="json", exclude={"tokenizer_checkpoint"}), "tokens": tokens,
-                     "sources": sources})
+    identity = _sha({"format": LM_FORMAT, "config": cfg.model_dump(mode="json", exclude={"tokenizer_checkpoint"}),
+                     "tokens": tokens, "sources": sources})
     meta_url = join(out, "meta.json")
     if exists(meta_url):
         meta = read_json(meta_url)
@@ -88,7 +123,9 @@ def build_lm(cfg: LMConfig, run_dir: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mlpl-lm-") as tmp:
         arpa = os.path.join(tmp, "lm.arpa")
         lmplz_log = estimate_arpa(lines, cfg.order, cfg.prune, arpa)
+        binarize(arpa, os.path.join(tmp, "lm.bin"))
         copy_file(arpa, join(out, "lm.arpa"))
+        copy_file(os.path.join(tmp, "lm.bin"), join(out, "lm.bin"))
     atomic_write_text(join(out, "tokens.txt"), "\n".join(tokens) + "\n")
     atomic_write_text(join(out, "lm_dict.txt"), "\n".join(tokens) + "\n")  # lexicon-free: LM words = tokens
     atomic_write_text(join(out, "lexicon.txt"), "\n".join(lexicon_lines(lines, tokenizer) if cfg.unit == "word"
