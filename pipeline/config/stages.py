@@ -112,6 +112,8 @@ class SlimIPLConfig(TrainingConfig):
     unlabeled_batch: BatchConfig = Field(default_factory=BatchConfig)
     collapse: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
     pl_eval_max_utterances: int = Field(200, ge=0)  # unlabeled clips whose PL CER is measured at start and end
+    # PL refreshes (and the PL measurements) decode with this LM-fused beam search; None: greedy, as in the paper.
+    decoder: BeamDecoderConfig | None = None
     unlabeled_prefetch_batches: int = Field(2, gt=0)
 
     @model_validator(mode="after")
@@ -158,6 +160,10 @@ class LabelConfig(Config):
     prefetch_batches: int = Field(2, ge=0)  # 0: decode in the labeling thread (no prefetch thread)
     # language → LM-fused beam search (docs/architecture.md, "LM-fused labeling"); other languages decode greedy.
     decoders: dict[str, BeamDecoderConfig] = Field(default_factory=dict)
+    # language → confidence below which its PLs are rejects, e.g. read off the dev audit (pipeline/stages/label_audit).
+    min_confidence_by_language: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
+    audit_manifest: str | None = None  # labeled dev rows labeled like the corpus: CER/WER per confidence bucket
+    audit_max_dev_cer: float | None = Field(None, gt=0.0)  # % : thresholds chosen from the audit (needs audit_manifest)
 
     @model_validator(mode="after")
     def _check(self) -> LabelConfig:

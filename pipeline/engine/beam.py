@@ -22,7 +22,8 @@ from pipeline.config.decoding import BeamDecoderConfig, LMUnit
 from pipeline.data.tokenizer import BLANK, UNK, CharTokenizer, Tokenizer, prepare_text
 
 SIL_CANDIDATES = ("|", "▁", "<sil>")
-LM_FILES = ("lm.arpa", "tokens.txt", "lm_dict.txt", "lexicon.txt")  # an LM folder; meta.json marks it complete
+# An LM folder (meta.json marks it complete): the ARPA to read and reuse, KenLM's binary of it to load fast.
+LM_FILES = ("lm.arpa", "lm.bin", "tokens.txt", "lm_dict.txt", "lexicon.txt")
 FLASHLIGHT_FIX = "pip install flashlight-text==0.0.7 (wheels for CPython 3.11 and 3.12)"
 LMPLZ_FIX = "run `make install` (it builds build/kenlm/bin/lmplz) or set MLPL_LMPLZ to a KenLM lmplz binary"
 
@@ -70,18 +71,20 @@ def lexicon_lines(lines: Iterable[str], tokenizer: Tokenizer) -> list[str]:
     return [f"{w}\t{' '.join(w)}" for w in words]
 
 
-def lmplz_path() -> str:
-    """KenLM's lmplz: $MLPL_LMPLZ, else build/kenlm/bin/lmplz in the checkout, else on PATH.
+def lmplz_path(tool: str = "lmplz") -> str:
+    """A KenLM program (lmplz, build_binary): $MLPL_LMPLZ's folder, else build/kenlm/bin in the checkout, else on
+    PATH.
 
     Raises:
         FileNotFoundError: naming the fix when none is found.
     """
-    candidates = [os.environ.get("MLPL_LMPLZ"), str(Path(__file__).resolve().parents[2] / "build/kenlm/bin/lmplz"),
-                  shutil.which("lmplz")]
+    env = os.environ.get("MLPL_LMPLZ")
+    candidates = [env and str(Path(env).with_name(tool)), str(Path(__file__).resolve().parents[2] / "build/kenlm/bin"
+                                                                / tool), shutil.which(tool)]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
-    raise FileNotFoundError(f"KenLM's lmplz was not found: {LMPLZ_FIX}")
+    raise FileNotFoundError(f"KenLM's {tool} was not found: {LMPLZ_FIX}")
 
 
 def estimate_arpa(lines: list[str], order: int, prune: list[int], out_path: str) -> str:
@@ -103,6 +106,19 @@ def estimate_arpa(lines: list[str], order: int, prune: list[int], out_path: str)
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise RuntimeError(f"lmplz failed ({done.returncode}): {tail}")
     return done.stderr
+
+
+def binarize(arpa_path: str, out_path: str) -> None:
+    """KenLM's binary form of an ARPA file (loads in milliseconds, memory-mapped, and silently).
+
+    Raises:
+        RuntimeError: build_binary failed (its last lines say why).
+    """
+    done = subprocess.run([lmplz_path("build_binary"), "-S", "20%", arpa_path, out_path], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"build_binary failed ({done.returncode}): {tail}")
 
 
 def _ctc_decoder():
@@ -131,7 +147,7 @@ class BeamDecoder:
         word = cfg.unit == "word"
         self._decoder = _ctc_decoder()(
             lexicon=str(Path(lm_dir, "lexicon.txt")) if word else None, tokens=tokens,
-            lm=str(Path(lm_dir, "lm.arpa")), lm_dict=None if word else str(Path(lm_dir, "lm_dict.txt")),
+            lm=str(Path(lm_dir, "lm.bin")), lm_dict=None if word else str(Path(lm_dir, "lm_dict.txt")),
             nbest=1, beam_size=cfg.beam_size, beam_size_token=cfg.beam_size_token, beam_threshold=cfg.beam_threshold,
             lm_weight=cfg.lm_weight, word_score=cfg.word_score, sil_score=cfg.sil_score,
             unk_score=float("-inf") if word else 0.0, blank_token=BLANK, sil_token=self.sil, unk_word=UNK)

@@ -5,11 +5,11 @@ After optional labeled-only updates, steps run in cycles of 1 labeled batch and 
 within each cycle. A dynamic cache of N pseudo-labeled batches sits between labeling and training: while it
 fills, an unlabeled step labels a fresh batch with the current model and stores it (no gradient step); once
 full, an unlabeled step trains on a random cached batch and, with probability p, relabels a fresh batch into
-that slot. PLs are made in eval mode (no dropout, no SpecAugment), greedy CTC, no LM, by the live model or an
-EMA of it. For the first K updates (cropping warmup) long clips are labeled as overlapping ≈10 s crops whose
-log-probs are stitched back together; the model always trains on the uncropped clip. A collapse guard watches
-every cache refresh (empty PLs, blank frames, PL characters per second) and stops, or rolls back, before
-training runs into all-blank output.
+that slot. PLs are made in eval mode (no dropout, no SpecAugment), greedy CTC and no LM as in the paper (or,
+with `decoder`, the language's LM-fused beam search), by the live model or an EMA of it. For the first K updates
+(cropping warmup) long clips are labeled as overlapping ≈10 s crops whose log-probs are stitched back together;
+the model always trains on the uncropped clip. A collapse guard watches every cache refresh (empty PLs, blank
+frames, PL characters per second) and stops, or rolls back, before training runs into all-blank output.
 
 The cache (ids + PL tokens in slot order), every RNG, both samplers and the EMA weights are in the checkpoint,
 so a killed run resumes to the same cache and the same next steps.
@@ -37,6 +37,7 @@ from pipeline.data.rows import ProgressFn, Utterance
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.stream import LazyBatchLoader, LoadedBatch, load_unlabeled
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.engine.beam import BeamDecoder
 from pipeline.engine.decode import CropSpec, decode_features
 from pipeline.engine.distributed import all_reduce_floats, any_rank, gather_unique, shard
 from pipeline.engine.model import Trained
@@ -44,6 +45,7 @@ from pipeline.engine.stage_cache import StageResult
 from pipeline.engine.trainer import Trainer, _as_tuple
 from pipeline.layout import RunLayout, StageDir
 from pipeline.stages.common import load_labeled, open_stage, stage_meta, start_from
+from pipeline.stages.lm import open_decoder
 from pipeline.stages.pl_cache import CollapseError, CollapseGuard, PLCache, choose_slot, is_labeled_step, pl_stats
 from storage.checkpoint import load_checkpoint
 from storage.files import copy_file, exists
@@ -53,9 +55,11 @@ log = logging.getLogger("mlpl.slimipl")
 
 
 def label_batch(model, batch: LoadedBatch, *, tokenizer: Tokenizer, languages: list[str], bf16: bool,
-                crop: CropSpec | None = None) -> list[dict]:
-    """Pseudo-label a loaded batch with `model` in eval mode (no dropout, no SpecAugment): greedy CTC, no LM."""
-    return decode_features(model, batch.features, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop)
+                crop: CropSpec | None = None, beam: BeamDecoder | None = None) -> list[dict]:
+    """Pseudo-label a loaded batch with `model` in eval mode (no dropout, no SpecAugment): greedy CTC (the paper's)
+    or, given `beam`, LM-fused beam search over the same posteriors."""
+    return decode_features(model, batch.features, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop,
+                           beam=beam)
 
 
 @dataclass
@@ -96,6 +100,7 @@ class SlimIPL:
         hop = trained.features.hop_ms / 1000
         self.crop = CropSpec(round(cfg.crop_s / hop), round(cfg.crop_overlap_s / hop))
         self.progress = SlimIPLProgress()
+        self.beam = None if cfg.decoder is None else open_decoder(cfg.language, cfg.decoder, trained.tokenizer)
 
     @property
     def labeler(self):
@@ -253,7 +258,8 @@ class SlimIPL:
     def label(self, model, batch: LoadedBatch, crop: CropSpec | None) -> list[dict]:
         """`label_batch` with this stage's vocabulary, languages and precision."""
         t = self.trainer
-        return label_batch(model, batch, tokenizer=t.tokenizer, languages=t.languages, bf16=t.cfg.bf16, crop=crop)
+        return label_batch(model, batch, tokenizer=t.tokenizer, languages=t.languages, bf16=t.cfg.bf16, crop=crop,
+                           beam=self.beam)
 
     def measure_pls(self, when: str, loader: LazyBatchLoader) -> None:
         """PL quality of the labeler over the fixed PL-evaluation clips, whole and cropped (`pl_eval[when]`)."""
