@@ -215,10 +215,15 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
     """The report table, each stage's wall time and where everything is."""
+    from pipeline.report.report import build_report, orderings_markdown, recipe_targets
     from pipeline.stages.label_summary import open_with_pandas, summary_markdown
 
     print("\n### Report (paper Tables 2-3 layout)\n")
     print(out["report"]["markdown"])
+    targets = recipe_targets(build_report(run_dir), min_gain=0.10)
+    if targets:
+        print("### Did self-training pay?\n")
+        print(orderings_markdown(targets))
     print("### Wall time per stage (training, dev evaluation and test scoring)\n")
     print("| stage | wall s |\n|---|---:|")
     for name, seconds in out["wall_s"].items():
@@ -314,9 +319,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ensure_corpus,
         format_figures,
         format_label_bench,
+        format_lm_label_bench,
         label_teacher,
         run_bench,
         run_label_bench,
+        run_lm_label_bench,
     )
 
     with progress_bar(single=True) as update:
@@ -328,6 +335,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         teacher, note = label_teacher(args.corpus_dir, args.teacher, args.default_teacher, tmp)
         print(f"\n{note}\n")
         print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
+        print()
+        print(format_lm_label_bench(run_lm_label_bench(args.corpus_dir, teacher)))
     return 0
 
 

@@ -24,7 +24,7 @@ from flows.artifacts import stage_run_name
 from flows.label import label_flow
 from flows.report import report_task
 from flows.stages import train_flow
-from pipeline.config import FinetuneConfig, RecipeConfig, SlimIPLConfig
+from pipeline.config import RecipeConfig
 from pipeline.config.decoding import BeamDecoderConfig
 from pipeline.data.rows import read_utterances
 from pipeline.layout import RunLayout, teachers_for_run
@@ -37,18 +37,27 @@ def supervised_step(cfg: RecipeConfig) -> dict:
     return train_flow(cfg.supervised_config(), cfg.run_dir, cfg.test_manifest)
 
 
-@flow(name="mlpl-language", log_prints=True, flow_run_name="selftrain-{finetune.language}")
-def language_flow(finetune: FinetuneConfig, slimipl: SlimIPLConfig, run_dir: str,
-                  test_manifest: str | None = None) -> dict:
+def slimipl_step(cfg: RecipeConfig, language: str) -> dict:
+    """Stage 3 for one language (needs its fine-tuned model); with `slimipl_lm`, the language's LM is built and
+    tuned on dev with the fine-tuned model first, and PL refreshes decode with it."""
+    decoder = None
+    if cfg.slimipl_lm:
+        teacher = RunLayout(cfg.run_dir).finetune(language).teacher().url
+        found = decoders_task(cfg, {language: teacher})["decoders"].get(language)
+        decoder = None if found is None else BeamDecoderConfig(**found)
+    return train_flow(cfg.slimipl_config(language, decoder), cfg.run_dir, cfg.test_manifest)
+
+
+@flow(name="mlpl-language", log_prints=True, flow_run_name="selftrain-{language}")
+def language_flow(cfg: RecipeConfig, language: str) -> dict:
     """The per-language sub-pipeline: fine-tune the multilingual model, then slimIPL from the fine-tuned one."""
-    return {"finetune": train_flow(finetune, run_dir, test_manifest),
-            "slimipl": train_flow(slimipl, run_dir, test_manifest)}
+    return {"finetune": train_flow(cfg.finetune_config(language), cfg.run_dir, cfg.test_manifest),
+            "slimipl": slimipl_step(cfg, language)}
 
 
 def language_step(cfg: RecipeConfig, language: str) -> dict:
     """Stages 2-3 for one language: fine-tune, then slimIPL (needs the run's supervised checkpoint)."""
-    return language_flow(cfg.finetune_config(language), cfg.slimipl_config(language), cfg.run_dir,
-                         cfg.test_manifest)
+    return language_flow(cfg, language)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="lm-and-decoders")
@@ -68,27 +77,29 @@ def decoders_task(cfg: RecipeConfig, teachers: dict[str, str]) -> dict:
     return {"decoders": {k: v.model_dump(mode="json") for k, v in decoders.items()}, "records": records}
 
 
-def label_step(cfg: RecipeConfig) -> dict:
-    """Step 4: the unlabeled manifest labeled by each language's best model of the run into `<run>/labels`, with
-    LM-fused beam search where the form asks for it (the LMs built and tuned first)."""
-    teachers = teachers_for_run(cfg.run_dir)
+def label_step(cfg: RecipeConfig, round_: int = 1, teachers: dict[str, str] | None = None) -> dict:
+    """Step 4: the unlabeled manifest labeled by each language's best model of the run (or the given teachers: a
+    later round's) into the round's PL corpus, with LM-fused beam search where the form asks for it (the LMs built
+    and tuned for these teachers first)."""
+    teachers = teachers or teachers_for_run(cfg.run_dir)
     decoders = {}
     if cfg.labeling_lm is not None:
         decoders = {k: BeamDecoderConfig(**v) for k, v in decoders_task(cfg, teachers)["decoders"].items()}
-    return label_flow(cfg.label_config(teachers, decoders), RunLayout(cfg.run_dir).labels)
+    return label_flow(cfg.label_config(teachers, decoders), RunLayout(cfg.run_dir).round_labels(round_))
 
 
 def _untimed(name: str, fn: Callable, *args):
     return fn(*args)
 
 
-def student_step(cfg: RecipeConfig, mode: str, labeled_finetune: bool, timed: Callable = _untimed) -> dict:
-    """Stage 5: one student (and, with `labeled_finetune`, its labeled-only fine-tune after it); `timed(name, fn,
-    *args)` runs each training flow (the recipe times them)."""
-    st = cfg.student_config(mode)
+def student_step(cfg: RecipeConfig, mode: str, labeled_finetune: bool, timed: Callable = _untimed,
+                 round_: int = 1) -> dict:
+    """Stage 5: one student of a round (and, with `labeled_finetune`, its labeled-only fine-tune after it);
+    `timed(name, fn, *args)` runs each training flow (the recipe times them)."""
+    st = cfg.student_config(mode, round_, RunLayout(cfg.run_dir).round_labels(round_))
     out = {"student": timed(f"student {st.variant_name()}", train_flow, st, cfg.run_dir, cfg.test_manifest)}
     if labeled_finetune:
-        ft = cfg.labeled_finetune_config(mode, out["student"]["training"]["best_checkpoint"])
+        ft = cfg.labeled_finetune_config(mode, out["student"]["training"]["best_checkpoint"], round_)
         out["labeled_finetune"] = timed(f"student {ft.variant_name()}", train_flow, ft, cfg.run_dir,
                                         cfg.test_manifest)
     return out
@@ -100,8 +111,7 @@ RECIPE_STEPS: dict[str, Callable[[RecipeConfig, str | None, str, bool], dict]] =
     "supervised": lambda cfg, language, mode, labeled_ft: supervised_step(cfg),
     "finetune": lambda cfg, language, mode, labeled_ft: train_flow(cfg.finetune_config(language), cfg.run_dir,
                                                                    cfg.test_manifest),
-    "slimipl": lambda cfg, language, mode, labeled_ft: train_flow(cfg.slimipl_config(language), cfg.run_dir,
-                                                                  cfg.test_manifest),
+    "slimipl": lambda cfg, language, mode, labeled_ft: slimipl_step(cfg, language),
     "label": lambda cfg, language, mode, labeled_ft: label_step(cfg),
     "student": lambda cfg, language, mode, labeled_ft: student_step(cfg, mode, labeled_ft),
 }
@@ -149,9 +159,17 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
         out = timed(f"finetune+slimipl {lang}", language_step, cfg, lang)
         stages[f"finetune/{lang}"], stages[f"slimipl/{lang}"] = _stage(out["finetune"]), _stage(out["slimipl"])
     labels = timed("labeling", label_step, cfg)
-    for mode in cfg.student_modes:
-        for out in student_step(cfg, mode, cfg.student_labeled_finetune, timed).values():
-            stages[out["training"]["stage"]] = _stage(out)
+    teacher = None  # the model that labels the next round: the last model of this round's first student
+    for round_ in range(1, cfg.rounds + 1):
+        if round_ > 1:  # the student is multilingual: it labels every language of the run
+            langs = RunLayout(cfg.run_dir).languages()
+            timed(f"labeling round {round_}", label_step, cfg, round_, {lang: teacher for lang in langs})
+        for i, mode in enumerate(cfg.student_modes):
+            chain = list(student_step(cfg, mode, cfg.student_labeled_finetune, timed, round_).values())
+            for out in chain:
+                stages[out["training"]["stage"]] = _stage(out)
+            if i == 0:
+                teacher = _stage(chain[-1])["checkpoint"]
     report = timed("report", report_task, cfg.run_dir)
     result = {"run_dir": cfg.run_dir, "stages": stages, "wall_s": walls, "report": report,
               "labels": {k: labels[k] for k in ("root", "summary", "units_labeled", "units_skipped", "wall_s")}}

@@ -6,6 +6,7 @@
 <run>/slimipl/<lang>/          (+ pl_metrics.jsonl, checkpoints/good.pt)
 <run>/student/<variant>/       (any stage with average_top_n ≥ 2: + checkpoints/top/*.pt, checkpoints/averaged.pt)
 <run>/labels/                the PL corpus (its own layout: storage.pl.LabelStore)
+<run>/rounds/<k>/labels/     round k ≥ 2's PL corpus, labeled by round k-1's student
 <run>/eval/<stage name>/     test scores of a stage's best model (metrics.json/.md, hypotheses.jsonl)
 <run>/report/                report.{md,json}, dev_cer.png, recipe_run.json
 ```
@@ -153,6 +154,10 @@ class RunLayout:
     def labels(self) -> str:
         """The PL corpus of the run (step 4)."""
         return join(self.run_dir, "labels")
+
+    def round_labels(self, round_: int) -> str:
+        """The PL corpus of a round: step 4's for round 1, else the one round k-1's student labeled."""
+        return self.labels if round_ == 1 else join(self.run_dir, "rounds", str(round_), "labels")
 
     def eval(self, name: str) -> str:
         """Where a stage's best model is scored on the test set."""

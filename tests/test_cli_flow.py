@@ -100,7 +100,7 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                     "pl_eval_max_utterances": 2}
     overrides = {"supervised": {"max_updates": 30, "eval_every": 15}, "finetune": quick, "slimipl": slim,
                  "student": quick, "labeled_finetune": quick | {"max_updates": 3, "eval_every": 3},
-                 "student_modes": ["finetune", "from_scratch"]}
+                 "student_modes": ["finetune", "from_scratch"], "rounds": 2}
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
                         overrides=overrides)
@@ -122,7 +122,9 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     stages = out["stages"]
     assert list(stages) == ["supervised", "finetune/el", "slimipl/el", "finetune/es", "slimipl/es", "finetune/sl",
                             "slimipl/sl", "student/finetune", "student/finetune-labeled-ft", "student/from_scratch",
-                            "student/from_scratch-labeled-ft"]
+                            "student/from_scratch-labeled-ft", "student/finetune-round2",
+                            "student/finetune-round2-labeled-ft", "student/from_scratch-round2",
+                            "student/from_scratch-round2-labeled-ft"]
     assert stages["supervised"]["step"] == 30 and stages["student/finetune"]["step"] == 6
     assert stages["student/from_scratch-labeled-ft"]["step"] == 3
     for name, v in stages.items():  # per-language stages are scored on their language, the rest on all
@@ -130,7 +132,9 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
         assert set(v["test"]) == langs | {"all", "macro"}, name
     assert set(out["wall_s"]) == {"supervised", "finetune+slimipl el", "finetune+slimipl es", "finetune+slimipl sl",
                                   "labeling", "student finetune", "student finetune-labeled-ft",
-                                  "student from_scratch", "student from_scratch-labeled-ft", "report"}
+                                  "student from_scratch", "student from_scratch-labeled-ft", "labeling round 2",
+                                  "student finetune-round2", "student finetune-round2-labeled-ft",
+                                  "student from_scratch-round2", "student from_scratch-round2-labeled-ft", "report"}
     assert json.loads((tmp_path / "run/report/recipe_run.json").read_text())["stages"] == stages
     # Every unlabeled clip is labeled by its language's slimIPL model, or is a reject with a reason.
     from storage.pl import load_pseudo_labels, load_rejects
@@ -139,11 +143,24 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     pl, rejects = load_pseudo_labels(labels["root"]), load_rejects(labels["root"])
     assert len(pl) + len(rejects) == 10 and set(labels["summary"]) == {"es", "el", "sl"}
     assert set(pl["teacher"].str.split("@").str[0]) <= {"slimipl/es", "slimipl/el", "slimipl/sl"}
+    # Labeling and slimIPL decoded with each language's LM, tuned on dev (the decode column says so).
+    assert pl["decode"].str.startswith("beam32/5 char-LM").all()
+    assert json.loads((tmp_path / "run/slimipl/sl/config.json").read_text())["decoder"]["unit"] == "char"
+    # Round 2: the first student of round 1 (after its labeled-only fine-tune) relabeled every row once into the
+    # round's own corpus; its students read that corpus.
+    teacher2 = stages["student/finetune-labeled-ft"]["checkpoint"]
+    root2 = tmp_path / "run/rounds/2/labels"
+    pl2, rejects2 = load_pseudo_labels(str(root2)), load_rejects(str(root2))
+    assert len(pl2) + len(rejects2) == 10 and pl2["id"].is_unique
+    assert set(pl2["teacher"].str.split("@").str[0]) == {"student/finetune-labeled-ft"}
+    assert not set(pl2["id"]) & set(rejects2["id"])
+    round2 = json.loads((tmp_path / "run/student/finetune-round2/result.json").read_text())
+    assert round2["extra"]["sources"]["pl"]["rows_read"] == len(pl2) and teacher2.endswith("best.pt")
     # The student read the PL corpus; its labeled-only fine-tune did not.
     student = json.loads((tmp_path / "run/student/finetune/result.json").read_text())
     assert student["extra"]["sources"]["pl"]["rows_read"] == len(pl)
     # The run report: a row per stage and student, the plot as a file and artifact.
-    assert [r["stage"] for r in out["report"]["rows"]] == [
+    assert [r["stage"] for r in out["report"]["rows"]][:7] == [
         "supervised", "finetune", "slimipl", "student/from_scratch", "student/from_scratch-labeled-ft",
         "student/finetune", "student/finetune-labeled-ft"]
     assert out["report"]["with_unlabeled"] == ["el", "es", "sl"]

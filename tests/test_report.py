@@ -132,3 +132,24 @@ def test_the_low_resource_ordering_is_checked_across_languages_with_unlabeled_au
     gain = checks["the low-resource language gains the most"]
     assert gain["holds"] is False and gain["detail"].startswith("es +25.0 %, sl (low) +6.2 %")
     assert checks["student below base on the languages with unlabeled audio"]["holds"] is True  # 28 → 24
+
+
+def _row(stage: str, cer: dict[str, float]) -> dict:
+    return {"stage": stage, "cer": cer, "cer_all": sum(cer.values()) / len(cer)}
+
+
+def test_the_self_training_targets_are_read_off_the_report_with_their_numbers():
+    from pipeline.report.report import recipe_targets
+
+    rows = [_row("supervised", {"de": 50.0, "sl": 60.0}), _row("finetune", {"sl": 38.0}),
+            _row("slimipl", {"sl": 37.5}), _row("student/finetune", {"de": 45.0, "sl": 46.0}),
+            _row("student/finetune-labeled-ft", {"de": 51.0, "sl": 39.0})]
+    checks = {c["check"]: c for c in recipe_targets({"rows": rows}, min_gain=0.15)}
+    best = checks["best student's avg CER ≥ 15 % below supervised"]
+    assert best["student"] == "student/finetune-labeled-ft" and best["holds"] is True  # 55 → 45: -18.2 %
+    assert best["detail"].endswith("(-18.2 %)")
+    worse = checks["no language's student worse than its supervised model"]
+    assert worse["holds"] is False and worse["detail"] == "de 50.0 → 51.0"
+    assert checks["best student at or below the per-language fine-tunes"]["holds"] is False  # sl 39 > 38
+    assert checks["slimIPL at or below its fine-tune, per language"]["holds"] is True
+    assert not recipe_targets({"rows": rows}, min_gain=0.20)[0]["holds"]

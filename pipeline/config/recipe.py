@@ -62,6 +62,9 @@ class RecipeConfig(Config):
     labeling_lm: LMUnit | None = Field(
         None, description="label with CTC beam search fused with a per-language n-gram LM built from the labeled "
                           "transcripts (+ lm_text_dir): char (lexicon-free) or word (lexicon); None: greedy CTC")
+    slimipl_lm: bool = Field(
+        False, description="slimIPL's PL refreshes also decode with the labeling LM (labeling_lm), tuned on dev with "
+                           "the fine-tuned model; off: greedy, as in the paper")
     lm_text_dir: str | None = Field(
         None, description="folder of extra LM text, <lang>.txt, one sentence per line (never the unlabeled "
                           "clips' transcripts, never dev/test); a missing file means transcripts only")
@@ -71,6 +74,10 @@ class RecipeConfig(Config):
                                           "weight and sil/word score are tuned on dev unless given here")
     decoder_tuning: DecoderTuning = Field(default_factory=DecoderTuning,
                                           description="the dev grid of LM weights and sil/word scores")
+    pl_max_dev_cer: float | None = Field(
+        None, gt=0.0, description="per-language PL confidence threshold: the lowest bucket edge at which the "
+                                  "language's dev rows, labeled like the corpus, have a CER (%) at most this; needs "
+                                  "dev_manifest; None: no threshold (the dev audit is still published)")
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels labeling writes (the rest become rejects with the reason); None: "
                           "preset (paper: 1-630 tokens)")
@@ -83,6 +90,10 @@ class RecipeConfig(Config):
     student_pl_share: float | None = Field(
         None, ge=0.0, le=1.0, description="share of student updates drawn from pseudo-labels (the rest from "
                                           "labeled data); None: natural proportions (each source's audio seconds)")
+    rounds: int = Field(
+        1, ge=1, description="self-training rounds: in round k ≥ 2 the first student of round k-1 (after its "
+                             "labeled-only fine-tune, when on) labels the corpus into <run>/rounds/<k>/labels and "
+                             "the students train again on those PLs")
     student_labeled_finetune: bool = Field(
         True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
     labeled_finetune_updates: int | None = Field(
@@ -106,6 +117,10 @@ class RecipeConfig(Config):
         self.finetune_config(lang)
         self.slimipl_config(lang)
         self.label_config({lang: "teacher.pt"})
+        if self.pl_max_dev_cer is not None and self.dev_manifest is None:
+            raise ValueError("pl_max_dev_cer reads confidence thresholds off the dev audit: give dev_manifest")
+        if self.slimipl_lm and self.labeling_lm is None:
+            raise ValueError("slimipl_lm decodes with the labeling LM: set labeling_lm (char or word) too")
         if self.labeling_lm is not None:
             self.lm_config(lang, "teacher.pt")
             self.beam_config("lm")
@@ -132,12 +147,12 @@ class RecipeConfig(Config):
         knobs = _set(max_updates=self.finetune_updates, average_top_n=self.teacher_average_top_n)
         return configured(FinetuneConfig, base, self.finetune | knobs)
 
-    def slimipl_config(self, language: str) -> SlimIPLConfig:
-        """Stage 3's config for one language."""
+    def slimipl_config(self, language: str, decoder: BeamDecoderConfig | None = None) -> SlimIPLConfig:
+        """Stage 3's config for one language; with `decoder`, its PL refreshes decode with that beam search."""
         base = preset("slimipl", self.preset, language, self.labeled_manifest, self.unlabeled_manifest,
                       self.dev_manifest, reference_manifest=self.reference_manifest, seed=self.seed)
         knobs = _set(max_updates=self.slimipl_updates, pl_cache_size=self.pl_cache_size,
-                     average_top_n=self.teacher_average_top_n)
+                     average_top_n=self.teacher_average_top_n, decoder=_dumped(decoder))
         return configured(SlimIPLConfig, base, self.slimipl | knobs)
 
     def label_config(self, teachers: dict[str, str],
@@ -145,7 +160,8 @@ class RecipeConfig(Config):
         """Step 4's config with each language's teacher and, with `labeling_lm`, its tuned beam decoder."""
         base = preset("label", self.preset, self.unlabeled_manifest, teachers)
         knobs = _set(filters=_dumped(self.labeling_filter),
-                     decoders={k: v.model_dump(mode="json") for k, v in decoders.items()} if decoders else None)
+                     decoders={k: v.model_dump(mode="json") for k, v in decoders.items()} if decoders else None,
+                     audit_manifest=self.dev_manifest, audit_max_dev_cer=self.pl_max_dev_cer)
         return configured(LabelConfig, base, self.label | knobs)
 
     def lm_config(self, language: str, tokenizer_checkpoint: str) -> LMConfig:
@@ -165,9 +181,12 @@ class RecipeConfig(Config):
         second = "sil_score" if (self.labeling_lm or "char") == "char" else "word_score"
         return {"lm_weight", second} <= set(self.labeling_decoder)
 
-    def student_config(self, mode: str) -> StudentConfig:
-        """Stage 5's config for one student mode."""
+    def student_config(self, mode: str, round_: int = 1, labels_root: str | None = None) -> StudentConfig:
+        """Stage 5's config for one student mode; a later round's student reads that round's PL corpus and has
+        its own folder (`student/<mode>-round<k>`)."""
         base = preset("student", self.preset, mode, self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        if round_ > 1:
+            base = base.model_copy(update={"variant": f"{mode}-round{round_}", "labels_root": labels_root})
         overrides = deep_merge(self.student, self.student_by_mode.get(mode, {}))
         share = self.student_pl_share
         knobs = _set(max_updates=self.student_updates, pl_filter=_dumped(self.student_pl_filter),
@@ -175,11 +194,12 @@ class RecipeConfig(Config):
                      language_mix=_dumped(self.language_mix))
         return configured(StudentConfig, base, overrides | knobs)
 
-    def labeled_finetune_config(self, mode: str, student_checkpoint: str) -> StudentConfig:
-        """The optional last step: the `mode` student fine-tuned on labeled data only."""
+    def labeled_finetune_config(self, mode: str, student_checkpoint: str, round_: int = 1) -> StudentConfig:
+        """The optional last step: the `mode` student (of a round) fine-tuned on labeled data only."""
         base = preset("student", self.preset, "finetune", self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        name = mode if round_ == 1 else f"{mode}-round{round_}"
         base = base.model_copy(update={"labeled_only": True, "init_checkpoint": student_checkpoint,
-                                       "variant": f"{mode}-labeled-ft"})
+                                       "variant": f"{name}-labeled-ft"})
         knobs = _set(max_updates=self.labeled_finetune_updates, language_mix=_dumped(self.language_mix))
         return configured(StudentConfig, base, self.labeled_finetune | knobs)
 
@@ -188,29 +208,39 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
-        supervised={"max_updates": 450, "eval_every": 225},
+        supervised={"max_updates": 500, "eval_every": 250},
         finetune={"max_updates": 100, "eval_every": 50},
-        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60},
+        # λ 1: with 40 labeled sl clips, one labeled batch per PL batch keeps slimIPL from drifting (λ 4 ended
+        # above its fine-tuned start; docs/results.md, ablations).
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60,
+                 "unlabeled_ratio": 1},
         labeling_lm="char",
+        labeling_decoder={"beam_size": 32, "beam_size_token": 5},
+        decoder_tuning={"lm_weights": [1.0, 1.5, 2.0, 2.5, 3.0], "sil_scores": [1.0, 2.0, 3.0, 4.0]},
         student_modes=["finetune"],
-        student={"max_updates": 80, "eval_every": 40},
+        student_pl_share=0.35,
+        student={"max_updates": 350, "eval_every": 175, "optim": {"lr": 1.5e-3}},
         labeled_finetune={"max_updates": 40, "eval_every": 20},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
 
 
 def recipe_bench(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
-    """`make reproduce` (≈ 40 min on 2 slow CPU cores): the tiny presets on the bench corpus, six languages with
-    unlabeled audio, both students (from scratch on the supervised stage's budget: 1000 updates; fine-tuned: 200);
-    short per-language stages, as six of them run one after another."""
+    """`make reproduce` (≈ 1.5 h on 2 slow CPU cores): the tiny presets on the bench corpus, six languages with
+    unlabeled audio, LM-fused labeling, both students (from scratch on the supervised stage's budget: 1000 updates;
+    fine-tuned: 1500); short per-language stages, as six of them run one after another."""
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
         supervised={"max_updates": 1000, "eval_every": 250},
         finetune={"max_updates": 100, "eval_every": 50},
-        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50},
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "unlabeled_ratio": 1},
+        labeling_lm="char",
+        labeling_decoder={"beam_size": 32, "beam_size_token": 5},
+        decoder_tuning={"lm_weights": [1.0, 1.5, 2.0, 2.5, 3.0], "sil_scores": [1.0, 2.0, 3.0, 4.0]},
         student_modes=["from_scratch", "finetune"],
+        student_pl_share=0.35,
         student_by_mode={"from_scratch": {"max_updates": 1000, "eval_every": 250, "specaugment_start_updates": 100},
-                         "finetune": {"max_updates": 200, "eval_every": 100}},
+                         "finetune": {"max_updates": 1500, "eval_every": 250, "optim": {"lr": 1.5e-3}}},
         labeled_finetune={"max_updates": 50, "eval_every": 25},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
@@ -260,6 +290,9 @@ class RelabelConfig(Config):
     labeling_lm: LMUnit | None = Field(
         None, description="label with CTC beam search fused with a per-language n-gram LM built from the labeled "
                           "transcripts (+ lm_text_dir): char (lexicon-free) or word (lexicon); None: greedy CTC")
+    slimipl_lm: bool = Field(
+        False, description="slimIPL's PL refreshes also decode with the labeling LM (labeling_lm), tuned on dev with "
+                           "the fine-tuned model; off: greedy, as in the paper")
     lm_text_dir: str | None = Field(
         None, description="folder of extra LM text, <lang>.txt, one sentence per line (never the unlabeled "
                           "clips' transcripts, never dev/test); a missing file means transcripts only")

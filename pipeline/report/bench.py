@@ -3,7 +3,7 @@
 Front end (decode + log-mel), supervised training updates in fp32 and bf16 autocast on the same batches,
 and greedy decoding, all on the demo corpus with the tiny CPU preset; then pseudo-labeling of the unlabeled
 audio: the fast path against a naive loop, its share of this machine's GEMM peak, padding waste, and wall
-time and peak RSS at 1×, 2× and 4× the corpus.
+time and peak RSS at 1×, 2× and 4× the corpus; then LM-fused labeling against greedy (PL quality and speed).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from models.encoder import CTCLIDModel
 from pipeline.config import SupervisedConfig, label_tiny, labeling_audio_policy, model_kwargs, supervised_tiny
 from pipeline.corpus.build import build_corpus, corpus_preset
-from pipeline.corpus.layout import split_manifest
+from pipeline.corpus.layout import hidden_file, split_manifest
 from pipeline.data.audio import load_audio, log_mel
 from pipeline.data.dataset import collate, load_dataset, reject_untrainable
 from pipeline.data.rows import ProgressFn, read_utterances
@@ -33,6 +33,7 @@ from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.engine.decode import decode_dataset, decode_features
 from pipeline.engine.device import bf16_supported, precision_used
+from pipeline.engine.evaluate import score
 from pipeline.engine.model import load_trained
 from pipeline.engine.trainer import make_optimizer, train_step
 from pipeline.stages.label import run_label
@@ -232,6 +233,69 @@ def run_label_bench(corpus_dir: str, teacher_url: str, scales: Sequence[int] = (
         "scales": {k: v | {"time_ratio": v["wall_s"] / (k * base["wall_s"]),
                            "rss_ratio": v["peak_rss_mb"] / base["peak_rss_mb"]} for k, v in scale_runs.items()},
     }
+
+
+def _pl_quality(root: str, references: dict[str, str]) -> dict[str, dict[str, float]]:
+    """PL CER/WER (percent) per language of a labels root against the hidden true transcripts."""
+    df = load_pseudo_labels(root)
+    rows = [{"language": lang, "reference": references[i], "hypothesis": text, "lid_pred": lang}
+            for i, lang, text in zip(df["id"], df["language"], df["text"], strict=True) if i in references]
+    return {k: v for k, v in score(rows).items() if k not in ("all", "macro")}
+
+
+def run_lm_label_bench(corpus_dir: str, teacher_url: str) -> dict[str, Any]:
+    """Greedy labeling against LM-fused labeling (the demo recipe's LM and decoder, tuned on dev for this teacher)
+    of the corpus' unlabeled audio, same teacher, in one run: PL CER/WER against the hidden transcripts and
+    labeling audio-s/s (LM build and dev tuning timed apart: they run once per LM and teacher)."""
+    from pipeline.config import recipe_demo
+    from pipeline.stages.lm import labeling_decoders
+
+    manifest = split_manifest(corpus_dir, "unlabeled")
+    references = {r["id"]: r["text"] for r in read_manifest(hidden_file(corpus_dir, "unlabeled_reference.jsonl"))[0]}
+    trained = load_trained(teacher_url)
+    teachers = {lang: teacher_url for lang in trained.languages}
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = recipe_demo(corpus_dir, join(tmp, "run"))
+        t0 = time.perf_counter()
+        decoders, records = labeling_decoders(recipe, teachers, label_tiny(manifest, teachers).batch)
+        prepare_s = time.perf_counter() - t0
+        runs = {}
+        for name, cfg in (("greedy", label_tiny(manifest, teachers)),
+                          ("lm", label_tiny(manifest, teachers, decoders={k: v.model_dump() for k, v in
+                                                                         decoders.items()}))):
+            t0 = time.perf_counter()
+            result = run_label(cfg, join(tmp, name))
+            wall = time.perf_counter() - t0
+            audio_s = sum(s["hours_labeled"] for s in result.summary.values()) * 3600
+            runs[name] = {"wall_s": wall, "audio_s_per_s": audio_s / wall,
+                          "quality": _pl_quality(join(tmp, name), references)}
+    langs = sorted(decoders)
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "teacher": teacher_url, "languages": langs,
+            "decoders": {k: v.describe() for k, v in decoders.items()}, "tuning": records,
+            "prepare_s": prepare_s, "runs": runs}
+
+
+def format_lm_label_bench(b: dict[str, Any]) -> str:
+    """Markdown of `run_lm_label_bench`, each ratio beside the issue's target."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    greedy, lm = b["runs"]["greedy"], b["runs"]["lm"]
+    lines = [f"LM-fused against greedy labeling, same teacher ({b['teacher']}); {b['cpu']}, {b['threads']} threads; "
+             f"LM build + dev tuning {b['prepare_s']:.0f} s (once per LM and teacher)", "",
+             "| language | decoder | PL CER greedy → LM | ratio (target ≤ 0.7) | PL WER greedy → LM | "
+             "ratio (target ≤ 0.6) |", "|---|---|---|---:|---|---:|"]
+    for lang in b["languages"]:
+        g, f = greedy["quality"].get(lang), lm["quality"].get(lang)
+        if not g or not f:
+            continue
+        cer, wer = f["cer"] / g["cer"], f["wer"] / g["wer"]
+        lines.append(f"| {lang} | {b['decoders'][lang]} | {g['cer']:.1f} → {f['cer']:.1f} | {cer:.2f} "
+                     f"({mark(cer <= 0.7)}) | {g['wer']:.1f} → {f['wer']:.1f} | {wer:.2f} ({mark(wer <= 0.6)}) |")
+    ratio = lm["audio_s_per_s"] / greedy["audio_s_per_s"]
+    lines += ["", f"labeling speed: greedy {greedy['audio_s_per_s']:.0f} audio-s/s, LM-fused "
+              f"{lm['audio_s_per_s']:.0f} audio-s/s = {ratio:.2f}× (target ≥ 0.5×: {mark(ratio >= 0.5)})"]
+    return "\n".join(lines)
 
 
 def ensure_corpus(preset: str, corpus_dir: str, on_progress: ProgressFn | None = None) -> None:

@@ -106,17 +106,23 @@ STUDENT_TITLES = {
 def _student_title(variant: str) -> str:
     if variant.endswith("-labeled-ft"):
         return "↪ + labeled-only fine-tune"
+    mode, _, round_ = variant.partition("-round")
+    if round_.isdigit() and mode in STUDENT_TITLES:
+        return f"round {round_}: {STUDENT_TITLES[mode]}"
     return STUDENT_TITLES.get(variant, f"student {variant}")
 
 
 def student_variants(run_dir: str) -> list[str]:
-    """The run's students in the paper's row order: each mode, then its labeled-only fine-tune; others after."""
+    """The run's students in the paper's row order: each mode, then its labeled-only fine-tune; others after; later
+    rounds after round 1."""
     found = set(RunLayout(run_dir).finished("student"))
 
     def order(v: str) -> tuple:
         base = v.removesuffix("-labeled-ft")
+        mode, _, round_ = base.partition("-round")
         known = list(STUDENT_TITLES)
-        return (known.index(base) if base in known else len(known), base, v != base)
+        return (int(round_) if round_.isdigit() else 1, known.index(mode) if mode in known else len(known), base,
+                v != base)
 
     return sorted(found, key=order)
 
@@ -292,6 +298,41 @@ def orderings(report: dict[str, Any], roles: dict[str, str]) -> list[dict[str, A
     return out
 
 
+def recipe_targets(report: dict[str, Any], min_gain: float = 0.15) -> list[dict[str, Any]]:
+    """Whether self-training paid, on a report: the best student's CER averaged over all languages at least
+    `min_gain` (relative) below the supervised model's and at or below the per-language fine-tunes' average (over
+    the languages that have one), no language's best student worse than its supervised model, and slimIPL at or
+    below its fine-tune per language."""
+    rows = {r["stage"]: r for r in report["rows"]}
+    base, ft, slim = rows.get("supervised"), rows.get("finetune"), rows.get("slimipl")
+    students = [r for stage, r in rows.items() if stage.startswith("student/") and r["cer_all"] is not None]
+    if base is None or not students:
+        return []
+    best = min(students, key=lambda r: r["cer_all"])
+    gain = (base["cer_all"] - best["cer_all"]) / base["cer_all"]
+    out = [{"student": best["stage"], "check": f"best student's avg CER ≥ {100 * min_gain:.0f} % below supervised",
+            "holds": gain >= min_gain, "detail": f"{_f(base['cer_all'])} → {_f(best['cer_all'])} "
+                                                  f"({-100 * gain:+.1f} %)"}]
+    worse = {lang: (base["cer"][lang], c) for lang, c in best["cer"].items()
+             if base["cer"].get(lang) is not None and c > base["cer"][lang]}
+    out.append({"student": best["stage"], "check": "no language's student worse than its supervised model",
+                "holds": not worse, "detail": ", ".join(f"{k} {a:.1f} → {b:.1f}" for k, (a, b) in worse.items())
+                or "every language at or below"})
+    if ft is not None and ft["cer"]:
+        ft_avg = sum(ft["cer"].values()) / len(ft["cer"])
+        st_avg = sum(best["cer"][lang] for lang in ft["cer"]) / len(ft["cer"])
+        out.append({"student": best["stage"], "check": "best student at or below the per-language fine-tunes",
+                    "holds": st_avg <= ft_avg, "detail": f"avg over {', '.join(ft['cer'])}: fine-tunes "
+                                                         f"{ft_avg:.1f}, student {st_avg:.1f}"})
+    if ft is not None and slim is not None and slim["cer"]:
+        better = [lang for lang, c in slim["cer"].items() if ft["cer"].get(lang) is not None and c <= ft["cer"][lang]]
+        out.append({"student": "slimipl", "check": "slimIPL at or below its fine-tune, per language",
+                    "holds": len(better) >= max(1, len(slim["cer"]) - 1),
+                    "detail": f"{len(better)} of {len(slim['cer'])}: "
+                              + ", ".join(f"{k} {ft['cer'][k]:.1f} → {c:.1f}" for k, c in slim["cer"].items())})
+    return out
+
+
 def orderings_markdown(checks: list[dict[str, Any]]) -> str:
     """The ordering checks as a table: holds / fails / not measurable, with the numbers."""
     word = {True: "holds", False: "**fails**", None: "not measurable"}
@@ -304,7 +345,8 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
                   roles: dict[str, str]) -> str:
     """The results page of a recipe run (table, plot beside it, orderings, wall times, command); returns it."""
     report = out["report"]
-    checks = orderings(build_report(out["run_dir"]), roles)
+    built = build_report(out["run_dir"])
+    checks = orderings(built, roles)
     plot_name = posixpath.basename(path).rsplit(".", 1)[0] + "_dev_cer.png"
     atomic_write_bytes(join(posixpath.dirname(path) or ".", plot_name), read_bytes(report["plot"]))
     walls = "\n".join(f"| {name} | {s:.0f} |" for name, s in out["wall_s"].items())
@@ -313,6 +355,7 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
         f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores. Run directory `{out['run_dir']}`.\n\n"
         f"## Test CER (paper Tables 2-3 layout)\n\n{report['markdown']}\n"
         f"## Do the paper's orderings hold?\n\n{orderings_markdown(checks)}\n"
+        f"## Did self-training pay? (issue 16's targets)\n\n{orderings_markdown(recipe_targets(built))}\n"
         f"## Validation CER per stage\n\n![validation CER per stage]({plot_name})\n\n"
         f"## Wall time per stage\n\n| stage | wall s |\n|---|---:|\n{walls}\n"
     )
