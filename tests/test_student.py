@@ -341,7 +341,8 @@ def test_the_recipe_config_builds_every_stage_and_refuses_a_bad_override_before_
     assert cfg.slimipl_config("sl").reference_manifest == "data/demo/hidden/unlabeled_reference.jsonl"
     ft = cfg.labeled_finetune_config("finetune", "runs/demo/student/finetune/checkpoints/best.pt")
     assert ft.labeled_only and ft.variant_name() == "finetune-labeled-ft" and ft.mode == "finetune"
-    assert cfg.student_config("finetune").optim.lr == 1e-3
+    assert cfg.student_config("finetune").optim.lr == 1.5e-3 and cfg.labeling_lm == "char"
+    assert cfg.label_config({"sl": "t.pt"}).audit_manifest == "data/demo/manifests/dev.jsonl"
     nested = recipe_demo("d", "r", student={"optim": {"lr": 5e-4}})
     optim = nested.student_config("finetune").optim
     assert optim.lr == 5e-4 and optim.name == "adamw"  # a nested override changes only its field

@@ -205,22 +205,24 @@ class RecipeConfig(Config):
 
 
 def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
-    """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 CPU cores."""
+    """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 slow CPU cores, spent
+    where it pays (docs/benchmarks.md, "Pseudo-labels that pay"): the supervised model, slimIPL anchored by one
+    labeled batch per PL batch, LM-fused labeling, and a fine-tuned student long enough to carry every language."""
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
-        supervised={"max_updates": 500, "eval_every": 250},
+        supervised={"max_updates": 450, "eval_every": 225},
         finetune={"max_updates": 100, "eval_every": 50},
         # λ 1: with 40 labeled sl clips, one labeled batch per PL batch keeps slimIPL from drifting (λ 4 ended
-        # above its fine-tuned start; docs/results.md, ablations).
+        # above its fine-tuned start).
         slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60,
                  "unlabeled_ratio": 1},
         labeling_lm="char",
         labeling_decoder={"beam_size": 32, "beam_size_token": 5},
         decoder_tuning={"lm_weights": [1.0, 1.5, 2.0, 2.5, 3.0], "sil_scores": [1.0, 2.0, 3.0, 4.0]},
         student_modes=["finetune"],
-        student_pl_share=0.35,
+        student_pl_share=0.3,
         student={"max_updates": 350, "eval_every": 175, "optim": {"lr": 1.5e-3}},
-        labeled_finetune={"max_updates": 40, "eval_every": 20},
+        student_labeled_finetune=False,
     )
     return RecipeConfig(**deep_merge(cfg, fields))
 
@@ -287,24 +289,10 @@ class RelabelConfig(Config):
     extensions: list[str] = Field(default_factory=lambda: list(AUDIO_EXTENSIONS),
                                   description="audio file name endings to pick up (case-insensitive)")
     preset: Literal["tiny", "paper"] = Field("paper", description="labeling preset: paper defaults or tiny (CPU)")
-    labeling_lm: LMUnit | None = Field(
-        None, description="label with CTC beam search fused with a per-language n-gram LM built from the labeled "
-                          "transcripts (+ lm_text_dir): char (lexicon-free) or word (lexicon); None: greedy CTC")
-    slimipl_lm: bool = Field(
-        False, description="slimIPL's PL refreshes also decode with the labeling LM (labeling_lm), tuned on dev with "
-                           "the fine-tuned model; off: greedy, as in the paper")
-    lm_text_dir: str | None = Field(
-        None, description="folder of extra LM text, <lang>.txt, one sentence per line (never the unlabeled "
-                          "clips' transcripts, never dev/test); a missing file means transcripts only")
-    lm_order: int | None = Field(None, ge=2, le=6, description="n-gram order; None: 6 for char, 4 for word")
-    labeling_decoder: dict[str, Any] = Field(
-        default_factory=dict, description="overrides of the beam search (beam_size, beam_size_token, ...); its LM "
-                                          "weight and sil/word score are tuned on dev unless given here")
-    decoder_tuning: DecoderTuning = Field(default_factory=DecoderTuning,
-                                          description="the dev grid of LM weights and sil/word scores")
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels are written (the rest become rejects with the reason); None: preset")
-    label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config")
+    label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config, e.g. "
+                                  "decoders: {lang: a BeamDecoderConfig over the recipe run's <run>/lm/<lang>}")
     lock_wait_s: float = Field(3600.0, ge=0.0, description="how long to wait for another relabel run of the "
                                                            "same labels root to finish before failing")
 
