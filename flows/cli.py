@@ -208,7 +208,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
         roles = {lang: v.get("role", "") for lang, v in out.get("corpus", {}).get("languages", {}).items()}
         write_results(args.results, out, wall_s=wall, command=args.results_command or "mlpl recipe",
-                      machine=cpu_name(), roles=roles)
+                      machine=cpu_name(), roles=roles, reference_manifest=cfg.reference_manifest)
         print(f"results → {args.results}")
     return 0
 
@@ -223,7 +223,7 @@ def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
     targets = recipe_targets(build_report(run_dir), min_gain=0.10)
     if targets:
         print("### Did self-training pay?\n")
-        print(orderings_markdown(targets))
+        print(orderings_markdown(targets, "target"))
     print("### Wall time per stage (training, dev evaluation and test scoring)\n")
     print("| stage | wall s |\n|---|---:|")
     for name, seconds in out["wall_s"].items():

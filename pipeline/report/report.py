@@ -12,7 +12,9 @@ from pipeline.layout import RunLayout
 from storage.files import (
     atomic_write_bytes,
     atomic_write_text,
+    exists,
     join,
+    list_files,
     read_bytes,
     read_json,
     write_json,
@@ -333,17 +335,50 @@ def recipe_targets(report: dict[str, Any], min_gain: float = 0.15) -> list[dict[
     return out
 
 
-def orderings_markdown(checks: list[dict[str, Any]]) -> str:
-    """The ordering checks as a table: holds / fails / not measurable, with the numbers."""
+def orderings_markdown(checks: list[dict[str, Any]], what: str = "paper's ordering") -> str:
+    """The ordering checks (or targets: `what`) as a table: holds / fails / not measurable, with the numbers."""
     word = {True: "holds", False: "**fails**", None: "not measurable"}
-    lines = ["| student | paper's ordering | here | numbers |", "|---|---|---|---|"]
+    lines = [f"| model | {what} | here | numbers |", "|---|---|---|---|"]
     lines += [f"| {c['student']} | {c['check']} | {word[c['holds']]} | {c['detail']} |" for c in checks]
     return "\n".join(lines) + "\n"
 
 
+def labels_quality_markdown(run_dir: str, reference_manifest: str | None) -> str:
+    """Per language: the labeling decoder and its dev figures (`<run>/lm/<lang>/tuning-*.json` of the labeling
+    teacher), and the PL CER/WER of `<run>/labels` against the hidden transcripts beside slimIPL's greedy PL CER
+    of the same clips at the end of its stage."""
+    from pipeline.engine.evaluate import score
+    from storage.manifest import read_manifest
+    from storage.pl import load_pseudo_labels
+
+    layout = RunLayout(run_dir)
+    if reference_manifest is None or not exists(layout.labels):
+        return "No hidden transcripts or no PL corpus: PL quality not measured.\n"
+    refs = {r["id"]: r["text"] for r in read_manifest(reference_manifest)[0]}
+    df = load_pseudo_labels(layout.labels)
+    rows = [{"language": lang, "reference": refs[i], "hypothesis": t, "lid_pred": lang}
+            for i, lang, t in zip(df["id"], df["language"], df["text"], strict=True) if i in refs]
+    quality = score(rows)
+    lines = ["| language | decoder | dev CER greedy → LM | PL CER: slimIPL greedy (end) → labels | PL WER |",
+             "|---|---|---|---|---:|"]
+    for lang in sorted(set(df["language"])):
+        decoder = sorted(set(df[df["language"] == lang]["decode"]))[0].split(" #")[0]
+        tunings = [read_json(u) for u in list_files(join(run_dir, "lm", lang), "tuning-*.json")]
+        tuned = [t for t in tunings if t["teacher"] == layout.teacher(lang)]
+        dev = f"{tuned[0]['greedy']['cer']:.1f} → {tuned[0]['chosen_dev']['cer']:.1f}" if tuned else "—"
+        end = (_read_json(layout.slimipl(lang).result) or {}).get("extra", {}).get("pl_eval", {}).get("end", {})
+        greedy = end.get("whole", {}).get("pl_cer")
+        cer = quality.get(lang, {}).get("cer")
+        ratio = f" ({cer / greedy:.2f}×)" if greedy and cer is not None else ""
+        lines.append(f"| {lang} | {decoder} | {dev} | {_f(greedy)} → {_f(cer)}{ratio} | "
+                     f"{_f(quality.get(lang, {}).get('wer'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str, machine: str,
-                  roles: dict[str, str]) -> str:
-    """The results page of a recipe run (table, plot beside it, orderings, wall times, command); returns it."""
+                  roles: dict[str, str], reference_manifest: str | None = None) -> str:
+    """The results page of a recipe run (table, plot beside it, orderings, targets, PL quality, wall times,
+    command); returns it."""
     report = out["report"]
     built = build_report(out["run_dir"])
     checks = orderings(built, roles)
@@ -355,7 +390,8 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
         f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores. Run directory `{out['run_dir']}`.\n\n"
         f"## Test CER (paper Tables 2-3 layout)\n\n{report['markdown']}\n"
         f"## Do the paper's orderings hold?\n\n{orderings_markdown(checks)}\n"
-        f"## Did self-training pay? (issue 16's targets)\n\n{orderings_markdown(recipe_targets(built))}\n"
+        f"## Did self-training pay? (issue 16's targets)\n\n{orderings_markdown(recipe_targets(built), 'target')}\n"
+        f"## Pseudo-labels of the unlabeled audio\n\n{labels_quality_markdown(out['run_dir'], reference_manifest)}\n"
         f"## Validation CER per stage\n\n![validation CER per stage]({plot_name})\n\n"
         f"## Wall time per stage\n\n| stage | wall s |\n|---|---:|\n{walls}\n"
     )
