@@ -100,7 +100,10 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                     "pl_eval_max_utterances": 2}
     overrides = {"supervised": {"max_updates": 30, "eval_every": 15}, "finetune": quick, "slimipl": slim,
                  "student": quick, "labeled_finetune": quick | {"max_updates": 3, "eval_every": 3},
-                 "student_modes": ["finetune", "from_scratch"], "rounds": 2}
+                 "student_modes": ["finetune", "from_scratch"], "student_labeled_finetune": True, "rounds": 2,
+                 "slimipl_lm": True,
+                 # models of a few updates may label clips empty: keep every PL so that each round has some
+                 "labeling_filter": {"min_tokens": 0}, "student_pl_filter": {"min_tokens": 0}}
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
                         overrides=overrides)
@@ -143,7 +146,7 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     pl, rejects = load_pseudo_labels(labels["root"]), load_rejects(labels["root"])
     assert len(pl) + len(rejects) == 10 and set(labels["summary"]) == {"es", "el", "sl"}
     assert set(pl["teacher"].str.split("@").str[0]) <= {"slimipl/es", "slimipl/el", "slimipl/sl"}
-    # Labeling and slimIPL decoded with each language's LM, tuned on dev (the decode column says so).
+    # Labeling and (slimipl_lm) slimIPL decoded with each language's LM, tuned on dev (the decode column says so).
     assert pl["decode"].str.startswith("beam32/5 char-LM").all()
     assert json.loads((tmp_path / "run/slimipl/sl/config.json").read_text())["decoder"]["unit"] == "char"
     # Round 2: the first student of round 1 (after its labeled-only fine-tune) relabeled every row once into the

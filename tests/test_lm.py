@@ -164,7 +164,8 @@ def test_dev_tuning_picks_the_lowest_cer_of_its_grid_and_is_read_back_not_recomp
     assert tuned["chosen"]["lm_weight"] == best["lm_weight"] and tuned["chosen_dev"]["cer"] == best["cer"]
     weight_zero = [r for r in tuned["grid"] if r["lm_weight"] == 0.0 and r["sil_score"] == 0.0][0]
     assert tuned["chosen_dev"]["cer"] <= weight_zero["cer"] and tuned["greedy"]["cer"] > 0
-    again = tune_decoder(teacher, "sl", lm_dir(run, "sl"), BeamDecoderConfig(lm=lm_dir(run, "sl")),
+    base = recipe_demo(smoke_corpus, run).beam_config(lm_dir(run, "sl"))
+    again = tune_decoder(teacher, "sl", lm_dir(run, "sl"), base,
                          DecoderTuning(lm_weights=[0.0, 1.0, 2.0], sil_scores=[0.0, 2.0], max_utterances=40),
                          f"{smoke_corpus}/manifests/dev.jsonl", batch=BatchConfig(max_batch_duration_s=60.0))
     assert again["key"] == tuned["key"] and again["tune_s"] == tuned["tune_s"]  # read back, not recomputed

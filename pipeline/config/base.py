@@ -163,9 +163,10 @@ class LanguageMix(Config):
     weights, normalized (a language with data must be listed; weight 0 leaves it out).
     """
 
-    kind: Literal["natural", "temperature", "weights"] = "natural"
-    alpha: float = Field(0.5, gt=0.0, le=1.0)  # α, used by kind="temperature" only
-    weights: dict[str, float] | None = None  # {"es": 2, "sl": 1}; kind="weights" only
+    kind: Literal["natural", "temperature", "weights"] = Field(
+        "natural", description="natural: languages pooled; temperature: p ∝ audio seconds^alpha; weights: explicit")
+    alpha: float = Field(0.5, gt=0.0, le=1.0, description="α of kind=temperature (1: natural, → 0: uniform)")
+    weights: dict[str, float] | None = Field(None, description='kind=weights only: {"es": 2, "sl": 1}')
 
     @model_validator(mode="after")
     def _consistent(self) -> LanguageMix:

@@ -67,9 +67,12 @@ class DecoderTuning(Config):
     """The grid that picks a language's LM weight and sil (char) or word (word) score on labeled dev audio, with
     the teacher that labels. The pick minimizes dev CER; beam sizes stay as configured."""
 
-    lm_weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
-    sil_scores: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0])
-    word_scores: list[float] = Field(default_factory=lambda: [-1.0, 0.0, 1.0, 2.0, 3.0])
+    lm_weights: list[float] = Field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
+                                    description="LM weights tried")
+    sil_scores: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0, 3.0, 4.0],
+                                    description="sil (space) scores tried with the char unit")
+    word_scores: list[float] = Field(default_factory=lambda: [-1.0, 0.0, 1.0, 2.0, 3.0],
+                                     description="word scores tried with the word unit")
     max_utterances: int = Field(200, ge=1, description="dev clips per language the grid decodes")
 
     def key(self) -> str:
