@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml $(LMPLZ)
 
 $(LMPLZ):
 	@test -f /usr/include/boost/program_options.hpp || (command -v apt-get >/dev/null && \
-		apt-get install -y -qq --no-install-recommends $(BOOST_PKGS) >/dev/null) || \
+		(apt-get install -y -qq --no-install-recommends $(BOOST_PKGS) >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BOOST_PKGS) >/dev/null))) || \
 		(echo "lmplz needs cmake, a C++ compiler and Boost: apt-get install cmake g++ $(BOOST_PKGS)" >&2; exit 1)
 	@mkdir -p $(KENLM_DIR)/src
 	@test -f $(KENLM_DIR)/kenlm.tar.gz || $(PYTHON) -c "import re, urllib.request as u; \
