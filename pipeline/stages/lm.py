@@ -45,6 +45,7 @@ from storage.files import (
     local_folder,
     read_json,
     read_text,
+    remove,
     sha256_of,
     write_json,
 )
@@ -115,6 +116,7 @@ def build_lm(cfg: LMConfig, run_dir: str) -> dict[str, Any]:
         meta = read_json(meta_url)
         if meta.get("identity") == identity:
             return meta
+    remove(meta_url)  # first: a folder caught between two builds must not pass for a finished LM
     t0 = time.perf_counter()
     lines, dropped = lm_sentences(texts, tokenizer, cfg.unit)
     if not lines:
