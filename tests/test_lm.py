@@ -208,3 +208,30 @@ def test_rows_of_a_manifest_feed_the_lm_only_for_their_language(tmp_path):
                    labeled_manifest=str(manifest), order=2)
     meta = build_lm(cfg, str(tmp_path / "run"))
     assert meta["sentences"] == 1
+
+
+def test_the_relabel_job_takes_the_decoder_the_recipe_tuned_for_its_teacher(tmp_path):
+    from pipeline.config import RelabelConfig
+    from pipeline.stages.lm import tuned_decoders
+    from storage.files import write_json
+
+    run = str(tmp_path / "run")
+    folder = lm_dir(run, "sl")
+    write_json(f"{folder}/meta.json", {"identity": "x"})
+
+    def tuning(name: str, teacher: str, weight: float, cer: float) -> None:
+        chosen = BeamDecoderConfig(lm=folder, lm_weight=weight, sil_score=1.0).model_dump(mode="json")
+        write_json(f"{folder}/tuning-{name}.json", {"teacher": teacher, "lm": folder, "chosen": chosen,
+                                                    "chosen_dev": {"cer": cer, "wer": 70.0}})
+
+    tuning("a", "slimipl.pt", 1.0, 30.0)
+    tuning("b", "slimipl.pt", 2.0, 25.0)  # the better grid for the same teacher
+    tuning("c", "old.pt", 3.0, 10.0)  # another teacher's: not this one's weights
+    found = tuned_decoders(run, {"sl": "slimipl.pt", "es": "es.pt"})
+    assert list(found) == ["sl"] and found["sl"].lm_weight == 2.0  # es: no LM built, greedy
+    assert tuned_decoders(run, {"sl": "new.pt"}) == {}
+    cfg = RelabelConfig(watch=str(tmp_path / "in"), labels_root=str(tmp_path / "labels"), run_dir=run)
+    assert cfg.label_config("m.jsonl", {"sl": "slimipl.pt"}, found).decoders["sl"].lm_weight == 2.0
+    mine = {"sl": {"lm": folder, "lm_weight": 0.5}}  # the form's own decoders win over the run's
+    cfg = cfg.model_copy(update={"label": {"decoders": mine}})
+    assert cfg.label_config("m.jsonl", {"sl": "slimipl.pt"}, found).decoders["sl"].lm_weight == 0.5

@@ -291,6 +291,9 @@ class RelabelConfig(Config):
     preset: Literal["tiny", "paper"] = Field("paper", description="labeling preset: paper defaults or tiny (CPU)")
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels are written (the rest become rejects with the reason); None: preset")
+    lm_from_run: bool = Field(
+        True, description="label with the LM-fused decoders the recipe in run_dir tuned for these teachers "
+                          "(<run>/lm/<lang>/tuning-*.json); languages without one decode greedy")
     label: dict[str, Any] = Field(default_factory=dict, description="overrides of the labeling config, e.g. "
                                   "decoders: {lang: a BeamDecoderConfig over the recipe run's <run>/lm/<lang>}")
     lock_wait_s: float = Field(3600.0, ge=0.0, description="how long to wait for another relabel run of the "
@@ -305,7 +308,12 @@ class RelabelConfig(Config):
         self.label_config("manifest.jsonl", {"xx": "teacher.pt"})  # a bad override fails now, not at 2 a.m.
         return self
 
-    def label_config(self, manifest: str, teachers: dict[str, str]) -> LabelConfig:
-        """The labeling config of one relabel run's manifest of new files."""
+    def label_config(self, manifest: str, teachers: dict[str, str],
+                     decoders: dict[str, BeamDecoderConfig] | None = None) -> LabelConfig:
+        """The labeling config of one relabel run's manifest of new files (`decoders`: the run's tuned ones; the
+        form's `label.decoders` wins)."""
         base = preset("label", self.preset, manifest, teachers)
-        return configured(LabelConfig, base, self.label | _set(filters=_dumped(self.labeling_filter)))
+        tuned = decoders if decoders and "decoders" not in self.label else None
+        knobs = _set(filters=_dumped(self.labeling_filter),
+                     decoders={k: v.model_dump(mode="json") for k, v in tuned.items()} if tuned else None)
+        return configured(LabelConfig, base, self.label | knobs)

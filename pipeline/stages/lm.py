@@ -42,6 +42,7 @@ from storage.files import (
     copy_file,
     exists,
     join,
+    list_files,
     local_folder,
     read_json,
     read_text,
@@ -222,3 +223,20 @@ def labeling_decoders(recipe: RecipeConfig, teachers: dict[str, str],
         record["decoder"] = decoders[lang].describe()
         records[lang] = record
     return decoders, records
+
+
+def tuned_decoders(run_dir: str, teachers: dict[str, str]) -> dict[str, BeamDecoderConfig]:
+    """The beam decoders a recipe run tuned for these teachers (`<run>/lm/<lang>/tuning-*.json` whose teacher
+    matches and whose LM is still the one built): what the relabel job labels with. The lowest dev CER wins where
+    several grids were tuned; a language without a built LM or a tuning for its teacher is absent (greedy)."""
+    out: dict[str, BeamDecoderConfig] = {}
+    for lang, teacher in sorted(teachers.items()):
+        folder = lm_dir(run_dir, lang)
+        if not exists(join(folder, "meta.json")):
+            continue
+        found = [read_json(u) for u in list_files(folder, "tuning-*.json")]
+        found = [t for t in found if t.get("teacher") == teacher and t.get("lm") == folder]
+        if found:
+            best = min(found, key=lambda t: (t["chosen_dev"]["cer"], t["chosen_dev"]["wer"]))
+            out[lang] = BeamDecoderConfig(**best["chosen"])
+    return out

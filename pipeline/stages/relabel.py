@@ -25,6 +25,7 @@ from pipeline.data.rows import ProgressFn, Utterance
 from pipeline.layout import RunLayout, teachers_for_run
 from pipeline.stages.label import identify_languages, load_teacher, run_label
 from pipeline.stages.label_summary import reject_category
+from pipeline.stages.lm import tuned_decoders
 from storage.files import StorageLock, atomic_write_text, exists, file_listing
 from storage.manifest import read_manifest
 from storage.pl import LabelStore, latest_attempts
@@ -122,7 +123,8 @@ def _label_new(cfg: RelabelConfig, todo: list[dict[str, Any]], teachers: dict[st
     manifest = LabelStore(cfg.labels_root).relabel_manifest_url(hashlib.sha256(body.encode()).hexdigest()[:16])
     if not exists(manifest):
         atomic_write_text(manifest, body)
-    label = run_label(cfg.label_config(manifest, teachers), cfg.labels_root, on_progress=on_progress)
+    decoders = tuned_decoders(cfg.run_dir, teachers) if cfg.run_dir and cfg.lm_from_run else {}
+    label = run_label(cfg.label_config(manifest, teachers, decoders), cfg.labels_root, on_progress=on_progress)
     by_reason: Counter = Counter()
     for s in label.summary.values():
         by_reason.update(s["rejected_by_reason"])
