@@ -33,9 +33,9 @@ from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.engine.decode import decode_dataset, decode_features
 from pipeline.engine.device import bf16_supported, precision_used
-from pipeline.engine.evaluate import score
 from pipeline.engine.model import load_trained
 from pipeline.engine.trainer import make_optimizer, train_step
+from pipeline.report.report import hidden_references, pl_quality
 from pipeline.stages.label import run_label
 from storage.files import exists, join
 from storage.manifest import read_manifest, write_manifest
@@ -235,14 +235,6 @@ def run_label_bench(corpus_dir: str, teacher_url: str, scales: Sequence[int] = (
     }
 
 
-def _pl_quality(root: str, references: dict[str, str]) -> dict[str, dict[str, float]]:
-    """PL CER/WER (percent) per language of a labels root against the hidden true transcripts."""
-    df = load_pseudo_labels(root)
-    rows = [{"language": lang, "reference": references[i], "hypothesis": text, "lid_pred": lang}
-            for i, lang, text in zip(df["id"], df["language"], df["text"], strict=True) if i in references]
-    return {k: v for k, v in score(rows).items() if k not in ("all", "macro")}
-
-
 def run_lm_label_bench(corpus_dir: str, teacher_url: str) -> dict[str, Any]:
     """Greedy labeling against LM-fused labeling (the demo recipe's LM and decoder, tuned on dev for this teacher)
     of the corpus' unlabeled audio, same teacher, in one run: PL CER/WER against the hidden transcripts and
@@ -251,7 +243,7 @@ def run_lm_label_bench(corpus_dir: str, teacher_url: str) -> dict[str, Any]:
     from pipeline.stages.lm import labeling_decoders
 
     manifest = split_manifest(corpus_dir, "unlabeled")
-    references = {r["id"]: r["text"] for r in read_manifest(hidden_file(corpus_dir, "unlabeled_reference.jsonl"))[0]}
+    references = hidden_references(hidden_file(corpus_dir, "unlabeled_reference.jsonl"))
     trained = load_trained(teacher_url)
     teachers = {lang: teacher_url for lang in trained.languages}
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,7 +260,7 @@ def run_lm_label_bench(corpus_dir: str, teacher_url: str) -> dict[str, Any]:
             wall = time.perf_counter() - t0
             audio_s = sum(s["hours_labeled"] for s in result.summary.values()) * 3600
             runs[name] = {"wall_s": wall, "audio_s_per_s": audio_s / wall,
-                          "quality": _pl_quality(join(tmp, name), references)}
+                          "quality": pl_quality(load_pseudo_labels(join(tmp, name)), references)}
     langs = sorted(decoders)
     return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "teacher": teacher_url, "languages": langs,
             "decoders": {k: v.describe() for k, v in decoders.items()}, "tuning": records,

@@ -343,22 +343,33 @@ def orderings_markdown(checks: list[dict[str, Any]], what: str = "paper's orderi
     return "\n".join(lines) + "\n"
 
 
+def hidden_references(reference_manifest: str) -> dict[str, str]:
+    """id → true transcript of the unlabeled clips (the corpus' hidden reference: measurement only)."""
+    from storage.manifest import read_manifest
+
+    return {r["id"]: r["text"] for r in read_manifest(reference_manifest)[0]}
+
+
+def pl_quality(table: Any, references: dict[str, str]) -> dict[str, dict[str, float]]:
+    """PL CER/WER (percent) per language of a PL table's rows (`load_pseudo_labels`) against true transcripts."""
+    from pipeline.engine.evaluate import score
+
+    rows = [{"language": lang, "reference": references[i], "hypothesis": text, "lid_pred": lang}
+            for i, lang, text in zip(table["id"], table["language"], table["text"], strict=True) if i in references]
+    return {k: v for k, v in score(rows).items() if k not in ("all", "macro")}
+
+
 def labels_quality_markdown(run_dir: str, reference_manifest: str | None) -> str:
     """Per language: the labeling decoder and its dev figures (`<run>/lm/<lang>/tuning-*.json` of the labeling
     teacher), and the PL CER/WER of `<run>/labels` against the hidden transcripts beside slimIPL's greedy PL CER
     of the same clips at the end of its stage."""
-    from pipeline.engine.evaluate import score
-    from storage.manifest import read_manifest
     from storage.pl import load_pseudo_labels
 
     layout = RunLayout(run_dir)
     if reference_manifest is None or not exists(layout.labels):
         return "No hidden transcripts or no PL corpus: PL quality not measured.\n"
-    refs = {r["id"]: r["text"] for r in read_manifest(reference_manifest)[0]}
     df = load_pseudo_labels(layout.labels)
-    rows = [{"language": lang, "reference": refs[i], "hypothesis": t, "lid_pred": lang}
-            for i, lang, t in zip(df["id"], df["language"], df["text"], strict=True) if i in refs]
-    quality = score(rows)
+    quality = pl_quality(df, hidden_references(reference_manifest))
     lines = ["| language | decoder | dev CER greedy → LM | PL CER: slimIPL greedy (end) → labels | PL WER |",
              "|---|---|---|---|---:|"]
     for lang in sorted(set(df["language"])):
