@@ -120,9 +120,11 @@ class LabelPlan:
                 "decode": self.unit_decode_key(unit.language)}
 
     def beam(self, language: str, trained: Trained) -> BeamDecoder | None:
-        """The language's LM-fused beam search (its LM files fetched locally once), or None: greedy."""
+        """The language's LM-fused beam search (its LM files fetched locally once; the LM's identity as planned,
+        not read again per unit), or None: greedy."""
         cfg = self.cfg.decoders.get(language)
-        return None if cfg is None else open_decoder(language, cfg, trained.tokenizer)
+        return None if cfg is None else open_decoder(language, cfg, trained.tokenizer,
+                                                     self.lm_identities.get(language))
 
     def decode_column(self, language: str) -> str:
         """The `decode` column: what decoded (greedy, or the beam search and its LM settings) and the key."""

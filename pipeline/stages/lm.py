@@ -78,14 +78,15 @@ def lm_identity(language: str, lm_url: str) -> str:
     return read_json(meta)["identity"]
 
 
-def open_decoder(language: str, cfg: BeamDecoderConfig, tokenizer: Tokenizer) -> BeamDecoder:
-    """A language's beam search over its built LM, the LM's files fetched to this machine once (KenLM reads only
-    local files), built once per process.
+def open_decoder(language: str, cfg: BeamDecoderConfig, tokenizer: Tokenizer,
+                 identity: str | None = None) -> BeamDecoder:
+    """A language's beam search over its built LM (`identity`: its meta.json's, when the caller read it already),
+    the LM's files fetched to this machine once (KenLM reads only local files), built once per process.
 
     Raises:
         FileNotFoundError: the LM is not built.
     """
-    local = local_folder(cfg.lm, list(LM_FILES), lm_identity(language, cfg.lm)[:16])
+    local = local_folder(cfg.lm, list(LM_FILES), (identity or lm_identity(language, cfg.lm))[:16])
     return cached_decoder(cfg, local, tokenizer)
 
 
