@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,17 @@ def test_a_finished_stage_is_reused_until_its_config_inputs_or_outputs_change(sm
     assert not rerun.cached and len(rerun.losses) == 2 and best.exists()
     write_jsonl(tmp_path / "train.jsonl", rows[:-1])  # other inputs
     assert not run_supervised(cfg.model_copy(update={"lid_weight": 0.5}), run).cached
+
+
+def test_a_copied_run_folder_reuses_its_own_checkpoints_not_the_originals(smoke_corpus, tmp_path):
+    _, cfg = _own_copy(smoke_corpus, tmp_path, save_every=2)
+    first = run_supervised(cfg, str(tmp_path / "run"))
+    shutil.copytree(tmp_path / "run", tmp_path / "branch")  # branching an experiment off a finished run
+    shutil.rmtree(tmp_path / "run")
+    again = run_supervised(cfg, str(tmp_path / "branch"))
+    assert again.cached and again.step == first.step
+    assert again.best_checkpoint == str(tmp_path / "branch/supervised/checkpoints/best.pt")
+    assert again.stage_dir.startswith(str(tmp_path / "branch")) and Path(again.last_checkpoint).exists()
 
 
 def test_the_device_comes_from_the_config_and_is_not_part_of_the_resume_key(smoke_corpus, tmp_path):

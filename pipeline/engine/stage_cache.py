@@ -90,13 +90,26 @@ def reuse_or_resume(stage: str, stage_dir: StageDir, cfg: TrainingConfig, identi
         return None, False
     if cache.get("key") != stage_key(stage, cfg, identity):
         return None, True  # only budget or cadence changed: resume and extend the finished run
+    here = _rebase(record.get("stage_dir"), stage_dir.url)
     for url, sha in cache.get("outputs", {}).items():
-        if not exists(url) or sha256_of(url) != sha:
-            log.warning("%s: %s was deleted or changed since the stage finished; training it again", stage, url)
+        if not exists(here(url)) or sha256_of(here(url)) != sha:
+            log.warning("%s: %s was deleted or changed since the stage finished; training it again", stage, here(url))
             return None, False
     names = {f.name for f in fields(StageResult)} - {"cached", "losses"}
     log.info("%s: finished earlier with the same config and inputs (%s); reusing it", stage, stage_dir.url)
-    return StageResult(**{k: v for k, v in record.items() if k in names}, cached=True), True
+    kept = {k: v for k, v in record.items() if k in names}
+    kept |= {k: here(kept[k]) for k in ("stage_dir", "last_checkpoint", "best_checkpoint")}
+    return StageResult(**kept, cached=True), True
+
+
+def _rebase(recorded: str | None, current: str):
+    """Maps a path recorded under the stage folder where it was trained to the same file under `current`: a
+    run folder that was copied or moved (to branch an experiment) reuses its own checkpoints, not the original's."""
+    def here(url: str) -> str:
+        if recorded and recorded != current and url.startswith(recorded):
+            return current + url[len(recorded):]
+        return url
+    return here
 
 
 
