@@ -147,7 +147,7 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     assert len(pl) + len(rejects) == 10 and set(labels["summary"]) == {"es", "el", "sl"}
     assert set(pl["teacher"].str.split("@").str[0]) <= {"slimipl/es", "slimipl/el", "slimipl/sl"}
     # Labeling and (slimipl_lm) slimIPL decoded with each language's LM, tuned on dev (the decode column says so).
-    assert pl["decode"].str.startswith("beam32/5 char-LM").all()
+    assert pl["decode"].str.startswith("beam50/8 char-LM").all()
     assert json.loads((tmp_path / "run/slimipl/sl/config.json").read_text())["decoder"]["unit"] == "char"
     # Round 2: the first student of round 1 (after its labeled-only fine-tune) relabeled every row once into the
     # round's own corpus; its students read that corpus.

@@ -84,11 +84,24 @@ def test_beam_search_with_lm_weight_zero_picks_the_greedy_path_on_peaked_posteri
 def test_the_lm_decides_where_the_acoustics_cannot(tmp_path):
     folder, tok = _lm(tmp_path, ["abc", "abc abc"] * 30)
     a, b, c = 3, 4, 5
-    # Frame 2 is a coin toss between b and c; the LM has only ever seen "abc".
-    frames = [{a: 0.9}, {0: 0.9}, {b: 0.45, c: 0.46}, {0: 0.9}, {c: 0.9}]
+    # Frame 2 leans to c (summed over alignments too); the LM has only ever seen "abc".
+    frames = [{a: 0.9}, {0: 0.9}, {b: 0.3, c: 0.65}, {0: 0.9}, {c: 0.9}]
     log_probs = _posteriors(frames)
     assert BeamDecoder(BeamDecoderConfig(lm=folder, lm_weight=0.0), folder, tok).decode(log_probs) == "acc"
     assert BeamDecoder(BeamDecoderConfig(lm=folder, lm_weight=1.0), folder, tok).decode(log_probs) == "abc"
+
+
+def test_log_add_scores_a_hypothesis_by_the_sum_over_its_alignments_not_its_best_one(tmp_path):
+    folder, tok = _lm(tmp_path, ["abc", "abc abc"] * 30)
+    a, b = 3, 4
+    # Two frames. "b"'s best alignment (b, blank) = .49 * .49 beats every alignment of "a", but "a"'s three
+    # alignments (a a, a -, - a) sum to .4*.4 + .4*.49 + .1*.4 = .396 > "b"'s .49*.49 + .49*.1 + .1*.1 = .299.
+    log_probs = _posteriors([{a: 0.4, b: 0.49, 0: 0.1}, {a: 0.4, 0: 0.49, b: 0.1}])
+    cfg = BeamDecoderConfig(lm=folder, lm_weight=0.0, beam_size=50, beam_size_token=6)
+    assert BeamDecoder(cfg.model_copy(update={"log_add": False}), folder, tok).decode(log_probs) == "b"
+    assert BeamDecoder(cfg, folder, tok).decode(log_probs) == "a"
+    assert cfg.describe() == "beam50/6 char-LM w=0 sil=0"
+    assert cfg.model_copy(update={"log_add": False}).describe() == "beam50/6 max char-LM w=0 sil=0"
 
 
 def test_a_word_lm_only_spells_words_of_its_lexicon(tmp_path):

@@ -28,11 +28,14 @@ class BeamDecoderConfig(Config):
     lm_weight: float = Field(2.0, ge=0.0, description="weight of the LM's log-probability")
     sil_score: float = Field(0.0, description="added per sil token (space): restores word boundaries lexicon-free")
     word_score: float = Field(0.0, description="added per word (word unit)")
+    log_add: bool = Field(True, description="a hypothesis scores the sum over its CTC alignments, not only its best "
+                                            "one (measured: PL CER 0.73x -> 0.67x greedy's on the demo)")
 
     def describe(self) -> str:
-        """What ran, for the `decode` column: e.g. `beam50/10 char-LM w=2.0 sil=3.0`."""
+        """What ran, for the `decode` column: e.g. `beam50/10 char-LM w=2 sil=3` (`max`: best alignment only)."""
         extra = f"sil={self.sil_score:g}" if self.unit == "char" else f"word={self.word_score:g}"
-        return f"beam{self.beam_size}/{self.beam_size_token} {self.unit}-LM w={self.lm_weight:g} {extra}"
+        return (f"beam{self.beam_size}/{self.beam_size_token}{'' if self.log_add else ' max'} {self.unit}-LM "
+                f"w={self.lm_weight:g} {extra}")
 
 
 class LMConfig(Config):

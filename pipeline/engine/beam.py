@@ -149,7 +149,7 @@ class BeamDecoder:
             lexicon=str(Path(lm_dir, "lexicon.txt")) if word else None, tokens=tokens,
             lm=str(Path(lm_dir, "lm.bin")), lm_dict=None if word else str(Path(lm_dir, "lm_dict.txt")),
             nbest=1, beam_size=cfg.beam_size, beam_size_token=cfg.beam_size_token, beam_threshold=cfg.beam_threshold,
-            lm_weight=cfg.lm_weight, word_score=cfg.word_score, sil_score=cfg.sil_score,
+            lm_weight=cfg.lm_weight, word_score=cfg.word_score, sil_score=cfg.sil_score, log_add=cfg.log_add,
             unk_score=float("-inf") if word else 0.0, blank_token=BLANK, sil_token=self.sil, unk_word=UNK)
 
     def decode(self, log_probs: torch.Tensor) -> str:
