@@ -213,6 +213,27 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Run the ablations off a finished recipe run as the Prefect flow mlpl-ablations and print the table."""
+    from pipeline.report.report import build_report
+
+    cfg = _recipe_config(args)
+    out_dir = args.out or cfg.run_dir.rstrip("/") + "-ablations"
+    try:
+        build_report(cfg.run_dir)  # before any Prefect start-up: the ablations branch off a finished run
+    except FileNotFoundError as err:
+        print(f"error: {err}; the ablations branch off a finished recipe run: run it first (make reproduce)",
+              file=sys.stderr)
+        return 2
+    from flows.ablate import ablations_flow  # Prefect only once there is something to run
+
+    record = ablations_flow(cfg, out_dir, args.only, args.results, args.results_command or "mlpl ablate")
+    print(record["markdown"])
+    if args.results:
+        print(f"results → {args.results} (Ablations)")
+    return 0
+
+
 def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
     """The report table, each stage's wall time and where everything is."""
     from pipeline.report.report import build_report, orderings_markdown, recipe_targets
@@ -421,6 +442,17 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--results", default=None, help="also write a results page (table, plot, orderings) here")
     rc.add_argument("--results-command", default=None, help=argparse.SUPPRESS)  # the command the page quotes
     rc.set_defaults(func=cmd_recipe)
+
+    ab = sub.add_parser("ablate", help="switch each lever of a finished recipe run, one run each (branches of it), "
+                        "and tabulate what each is worth")
+    _recipe_arguments(ab, corpus="bench", corpus_dir="data/bench", run_dir="runs/bench")
+    ab.add_argument("--recipe", default="bench", help="the recipe preset the run was made with (default: bench)")
+    ab.add_argument("--config", default=None, help="the RecipeConfig JSON the run was made with, instead")
+    ab.add_argument("--out", default=None, help="where the branches go (default: <run-dir>-ablations)")
+    ab.add_argument("--only", action="append", metavar="NAME", help="run only these ablations (repeatable)")
+    ab.add_argument("--results", default=None, help="write the table into this results page's Ablations section")
+    ab.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    ab.set_defaults(func=cmd_ablate)
 
     st = sub.add_parser("student", help="train a student on labeled + pseudo-labeled data (resumes by default)")
     st.add_argument("--mode", default="from_scratch", choices=["from_scratch", "finetune"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import shutil
 import socket
 import tempfile
 import time
@@ -127,6 +128,41 @@ def remove(url: str) -> None:
     fs, path = _fs(url)
     if fs.exists(path):
         fs.rm(path)
+
+
+def remove_tree(url: str) -> None:
+    """Delete a folder and everything below it, if it exists."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a folder to `dst` on the same file system; `dst` appears whole or not at all (copied under a temporary
+    name, then renamed); an existing `dst` is left as it is.
+
+    Raises:
+        FileNotFoundError: when `src` is not a folder.
+        ValueError: when `src` and `dst` are on different file systems.
+    """
+    fs, src_path = _fs(src)
+    dfs, dst_path = _fs(dst)
+    if not fs.isdir(src_path):
+        raise FileNotFoundError(f"no folder to copy at {src}")
+    if type(fs) is not type(dfs):
+        raise ValueError(f"copy_tree copies within one file system: {src} and {dst} are on two")
+    if fs.exists(dst_path):
+        return
+    partial = f"{dst_path}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        if isinstance(fs, LocalFileSystem):
+            shutil.copytree(src_path, partial)
+        else:
+            fs.copy(src_path, partial, recursive=True)
+        fs.mv(partial, dst_path, recursive=True)
+    finally:
+        if fs.exists(partial):
+            fs.rm(partial, recursive=True)
 
 
 def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:

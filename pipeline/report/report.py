@@ -17,6 +17,7 @@ from storage.files import (
     list_files,
     read_bytes,
     read_json,
+    read_text,
     write_json,
 )
 
@@ -406,5 +407,30 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
         f"## Validation CER per stage\n\n![validation CER per stage]({plot_name})\n\n"
         f"## Wall time per stage\n\n| stage | wall s |\n|---|---:|\n{walls}\n"
     )
+    if exists(path):  # the ablation study (`mlpl ablate`) is written into the page separately: keep it
+        ablations = section(read_text(path), "Ablations")
+        if ablations is not None:
+            text = replace_section(text, "Ablations", ablations)
     atomic_write_text(path, text)
     return text
+
+
+def replace_section(page: str, title: str, body: str) -> str:
+    """`page` with the body of its `## <title>` section replaced by `body` (appended at the end when absent)."""
+    head = f"## {title}\n"
+    body = body.strip("\n") + "\n"
+    start = page.find(head)
+    if start < 0:
+        return page.rstrip("\n") + f"\n\n{head}\n{body}"
+    end = page.find("\n## ", start + len(head))
+    return page[:start] + f"{head}\n{body}" + ("" if end < 0 else page[end:])
+
+
+def section(page: str, title: str) -> str | None:
+    """The body of `page`'s `## <title>` section (without the blank lines around it), or None."""
+    head = f"## {title}\n"
+    start = page.find(head)
+    if start < 0:
+        return None
+    end = page.find("\n## ", start + len(head))
+    return page[start + len(head):None if end < 0 else end].strip("\n") + "\n"

@@ -1,0 +1,139 @@
+"""Ablations of the recipe (issue 16): each lever switched against the recipe as it ships, one run each. Every
+ablation is a branch of the finished recipe run (a copy of its folder), so the stage cache reuses every stage
+the lever does not touch and only the rest trains again. One table says what each lever is worth: the final
+student's test CER, the low-resource language's, slimIPL's and the pseudo-labels' quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.layout import RunLayout
+from pipeline.report.report import _f, build_report, hidden_references, pl_quality
+from storage.files import exists
+
+ABLATION_STUDENT = "finetune"  # the ablations train the recipe's best student only (half the student time)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One lever switched: its folder name, what it is, the change, the recipe fields that make it, and the stage
+    folders its branch trains afresh (a lever a finished stage cannot take on by resuming, e.g. top-N averaging,
+    which needs the dev-scored checkpoints kept while training)."""
+
+    name: str
+    lever: str
+    change: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fresh: tuple[str, ...] = ()
+
+
+# In the order they run (most telling first): a run cut short still answers the main questions.
+ABLATIONS: tuple[Ablation, ...] = (
+    Ablation("greedy_pls", "LM-fused labeling", "char 6-gram LM, beam 50/8 → greedy CTC", {"labeling_lm": None}),
+    Ablation("slimipl_lambda4", "slimIPL anchoring", "λ 1 → 4 PL batches per labeled batch",
+             {"slimipl": {"unlabeled_ratio": 4}}),
+    Ablation("natural_pl_share", "student's PL share", "35 % of batches → natural (audio seconds)",
+             {"student_pl_share": None}),
+    Ablation("averaged_teachers", "averaged teachers", "best.pt → top-3 average where not worse on dev",
+             {"teacher_average_top_n": 3}, fresh=("finetune", "slimipl")),
+    Ablation("rounds2", "rounds", "1 → 2 (round 1's student relabels the corpus, a student trains again)",
+             {"rounds": 2}),
+    Ablation("audit_threshold", "dev-audit PL threshold", "none → per-language confidence where dev CER ≤ 30 %",
+             {"pl_max_dev_cer": 30.0}),
+    Ablation("temperature_mix", "language mixing", "natural → temperature α 0.5 (supervised stage and student)",
+             {"language_mix": {"kind": "temperature", "alpha": 0.5}}),
+)
+
+
+def ablation_named(names: list[str] | None) -> list[Ablation]:
+    """The ablations to run, in their order (`names`: a subset; None: all).
+
+    Raises:
+        ValueError: for a name that is not an ablation.
+    """
+    known = {a.name: a for a in ABLATIONS}
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; known: {', '.join(known)}")
+    return [a for a in ABLATIONS if names is None or a.name in names]
+
+
+def final_student(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The report row of the student a run ends with: the last round's, after its labeled-only fine-tune when
+    there is one."""
+    students = [r for r in report["rows"] if r["stage"].startswith("student/")]
+    return students[-1] if students else None
+
+
+def _labels_of(run_dir: str, stage: str) -> str:
+    """The PL corpus a student trained on: round k's for `student/<mode>-round<k>`, else the run's."""
+    layout = RunLayout(run_dir)
+    base = stage.removeprefix("student/").removesuffix("-labeled-ft")
+    _, _, round_ = base.partition("-round")
+    return layout.round_labels(int(round_)) if round_.isdigit() else layout.labels
+
+
+def ablation_figures(run_dir: str, reference_manifest: str | None) -> dict[str, Any]:
+    """What one run gives for the ablation table: final student (avg and per-language test CER), slimIPL's avg
+    test CER, and the mean PL CER/WER over languages of the labels that student trained on.
+
+    Raises:
+        FileNotFoundError: the run has no supervised test metrics (it did not finish).
+    """
+    from storage.pl import load_pseudo_labels
+
+    report = build_report(run_dir)
+    rows = {r["stage"]: r for r in report["rows"]}
+    student = final_student(report)
+    figures: dict[str, Any] = {
+        "run_dir": run_dir, "languages": report["languages"],
+        "supervised_cer": rows["supervised"]["cer_all"],
+        "slimipl_cer": rows.get("slimipl", {}).get("cer_unlabeled"),
+        "student": None if student is None else student["stage"],
+        "student_cer": None if student is None else student["cer_all"],
+        "student_cer_by_language": {} if student is None else student["cer"],
+    }
+    labels = _labels_of(run_dir, student["stage"]) if student else None
+    if reference_manifest and labels and exists(labels):
+        quality = pl_quality(load_pseudo_labels(labels), hidden_references(reference_manifest))
+        if quality:
+            figures["pl_cer"] = sum(q["cer"] for q in quality.values()) / len(quality)
+            figures["pl_wer"] = sum(q["wer"] for q in quality.values()) / len(quality)
+    return figures
+
+
+def _delta(value: float | None, base: float | None) -> str:
+    if value is None or base is None or not base:
+        return "—"
+    return f"{100.0 * (value - base) / base:+.1f} %"
+
+
+def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str, Any] | None]],
+                      low_resource: str | None, command: str) -> str:
+    """The ablation table: the recipe's row, then one per ablation (a missing run says so), with the command."""
+    low = f" {low_resource}" if low_resource else ""
+    lines = [f"Each row switches one lever of the recipe and reruns what it touches, from a copy of the finished "
+             f"recipe run (`{base['run_dir']}`); students: `{ABLATION_STUDENT}` only. Command: `{command}` (an "
+             "interrupted run resumes; finished ablations are read back, not retrained).", "",
+             f"| ablation | change | final student avg CER | vs recipe | student{low} CER | slimIPL avg CER | "
+             "PL CER | PL WER |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(f: dict[str, Any]) -> str:
+        by_lang = f.get("student_cer_by_language", {})
+        delta = "—" if f is base else _delta(f.get("student_cer"), base.get("student_cer"))
+        return (f"{_f(f.get('student_cer'))} | {delta} | "
+                f"{_f(by_lang.get(low_resource)) if low_resource else '—'} | {_f(f.get('slimipl_cer'))} | "
+                f"{_f(f.get('pl_cer'))} | {_f(f.get('pl_wer'))} |")
+
+    lines.append(f"| **recipe** (`{base['run_dir']}`) | as it ships | {cells(base)}")
+    for ablation, figures in rows:
+        if figures is None:
+            lines.append(f"| {ablation.lever} (`{ablation.name}`) | {ablation.change} | not run yet |||||| ")
+        else:
+            lines.append(f"| {ablation.lever} (`{ablation.name}`) | {ablation.change} | {cells(figures)}")
+    lines += ["", "Test CER %; PL CER/WER: mean over languages of the labels the final student trained on, against "
+              "the hidden transcripts. A lever pays where its row is worse than the recipe's (the recipe keeps it on); "
+              "a row better than the recipe's is a lever the recipe should drop."]
+    return "\n".join(lines) + "\n"
