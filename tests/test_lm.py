@@ -206,6 +206,22 @@ def test_labeling_with_the_lm_says_what_decoded_and_a_new_lm_weight_relabels_its
     assert df2[df2.language == "sl"].decode.str.startswith(heavier.describe()).all()
 
 
+def test_beam_search_in_worker_processes_writes_the_same_rows_as_in_process(smoke_lm, smoke_corpus, teacher,
+                                                                            tmp_path):
+    run, tuned = smoke_lm
+    cfg = label_tiny(f"{smoke_corpus}/manifests/unlabeled.jsonl", {"sl": teacher}, unit_max_utterances=3,
+                     decoders={"sl": tuned["chosen"]}, batch={"max_batch_duration_s": 60.0, "max_batch_size": 2})
+    inline = run_label(cfg.model_copy(update={"decode_workers": 0}), str(tmp_path / "inline"))
+    pooled = run_label(cfg.model_copy(update={"decode_workers": 1}), str(tmp_path / "pooled"))
+    assert beam_module._WORKER_POOLS  # the children ran, and are kept for the next unit
+    columns = ["id", "text", "num_tokens", "confidence", "decode"]
+    a = load_pseudo_labels(str(tmp_path / "inline")).sort_values("id")[columns].reset_index(drop=True)
+    b = load_pseudo_labels(str(tmp_path / "pooled")).sort_values("id")[columns].reset_index(drop=True)
+    assert len(a) > 2 and a.equals(b) and inline.units_labeled == pooled.units_labeled > 1
+    beam_module.close_workers()
+    assert not beam_module._WORKER_POOLS
+
+
 def test_a_decoder_whose_lm_is_not_built_fails_before_any_unit_with_the_fix(smoke_corpus, teacher, tmp_path):
     cfg = label_tiny(f"{smoke_corpus}/manifests/unlabeled.jsonl", {"sl": teacher},
                      decoders={"sl": {"lm": str(tmp_path / "missing")}})

@@ -158,6 +158,9 @@ class LabelConfig(Config):
     num_threads: int | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # where teachers decode
     prefetch_batches: int = Field(2, ge=0)  # 0: decode in the labeling thread (no prefetch thread)
+    # LM-fused beam search in this many child processes, overlapping the model's next batch (0: in the labeling
+    # process; a daemonic process, e.g. a Dask worker, always decodes in-process). Not part of any key.
+    decode_workers: int = Field(1, ge=0)
     # language → LM-fused beam search (docs/architecture.md, "LM-fused labeling"); other languages decode greedy.
     decoders: dict[str, BeamDecoderConfig] = Field(default_factory=dict)
     # language → confidence below which its PLs are rejects, e.g. read off the dev audit (pipeline/stages/label_audit).

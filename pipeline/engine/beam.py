@@ -9,6 +9,7 @@ have a name that is not a character.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -138,6 +139,7 @@ class BeamDecoder:
     def __init__(self, cfg: BeamDecoderConfig, lm_dir: str, tokenizer: Tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.lm_dir = lm_dir
         tokens = lm_tokens(tokenizer)
         on_disk = Path(lm_dir, "tokens.txt").read_text(encoding="utf-8").splitlines()
         if on_disk != tokens:
@@ -175,3 +177,74 @@ def cached_decoder(cfg: BeamDecoderConfig, lm_dir: str, tokenizer: Tokenizer) ->
             _DECODERS.pop(next(iter(_DECODERS)))
         _DECODERS[key] = BeamDecoder(cfg, lm_dir, tokenizer)
     return _DECODERS[key]
+
+
+class BeamWorkers:
+    """A language's LM-fused beam search in child processes, so decoding one batch overlaps the model's work on the
+    next: flashlight-text's decoder holds the GIL, so threads of one process do not overlap it (measured slower,
+    docs/benchmarks.md). Each child loads the LM once; `submit` returns a future of the texts."""
+
+    def __init__(self, decoder: BeamDecoder, workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.cfg = decoder.cfg
+        # spawn, not fork: a forked child of a process whose OpenMP threads are running can hang.
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker,
+                                         initargs=(decoder.cfg.model_dump(mode="json"), decoder.lm_dir,
+                                                   decoder.tokenizer.to_dict()))
+        self._pool.submit(int)  # start the children now: they load while the model runs its first batch
+
+    def submit(self, log_probs: list[torch.Tensor]):
+        """A future of the best hypothesis' text for each utterance's (T, V) log-probabilities."""
+        arrays = [lp.detach().to(torch.float32).cpu().numpy() for lp in log_probs]
+        return self._pool.submit(_decode_in_worker, arrays)
+
+    def close(self) -> None:
+        """Stop the children."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: BeamDecoder | None = None
+
+
+def _start_worker(cfg: dict, lm_dir: str, tokenizer: dict) -> None:
+    from pipeline.data.tokenizer import tokenizer_from_dict
+
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = BeamDecoder(BeamDecoderConfig(**cfg), lm_dir, tokenizer_from_dict(tokenizer))
+
+
+def _decode_in_worker(arrays: list) -> list[str]:
+    assert _WORKER is not None
+    return [_WORKER.decode(torch.from_numpy(a)) for a in arrays]
+
+
+_WORKER_POOLS: dict[tuple[str, str, tuple[str, ...], int], BeamWorkers] = {}
+
+
+def cached_workers(decoder: BeamDecoder, workers: int) -> BeamWorkers | None:
+    """`workers` decoding processes for a decoder, started once per process and kept for its next units (the two
+    most recent decoders'); None when `workers` is 0 or this process may not start children (a daemonic one, e.g.
+    a Dask worker): decode in-process then."""
+    import multiprocessing
+
+    if workers < 1 or multiprocessing.current_process().daemon:
+        return None
+    key = (decoder.cfg.model_dump_json(), decoder.lm_dir, tuple(lm_tokens(decoder.tokenizer)), workers)
+    if key not in _WORKER_POOLS:
+        while len(_WORKER_POOLS) >= 2:
+            _WORKER_POOLS.pop(next(iter(_WORKER_POOLS))).close()
+        _WORKER_POOLS[key] = BeamWorkers(decoder, workers)
+    return _WORKER_POOLS[key]
+
+
+def close_workers() -> None:
+    """Stop every decoding process this process started."""
+    while _WORKER_POOLS:
+        _WORKER_POOLS.popitem()[1].close()
+
+
+atexit.register(close_workers)

@@ -41,10 +41,13 @@ def decode_batch(
     bf16: bool = True,
     crop: CropSpec | None = None,
     beam: BeamDecoder | None = None,
+    keep_log_probs: bool = False,
 ) -> list[dict[str, Any]]:
     """Greedy CTC (or `beam`'s LM-fused search) over one padded batch (B, T, n_mels) in eval mode, whole or
     cropped: the one decode path of evaluation, slimIPL labeling and PL generation. Per utterance: tokens, text,
-    confidence (the acoustic model's, mean top posterior per frame, whatever decoded), blank ratio, LID, `decoder`.
+    confidence (the acoustic model's, mean top posterior per frame, whatever decoded), blank ratio, LID, `decoder`;
+    with `keep_log_probs`, its (T, V) log-posteriors too (`log_probs`), for a beam search that runs elsewhere
+    (`with_beam_text`).
 
     The model's train/eval mode is restored afterwards.
     """
@@ -67,24 +70,29 @@ def decode_batch(
     rows = []
     for i, (h, p, n) in enumerate(zip(hyps, lid_probs, out.out_lens.tolist(), strict=True)):
         k = int(p.argmax())
-        tokens, text = h.tokens, tokenizer.decode(h.tokens)
+        row = {
+            "tokens": h.tokens,
+            "hypothesis": tokenizer.decode(h.tokens),
+            "num_tokens": len(h.tokens),
+            "num_frames": int(n),
+            "confidence": round(h.confidence, 5),
+            "blank_ratio": round(h.blank_ratio, 5),
+            "lid_pred": languages[k],
+            "lid_prob": round(float(p[k]), 5),
+            "decoder": "greedy",
+        }
         if beam is not None:
-            text = beam.decode(log_probs[i, :n])
-            tokens = tokenizer.encode(text)
-        rows.append(
-            {
-                "tokens": tokens,
-                "hypothesis": text,
-                "num_tokens": len(tokens),
-                "num_frames": int(n),
-                "confidence": round(h.confidence, 5),
-                "blank_ratio": round(h.blank_ratio, 5),
-                "lid_pred": languages[k],
-                "lid_prob": round(float(p[k]), 5),
-                "decoder": "greedy" if beam is None else beam.cfg.describe(),
-            }
-        )
+            row = with_beam_text(row, beam.decode(log_probs[i, :n]), tokenizer, beam.cfg.describe())
+        if keep_log_probs:
+            row["log_probs"] = log_probs[i, :n]
+        rows.append(row)
     return rows
+
+
+def with_beam_text(row: dict[str, Any], text: str, tokenizer: Tokenizer, decoder: str) -> dict[str, Any]:
+    """A decoded row whose hypothesis is a beam search's `text` (its confidence stays the acoustic model's)."""
+    tokens = tokenizer.encode(text)
+    return row | {"tokens": tokens, "hypothesis": text, "num_tokens": len(tokens), "decoder": decoder}
 
 
 def decode_features(
@@ -96,12 +104,13 @@ def decode_features(
     bf16: bool = True,
     crop: CropSpec | None = None,
     beam: BeamDecoder | None = None,
+    keep_log_probs: bool = False,
 ) -> list[dict[str, Any]]:
     """`decode_batch` over unpadded per-utterance features [(T_i, n_mels)], e.g. a streamed batch's."""
     lens = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
     feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (B, T, n_mels)
     return decode_batch(model, feats, lens, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop,
-                        beam=beam)
+                        beam=beam, keep_log_probs=keep_log_probs)
 
 
 def _dataset_batches(ds: Dataset, languages: Sequence[str], batch: BatchConfig):

@@ -28,7 +28,7 @@ import math
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -40,8 +40,8 @@ import torch
 from pipeline.config import LabelConfig
 from pipeline.data.rows import ProgressFn, Reject, Utterance, read_utterances
 from pipeline.data.stream import LazyBatchLoader, LoadedBatch, header_duration_s
-from pipeline.engine.beam import BeamDecoder
-from pipeline.engine.decode import CropSpec, decode_features
+from pipeline.engine.beam import BeamDecoder, cached_workers
+from pipeline.engine.decode import CropSpec, decode_features, with_beam_text
 from pipeline.engine.device import precision_used, resolve_device
 from pipeline.engine.model import Trained, load_trained
 from pipeline.stages.label_summary import reject_category, summary_markdown
@@ -319,10 +319,10 @@ def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig, *, source: str 
 
 
 def _decode(batch: LoadedBatch, trained: Trained, cfg: LabelConfig, crop: CropSpec | None,
-            stats: UnitStats, beam: BeamDecoder | None = None) -> list[dict[str, Any]]:
+            stats: UnitStats, beam: BeamDecoder | None = None, keep_log_probs: bool = False) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     out = decode_features(trained.model, batch.features, tokenizer=trained.tokenizer, languages=trained.languages,
-                          bf16=cfg.bf16, crop=crop, beam=beam)
+                          bf16=cfg.bf16, crop=crop, beam=beam, keep_log_probs=keep_log_probs)
     stats.model_s += time.perf_counter() - t0
     lens = [f.shape[0] for f in batch.features]
     stats.frames += sum(lens)
@@ -408,14 +408,32 @@ def _label_with_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput,
     trained.model.to(resolve_device(cfg.device))  # once per process: a no-op when it is there already
     etags = {u.id: u.etag for u in unit.utterances}
     beam = plan.beam(unit.language, trained)
+    workers = None if beam is None else cached_workers(beam, cfg.decode_workers)
+    in_flight: deque = deque()  # (batch, rows, future of their beam texts): the model runs on while they decode
+
+    def commit(batch: LoadedBatch, decoded: list[dict[str, Any]]) -> None:
+        for u, d, flac, dur in zip(batch.utterances, decoded, batch.flac, batch.durations_s, strict=True):
+            out.add(u, d, flac, dur, cfg)
+        if on_progress is not None:
+            on_progress(sum(u.duration_s for u in batch.utterances))
+
+    def commit_oldest() -> None:
+        batch, decoded, texts = in_flight.popleft()
+        commit(batch, [with_beam_text(d, t, trained.tokenizer, workers.cfg.describe())
+                       for d, t in zip(decoded, texts.result(), strict=True)])
+
     for loader, crop in _batches(unit, trained, cfg):
         with loader:
             for batch in loader.iter_epoch(0):
-                decoded = _decode(batch, trained, cfg, crop, out.stats, beam)
-                for u, d, flac, dur in zip(batch.utterances, decoded, batch.flac, batch.durations_s, strict=True):
-                    out.add(u, d, flac, dur, cfg)
-                if on_progress is not None:
-                    on_progress(sum(u.duration_s for u in batch.utterances))
+                if workers is None:
+                    commit(batch, _decode(batch, trained, cfg, crop, out.stats, beam))
+                    continue
+                decoded = _decode(batch, trained, cfg, crop, out.stats, keep_log_probs=True)
+                in_flight.append((batch, decoded, workers.submit([d.pop("log_probs") for d in decoded])))
+                while len(in_flight) > 1:
+                    commit_oldest()
+            while in_flight:
+                commit_oldest()
             for r in loader.rejects:
                 out.rejects.append(_reject_row(r, created_at=out.created_at, teacher=teacher.ident,
                                                audio_etag=etags.get(r.id)))
