@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import builtins
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,13 @@ def test_beam_search_in_worker_processes_writes_the_same_rows_as_in_process(smok
     a = load_pseudo_labels(str(tmp_path / "inline")).sort_values("id")[columns].reset_index(drop=True)
     b = load_pseudo_labels(str(tmp_path / "pooled")).sort_values("id")[columns].reset_index(drop=True)
     assert len(a) > 2 and a.equals(b) and inline.units_labeled == pooled.units_labeled > 1
+    # A child that dies (out of memory, killed) costs speed, not rows: the unit decodes on in-process.
+    (pool,) = beam_module._WORKER_POOLS.values()
+    for pid in list(pool._pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    run_label(cfg.model_copy(update={"decode_workers": 1}), str(tmp_path / "after-crash"))
+    c = load_pseudo_labels(str(tmp_path / "after-crash")).sort_values("id")[columns].reset_index(drop=True)
+    assert a.equals(c)
     beam_module.close_workers()
     assert not beam_module._WORKER_POOLS
 

@@ -204,10 +204,10 @@ class RecipeConfig(Config):
         return configured(StudentConfig, base, self.labeled_finetune | knobs)
 
 
-# The demo's and bench's beam search (docs/benchmarks.md, "Beam search speed and quality"): summed alignments
-# (log_add), 50 hypotheses over the 8 likeliest tokens per frame, pruned 15 below the best: on the demo's sl
-# unlabeled audio PL CER 0.65x and WER 0.59x greedy's, where 32/5 with the best alignment only gave 0.73x / 0.68x.
-LABELING_BEAM = {"beam_size": 50, "beam_size_token": 8, "beam_threshold": 15.0, "log_add": True}
+# The demo's and bench's beam search (docs/benchmarks.md, "Summing alignments"): summed alignments (log_add), 50
+# hypotheses over the 8 likeliest tokens per frame, pruned 10 below the best: on the demo's sl unlabeled audio PL
+# CER 0.66x and WER 0.60x greedy's, where 32/5 with the best alignment only gave 0.73x / 0.68x.
+LABELING_BEAM = {"beam_size": 50, "beam_size_token": 8, "beam_threshold": 10.0, "log_add": True}
 LABELING_GRID = {"lm_weights": [1.0, 1.5, 2.0, 2.5, 3.0], "sil_scores": [1.0, 2.0, 3.0]}
 
 

@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -196,10 +198,16 @@ class BeamWorkers:
                                                    decoder.tokenizer.to_dict()))
         self._pool.submit(int)  # start the children now: they load while the model runs its first batch
 
-    def submit(self, log_probs: list[torch.Tensor]):
-        """A future of the best hypothesis' text for each utterance's (T, V) log-probabilities."""
+    def submit(self, log_probs: list[torch.Tensor]) -> Future:
+        """A future of the best hypothesis' text for each utterance's (T, V) log-probabilities (it fails with
+        BrokenProcessPool when a child died)."""
         arrays = [lp.detach().to(torch.float32).cpu().numpy() for lp in log_probs]
-        return self._pool.submit(_decode_in_worker, arrays)
+        try:
+            return self._pool.submit(_decode_in_worker, arrays)
+        except BrokenProcessPool as err:
+            failed: Future = Future()
+            failed.set_exception(err)
+            return failed
 
     def close(self) -> None:
         """Stop the children."""
@@ -239,6 +247,14 @@ def cached_workers(decoder: BeamDecoder, workers: int) -> BeamWorkers | None:
             _WORKER_POOLS.pop(next(iter(_WORKER_POOLS))).close()
         _WORKER_POOLS[key] = BeamWorkers(decoder, workers)
     return _WORKER_POOLS[key]
+
+
+def drop_workers(workers: BeamWorkers) -> None:
+    """Stop one set of decoding processes and forget it (e.g. after one of them died)."""
+    for key, pool in list(_WORKER_POOLS.items()):
+        if pool is workers:
+            del _WORKER_POOLS[key]
+    workers.close()
 
 
 def close_workers() -> None:
