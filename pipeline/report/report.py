@@ -397,9 +397,15 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
     plot_name = posixpath.basename(path).rsplit(".", 1)[0] + "_dev_cer.png"
     atomic_write_bytes(join(posixpath.dirname(path) or ".", plot_name), read_bytes(report["plot"]))
     walls = "\n".join(f"| {name} | {s:.0f} |" for name, s in out["wall_s"].items())
+    reused = {name: st.get("stage_wall_s", 0.0) for name, st in out.get("stages", {}).items() if st.get("cached")}
+    if reused:  # a rerun's wall time is the lookups of what it reused: say what those stages cost when trained
+        walls += (f"\n\nReused from an earlier run of the same config (the stage cache): {', '.join(reused)}; "
+                  f"training them took {sum(reused.values()) / 60:.1f} min then.")
     text = (
         f"# Results: the whole recipe on the `{out.get('corpus', {}).get('name', 'bench')}` corpus\n\n"
-        f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores. Run directory `{out['run_dir']}`.\n\n"
+        f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores"
+        f"{f' (+ {sum(reused.values()) / 60:.1f} min of reused stages, below)' if reused else ''}. "
+        f"Run directory `{out['run_dir']}`.\n\n"
         f"## Test CER (paper Tables 2-3 layout)\n\n{report['markdown']}\n"
         f"## Do the paper's orderings hold?\n\n{orderings_markdown(checks)}\n"
         f"## Did self-training pay? (issue 16's targets)\n\n{orderings_markdown(recipe_targets(built), 'target')}\n"
