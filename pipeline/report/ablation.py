@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.layout import RunLayout
-from pipeline.report.report import _f, build_report, hidden_references, pl_quality
-from storage.files import exists
+from pipeline.report.report import _f, build_report, hidden_references, pl_quality, replace_section, student_variants
+from storage.files import atomic_write_text, copy_tree, exists, join, read_json, read_text, remove_tree, write_json
 
 ABLATION_STUDENT = "finetune"  # the ablations train the recipe's best student only (half the student time)
 
@@ -137,3 +137,58 @@ def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str,
               "the hidden transcripts. A lever pays where its row is worse than the recipe's (the recipe keeps it on); "
               "a row better than the recipe's is a lever the recipe should drop."]
     return "\n".join(lines) + "\n"
+
+
+def prepare_branch(base_run: str, branch: str, ablation: Ablation) -> None:
+    """The ablation's run folder: a copy of the finished recipe run without the stages it must train afresh and
+    without the students it does not train; `ablation.json` marks it prepared (a killed preparation is redone)."""
+    marker = join(branch, "ablation.json")
+    if exists(marker):
+        return
+    copy_tree(base_run, branch)
+    layout = RunLayout(branch)
+    for name in ablation.fresh:
+        remove_tree(join(branch, name))
+        remove_tree(layout.eval(name))
+    for variant in student_variants(branch):
+        if not variant.startswith(ABLATION_STUDENT):
+            remove_tree(layout.student(variant).url)
+            remove_tree(layout.eval(f"student/{variant}"))
+    remove_tree(join(branch, "report"))
+    write_json(marker, {"base": base_run, "ablation": ablation.name, "overrides": ablation.overrides,
+                        "fresh": list(ablation.fresh), "finished": False})
+
+
+def finish_branch(branch: str, reference_manifest: str | None) -> dict[str, Any]:
+    """Mark a branch whose recipe run finished, with its figures (`ablation_figures`); returns them."""
+    marker = join(branch, "ablation.json")
+    figures = ablation_figures(branch, reference_manifest)
+    write_json(marker, read_json(marker) | {"finished": True, "figures": figures})
+    return figures
+
+
+def finished_figures(branch: str) -> dict[str, Any] | None:
+    """A finished ablation's figures (None while it has not finished: a half-run branch still holds the recipe's
+    copied results, which must not pass for the ablation's)."""
+    marker = join(branch, "ablation.json")
+    record = read_json(marker) if exists(marker) else {}
+    return record.get("figures") if record.get("finished") else None
+
+
+def publish_study(out_dir: str, base: dict[str, Any], low_resource: str | None, command: str,
+                  results: str | None) -> str:
+    """Every finished ablation against the recipe: `<out_dir>/ablations.json`, and the table (returned) written
+    into the results page's Ablations section when `results` is given."""
+    rows = [(a, finished_figures(join(out_dir, a.name))) for a in ABLATIONS]
+    write_json(join(out_dir, "ablations.json"), {"base": base, "ablations": {
+        a.name: {"lever": a.lever, "change": a.change, "overrides": a.overrides} | f for a, f in rows if f}})
+    table = ablation_markdown(base, rows, low_resource, command)
+    if results is not None:
+        page = read_text(results) if exists(results) else "# Results\n"
+        atomic_write_text(results, replace_section(page, "Ablations", table))
+    return table
+
+
+def study_record(out_dir: str) -> dict[str, Any]:
+    """`<out_dir>/ablations.json`: the recipe's figures and every finished ablation's."""
+    return read_json(join(out_dir, "ablations.json"))
