@@ -214,6 +214,7 @@ def test_beam_search_in_worker_processes_writes_the_same_rows_as_in_process(smok
     cfg = label_tiny(f"{smoke_corpus}/manifests/unlabeled.jsonl", {"sl": teacher}, unit_max_utterances=3,
                      decoders={"sl": tuned["chosen"]}, batch={"max_batch_duration_s": 60.0, "max_batch_size": 2})
     inline = run_label(cfg.model_copy(update={"decode_workers": 0}), str(tmp_path / "inline"))
+    beam_module.close_workers()  # only this test's decoding processes from here on
     pooled = run_label(cfg.model_copy(update={"decode_workers": 1}), str(tmp_path / "pooled"))
     assert beam_module._WORKER_POOLS  # the children ran, and are kept for the next unit
     columns = ["id", "text", "num_tokens", "confidence", "decode"]
