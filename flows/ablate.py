@@ -18,6 +18,7 @@ from pipeline.report.ablation import (
     ABLATION_STUDENT,
     ablation_figures,
     ablation_named,
+    branch_dir,
     finish_branch,
     prepare_branch,
     publish_study,
@@ -43,7 +44,7 @@ def ablations_flow(cfg: RecipeConfig, out_dir: str, names: list[str] | None = No
     progress = ProgressArtifact("ablations", f"{len(chosen)} ablations off {cfg.run_dir}")
     for i, ablation in enumerate(chosen):
         progress(i, len(chosen), f"{ablation.name}: {ablation.change}")
-        branch = f"{out_dir.rstrip('/')}/{ablation.name}"
+        branch = branch_dir(out_dir, ablation)
         prepare_branch(cfg.run_dir, branch, ablation)
         fields = deep_merge(cfg.model_dump(mode="json"), ablation.overrides)
         log.info("ablation %s (%d/%d): %s", ablation.name, i + 1, len(chosen), ablation.change)

@@ -171,9 +171,14 @@ class BeamDecoder:
 _DECODERS: dict[tuple[str, str, tuple[str, ...]], BeamDecoder] = {}
 
 
+def _decoder_key(cfg: BeamDecoderConfig, lm_dir: str, tokenizer: Tokenizer) -> tuple[str, str, tuple[str, ...]]:
+    """What makes two beam searches the same: config, LM folder, vocabulary."""
+    return cfg.model_dump_json(), lm_dir, tuple(lm_tokens(tokenizer))
+
+
 def cached_decoder(cfg: BeamDecoderConfig, lm_dir: str, tokenizer: Tokenizer) -> BeamDecoder:
     """A BeamDecoder per (config, LM folder, vocabulary), built once per process (loading an LM costs seconds)."""
-    key = (cfg.model_dump_json(), lm_dir, tuple(lm_tokens(tokenizer)))
+    key = _decoder_key(cfg, lm_dir, tokenizer)
     if key not in _DECODERS:
         if len(_DECODERS) >= 16:
             _DECODERS.pop(next(iter(_DECODERS)))
@@ -241,7 +246,7 @@ def cached_workers(decoder: BeamDecoder, workers: int) -> BeamWorkers | None:
 
     if workers < 1 or multiprocessing.current_process().daemon:
         return None
-    key = (decoder.cfg.model_dump_json(), decoder.lm_dir, tuple(lm_tokens(decoder.tokenizer)), workers)
+    key = (*_decoder_key(decoder.cfg, decoder.lm_dir, decoder.tokenizer), workers)
     if key not in _WORKER_POOLS:
         while len(_WORKER_POOLS) >= 2:
             _WORKER_POOLS.pop(next(iter(_WORKER_POOLS))).close()

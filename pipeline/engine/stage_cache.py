@@ -92,8 +92,9 @@ def reuse_or_resume(stage: str, stage_dir: StageDir, cfg: TrainingConfig, identi
         return None, True  # only budget or cadence changed: resume and extend the finished run
     here = _rebase(record.get("stage_dir"), stage_dir.url)
     for url, sha in cache.get("outputs", {}).items():
-        if not exists(here(url)) or sha256_of(here(url)) != sha:
-            log.warning("%s: %s was deleted or changed since the stage finished; training it again", stage, here(url))
+        local = here(url)
+        if not exists(local) or sha256_of(local) != sha:
+            log.warning("%s: %s was deleted or changed since the stage finished; training it again", stage, local)
             return None, False
     names = {f.name for f in fields(StageResult)} - {"cached", "losses"}
     log.info("%s: finished earlier with the same config and inputs (%s); reusing it", stage, stage_dir.url)

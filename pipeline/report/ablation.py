@@ -139,6 +139,11 @@ def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str,
     return "\n".join(lines) + "\n"
 
 
+def branch_dir(out_dir: str, ablation: Ablation) -> str:
+    """An ablation's run folder under the study's folder."""
+    return join(out_dir, ablation.name)
+
+
 def prepare_branch(base_run: str, branch: str, ablation: Ablation) -> None:
     """The ablation's run folder: a copy of the finished recipe run without the stages it must train afresh and
     without the students it does not train; `ablation.json` marks it prepared (a killed preparation is redone)."""
@@ -179,7 +184,7 @@ def publish_study(out_dir: str, base: dict[str, Any], low_resource: str | None, 
                   results: str | None) -> str:
     """Every finished ablation against the recipe: `<out_dir>/ablations.json`, and the table (returned) written
     into the results page's Ablations section when `results` is given."""
-    rows = [(a, finished_figures(join(out_dir, a.name))) for a in ABLATIONS]
+    rows = [(a, finished_figures(branch_dir(out_dir, a))) for a in ABLATIONS]
     write_json(join(out_dir, "ablations.json"), {"base": base, "ablations": {
         a.name: {"lever": a.lever, "change": a.change, "overrides": a.overrides} | f for a, f in rows if f}})
     table = ablation_markdown(base, rows, low_resource, command)

@@ -421,22 +421,28 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
     return text
 
 
-def replace_section(page: str, title: str, body: str) -> str:
-    """`page` with the body of its `## <title>` section replaced by `body` (appended at the end when absent)."""
-    head = f"## {title}\n"
-    body = body.strip("\n") + "\n"
-    start = page.find(head)
-    if start < 0:
-        return page.rstrip("\n") + f"\n\n{head}\n{body}"
-    end = page.find("\n## ", start + len(head))
-    return page[:start] + f"{head}\n{body}" + ("" if end < 0 else page[end:])
-
-
-def section(page: str, title: str) -> str | None:
-    """The body of `page`'s `## <title>` section (without the blank lines around it), or None."""
+def _section_span(page: str, title: str) -> tuple[int, int, int] | None:
+    """Where `page`'s `## <title>` section starts, where its body starts and where it ends (the next `## ` or
+    the page's end), or None."""
     head = f"## {title}\n"
     start = page.find(head)
     if start < 0:
         return None
     end = page.find("\n## ", start + len(head))
-    return page[start + len(head):None if end < 0 else end].strip("\n") + "\n"
+    return start, start + len(head), len(page) if end < 0 else end
+
+
+def replace_section(page: str, title: str, body: str) -> str:
+    """`page` with the body of its `## <title>` section replaced by `body` (appended at the end when absent)."""
+    body = body.strip("\n") + "\n"
+    span = _section_span(page, title)
+    if span is None:
+        return page.rstrip("\n") + f"\n\n## {title}\n\n{body}"
+    _, body_start, end = span
+    return page[:body_start] + f"\n{body}" + page[end:]
+
+
+def section(page: str, title: str) -> str | None:
+    """The body of `page`'s `## <title>` section (without the blank lines around it), or None."""
+    span = _section_span(page, title)
+    return None if span is None else page[span[1]:span[2]].strip("\n") + "\n"
