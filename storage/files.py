@@ -312,3 +312,61 @@ def resolve_relative(path: str, base_file_url: str) -> str:
 def relative_to(url: str, folder_url: str) -> str:
     """`url` written relative to a folder on the same file system (the inverse of `resolve_relative`)."""
     return posixpath.relpath(url.split("://", 1)[-1], folder_url.split("://", 1)[-1])
+
+
+def is_local(url: str) -> bool:
+    """Whether a URL names a file on this machine's file system (a plain path or file://)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The plain path of a local URL (`file://` stripped)."""
+    return url.removeprefix("file://")
+
+
+class AtomicWriter:
+    """A file written as a stream and made visible whole by `commit()`: on object stores the upload completes
+    at commit; elsewhere it goes to a dot-prefixed temp name beside the target, renamed at commit. `abort()`
+    (or leaving a `with` block on an error) drops it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.path = _fs(url)
+        parent, name = posixpath.split(self.path)
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+        self.tmp = self.path if _atomic_put(self.fs) else posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+        self.file = self.fs.open(self.tmp, "wb")
+
+    def write(self, data: bytes) -> None:
+        """Append bytes."""
+        self.file.write(data)
+
+    def commit(self) -> None:
+        """Close the stream and make the file visible under its name (replacing an older one)."""
+        if not self.file.closed:
+            self.file.close()
+        if self.tmp != self.path:
+            self.fs.mv(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop what was written (an error half-way)."""
+        if self.tmp == self.path:
+            # An object store's upload is discarded when it is not completed: abandon it without closing.
+            discard = getattr(self.file, "discard", None)
+            if discard is not None:
+                discard()
+                return
+        if not self.file.closed:
+            self.file.close()
+        if self.tmp != self.path and self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
+
+    def __enter__(self) -> AtomicWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.files import atomic_write_bytes, read_bytes, resolve_relative
+from storage.files import AtomicWriter, atomic_write_bytes, read_bytes, resolve_relative
 
 
 def _is_parquet(url: str) -> bool:
@@ -99,3 +99,25 @@ def write_rejects(url: str, rejects: list[dict[str, Any]]) -> None:
         atomic_write_bytes(url, buf.getvalue())
     else:
         write_manifest(url, rows)
+
+
+class ManifestWriter:
+    """A JSONL manifest written row by row (a corpus never held in memory) and made visible whole by `commit()`."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.rows = 0
+        self._out = AtomicWriter(url)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row."""
+        self._out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.rows += 1
+
+    def commit(self) -> None:
+        """Make the manifest visible under its name."""
+        self._out.commit()
+
+    def abort(self) -> None:
+        """Drop the rows written so far."""
+        self._out.abort()

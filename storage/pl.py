@@ -2,22 +2,31 @@
 
 Layout under a labels root (docs/architecture.md, "Pseudo-label generation"):
 
-    pl/language=<lang>/part-<NNNNNN>.parquet       the PL table, one file per work unit
-    rejects/language=<lang>/part-<NNNNNN>.parquet  rows of that unit that were not kept, with the reason
-    rejects/language=<lang>/input-<hash>.parquet   manifest rows rejected before any unit (bad line, dup id)
-    shards/pl-<lang>-<NNNNNN>.tar                  WebDataset shard of the unit: <key>.flac + <key>.json
-    catalog/units/<lang>-<NNNNNN>.json             commit record of the unit (its keys, counts, files)
-    catalog/manifests/<hash>.json                  the unit numbers given to one input manifest
+    pl/<lang>/part-<NNNNNN>.parquet       the PL table, one file per work unit
+    rejects/<lang>/part-<NNNNNN>.parquet  rows of that unit that were not kept, with the reason
+    rejects/<lang>/input-<hash>.parquet   manifest rows rejected before any unit (bad line, dup id)
+    shards/pl-<lang>-<NNNNNN>.tar         WebDataset shard of the unit: <key>.flac + <key>.json
+    catalog/units/<lang>-<NNNNNN>.json    commit record of the unit (its keys, counts, files)
+    catalog/manifests/<hash>.json         the unit numbers given to one input manifest
 
 A unit commits in this order: shard, rejects, PL file (all written under temp names and renamed), then its
 catalog record. Readers of the table see a unit once its PL file is in place; a unit without a record is
 redone on the next run and its files are replaced under the same names, so no row is ever seen twice.
-An id labeled again later (the relabel job, after a teacher changed or the file did) is superseded, not
-duplicated: `load_pseudo_labels` keeps each id's latest attempt only, and when that attempt was rejected the
-id has no PL row at all.
-Every file carries the full schema (pandas drops columns missing from the first file it reads), and
-`language` is both the hive partition and a dictionary column inside each file, so pandas, pyarrow, duckdb
-and Hugging Face `datasets` all read it.
+
+An id labeled again later (the relabel job after a file or a teacher changed, or a second labeling of the same
+ids) supersedes its old row in place: the committing unit rewrites each earlier PL file holding one of its ids
+with the new row where the old one was (or without it, when the new attempt was rejected), one atomic file swap
+per file, under a lock per file. So every reader of the folder — pandas, pyarrow, duckdb, polars, Hugging Face
+`datasets`, Spark — sees each id exactly once at every instant, with its old PL or its new one. The row's
+`shard`/`key` name the new shard whatever file holds it.
+
+The folders are plain, not hive `language=<lang>` partitions: `language` is a string column inside every file,
+and a column that is also a hive partition reads as a dictionary in pandas and as a string in
+`pyarrow.dataset(partitioning="hive")`, which then refuses to merge the two; Hugging Face `datasets` ignores
+partitions, so the column must be in the files. Filters on `language` still skip other files (row-group
+statistics). Roots written before schema 3 (hive folders, dictionary column) are moved to this layout by the
+first labeling run into them (`LabelStore.upgrade_layout`); mlpl's own readers read both.
+Every file carries the full schema (pandas drops columns missing from the first file it reads).
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ import json
 import posixpath
 import re
 import tarfile
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,10 +45,21 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from storage.files import atomic_write_bytes, exists, filesystem, join, list_files, read_json, write_json
+from storage.files import (
+    AtomicWriter,
+    StorageLock,
+    atomic_write_bytes,
+    exists,
+    filesystem,
+    join,
+    list_files,
+    read_json,
+    remove,
+    write_json,
+)
 
-SCHEMA_VERSION = 2  # 2: audio_etag (files of version 1 read it as null)
-_LANG = pa.dictionary(pa.int32(), pa.string())
+SCHEMA_VERSION = 3  # 2: audio_etag (files of version 1 read it as null); 3: plain folders, language a string
+_LANG = pa.string()
 _TIME = pa.timestamp("us", tz="UTC")
 
 PL_SCHEMA = pa.schema(
@@ -115,6 +134,28 @@ def _table(rows: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def _write_or_remove(url: str, rows: Sequence[dict[str, Any]], schema: pa.Schema) -> None:
+    """Write rows as a Parquet file; with no rows, remove the file instead (Hugging Face `datasets` cannot read
+    a Parquet file without row groups)."""
+    if rows:
+        atomic_write_bytes(url, _parquet_bytes(_table(rows, schema)))
+    elif exists(url):
+        remove(url)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table read from any earlier schema version in `schema`: missing columns null, types cast."""
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _url_like(root: str, path: str) -> str:
+    """A path of the root's file system as a URL with the root's protocol."""
+    protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
+    return path if not protocol or path.startswith(protocol) else protocol + path
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=_ROW_GROUP_ROWS)
@@ -129,12 +170,8 @@ class ShardWriter:
 
     def __init__(self, url: str):
         self.url = url
-        self.fs, self.path = _fs(url)
-        parent, name = posixpath.split(self.path)
-        self.fs.makedirs(parent, exist_ok=True)
-        self.tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-        self._file = self.fs.open(self.tmp, "wb")
-        self._writer = wds.TarWriter(self._file, encoder=False)  # we hand it bytes
+        self._out = AtomicWriter(url)
+        self._writer = wds.TarWriter(self._out.file, encoder=False)  # we hand it bytes
         self.count = 0
         self.bytes = 0
 
@@ -147,10 +184,8 @@ class ShardWriter:
 
     def commit(self) -> None:
         """Close the tar and rename it to its final name (replacing an older shard of the same unit)."""
-        self._writer.close()  # closes the tar stream; the file object is ours to close
-        if not self._file.closed:
-            self._file.close()
-        self.fs.mv(self.tmp, self.path)
+        self._writer.close()  # closes the tar stream; the file object is the writer's to close
+        self._out.commit()
 
     def abort(self) -> None:
         """Drop the temp file (an error half-way through the unit)."""
@@ -158,10 +193,7 @@ class ShardWriter:
             self._writer.close()
         except Exception:  # the stream may already be broken; the temp file goes either way
             pass
-        if not self._file.closed:
-            self._file.close()
-        if self.fs.exists(self.tmp):
-            self.fs.rm(self.tmp)
+        self._out.abort()
 
 
 class LabelStore:
@@ -182,11 +214,11 @@ class LabelStore:
 
     def pl_url(self, language: str, index: int) -> str:
         """PL table file of a unit."""
-        return join(self.root, "pl", f"language={language}", f"part-{index:06d}.parquet")
+        return join(self.root, "pl", language, f"part-{index:06d}.parquet")
 
     def rejects_url(self, language: str, index: int) -> str:
         """Rejects file of a unit."""
-        return join(self.root, "rejects", f"language={language}", f"part-{index:06d}.parquet")
+        return join(self.root, "rejects", language, f"part-{index:06d}.parquet")
 
     def record_url(self, language: str, index: int) -> str:
         """Catalog record of a unit."""
@@ -225,12 +257,14 @@ class LabelStore:
             return None
 
     def committed_record(self, language: str, index: int, keys: dict[str, str]) -> dict[str, Any] | None:
-        """The unit's record when it committed with exactly these keys and its files are all still there."""
+        """The unit's record when it committed with exactly these keys and its files are all still there (a unit
+        whose PL or reject rows are none has no such file)."""
         rec = self.record(language, index)
         if rec is None or rec.get("keys") != keys:
             return None
-        files = [self.pl_url(language, index), self.rejects_url(language, index),
-                 join(self.root, self.shard_relpath(language, index))]
+        files = [join(self.root, self.shard_relpath(language, index))]
+        files += [self.pl_url(language, index)] if rec.get("pl_rows", 1) else []
+        files += [self.rejects_url(language, index)] if rec.get("reject_rows", 1) else []
         return rec if all(exists(f) for f in files) else None
 
     def commit_unit(
@@ -243,13 +277,85 @@ class LabelStore:
         rejects: Sequence[dict[str, Any]],
         record: dict[str, Any],
     ) -> None:
-        """Make a unit visible: shard, rejects, PL file, then the catalog record (each atomically)."""
+        """Make a unit visible: shard, rejects, its ids' earlier PL rows superseded in place, its PL file, then
+        the catalog record (each file atomically)."""
         lang = {"language": language}
         shard.commit()
-        atomic_write_bytes(self.rejects_url(language, index),
-                           _parquet_bytes(_table([r | lang for r in rejects], PL_REJECT_SCHEMA)))
-        atomic_write_bytes(self.pl_url(language, index), _parquet_bytes(_table([r | lang for r in rows], PL_SCHEMA)))
-        write_json(self.record_url(language, index), record)
+        _write_or_remove(self.rejects_url(language, index), [r | lang for r in rejects], PL_REJECT_SCHEMA)
+        new_rows = [r | lang for r in rows]
+        placed, superseded = self._supersede(self.pl_url(language, index), new_rows, {r["id"] for r in rejects})
+        own = [r for r in new_rows if r["id"] not in placed]
+        _write_or_remove(self.pl_url(language, index), own, PL_SCHEMA)
+        write_json(self.record_url(language, index), record | {"pl_rows": len(own), "reject_rows": len(rejects)}
+                   | ({"superseded": superseded} if superseded else {}))
+
+    def _supersede(self, own_url: str, new_rows: Sequence[dict[str, Any]],
+                   rejected_ids: set[str]) -> tuple[set[str], dict[str, Any]]:
+        """Replace the earlier PL rows of these ids in the files that hold them (a rejected new attempt removes
+        the old row); return the ids whose new row now sits in an earlier file, and what changed where.
+
+        A new row takes its old row's place only when the language is the same (a file's folder names its
+        language); otherwise the old row is removed and the new one goes to the unit's own file."""
+        by_id = {r["id"]: r for r in new_rows}
+        ids = set(by_id) | rejected_ids
+        dataset = _dataset(self.root, "pl", PL_SCHEMA)
+        if not ids or dataset is None:
+            return set(), {}
+        _, own_path = _fs(own_url)
+        wanted = ds.field("id").isin(sorted(ids))
+        holders = [f.path for f in dataset.get_fragments()
+                   if f.path != own_path and f.to_table(columns=["id"], filter=wanted).num_rows]
+        placed: set[str] = set()
+        changed: dict[str, Any] = {"replaced": 0, "removed": 0, "files": []}
+        fs, root_path = _fs(self.root)
+        for path in holders:
+            relpath = posixpath.relpath(path, root_path)
+            # Units labeled in parallel (Dask) may supersede rows of the same earlier file.
+            with StorageLock(join(self.root, "catalog", "locks", relpath.replace("/", "_") + ".lock"), wait_s=600):
+                with fs.open(path, "rb") as f:
+                    old = _conform(pq.read_table(f), PL_SCHEMA).to_pylist()
+                out = []
+                for row in old:
+                    new = by_id.get(row["id"])
+                    if row["id"] not in ids:
+                        out.append(row)
+                    elif new is not None and row["id"] not in placed and new["language"] == row["language"]:
+                        out.append(new)
+                        placed.add(row["id"])
+                        changed["replaced"] += 1
+                    else:
+                        changed["removed"] += 1
+                _write_or_remove(_url_like(self.root, path), out, PL_SCHEMA)
+                self._count_rows(relpath, len(out))
+            changed["files"].append(relpath)
+        return placed, changed
+
+    def _count_rows(self, relpath: str, rows: int) -> None:
+        """Set `pl_rows` in the record of the unit whose PL file is `relpath` (pl/<lang>/part-<N>.parquet), so
+        that a file superseded down to no rows, and so removed, still counts as committed."""
+        m = re.match(r"pl/(?:language=)?([^/]+)/part-(\d+)\.parquet$", relpath)
+        rec = None if m is None else self.record(m.group(1), int(m.group(2)))
+        if rec is not None and rec.get("pl_rows") != rows:
+            write_json(self.record_url(m.group(1), int(m.group(2))), rec | {"pl_rows": rows})
+
+    def upgrade_layout(self) -> int:
+        """Move the files of a root written before schema 3 (hive `language=<lang>/` folders, a dictionary
+        `language` column) to plain `<lang>/` folders with a string column; returns how many files moved.
+
+        Each file is written at its new name before the old one is removed: a plain reader of the folder may
+        see that one file twice for that instant (mlpl's readers never do: they read committed names only)."""
+        moved = 0
+        for table, schema in (("pl", PL_SCHEMA), ("rejects", PL_REJECT_SCHEMA)):
+            for url in list_files(join(self.root, table), "language=*/*.parquet"):
+                folder, name = url.rsplit("/", 2)[-2:]
+                target = join(self.root, table, folder.removeprefix("language="), name)
+                fs, path = _fs(url)
+                with fs.open(path, "rb") as f:
+                    conformed = _conform(pq.read_table(f), schema)
+                atomic_write_bytes(target, _parquet_bytes(conformed))
+                fs.rm(path)
+                moved += 1
+        return moved
 
     def records(self) -> list[dict[str, Any]]:
         """Every unit's commit record, sorted by language and unit number."""
@@ -271,7 +377,7 @@ class LabelStore:
                           input_rejects: dict[str, list[dict[str, Any]]]) -> None:
         """Record a manifest's unit numbers and write its input rejects (once per manifest)."""
         for language, rows in sorted(input_rejects.items()):
-            url = join(self.root, "rejects", f"language={language}", f"input-{manifest_sha256[:16]}.parquet")
+            url = join(self.root, "rejects", language, f"input-{manifest_sha256[:16]}.parquet")
             atomic_write_bytes(url, _parquet_bytes(_table([r | {"language": language} for r in rows],
                                                           PL_REJECT_SCHEMA)))
         write_json(join(self.root, "catalog", "manifests", f"{manifest_sha256[:16]}.json"), record)
@@ -291,7 +397,7 @@ def _dataset(root: str, table: str, schema: pa.Schema, files: Iterable[str] | No
         base = posixpath.join(path, table)
         if not fs.exists(base):
             return None
-        paths = [p for p in fs.glob(posixpath.join(base, "language=*", "*.parquet"))
+        paths = [p for p in fs.glob(posixpath.join(base, "*", "*.parquet"))
                  if not posixpath.basename(p).startswith(".")]
     else:
         paths = [_fs(f)[1] for f in files]
@@ -320,7 +426,7 @@ def load_pseudo_labels(
     store = LabelStore(root)
     committed = _committed_parts(store)
     # Committed units whose file is there (one listing, not a request per unit).
-    files = _committed_files(root, "pl", "language=*/*.parquet", committed)
+    files = _committed_files(root, "pl", "*/*.parquet", committed)
     dataset = _dataset(root, "pl", PL_SCHEMA, files)
     if dataset is None:
         return PL_SCHEMA.empty_table().to_pandas()
@@ -357,8 +463,10 @@ def load_pseudo_labels(
 
 
 def _committed_parts(store: LabelStore) -> set[str]:
-    """`language=<lang>/part-<NNNNNN>.parquet` of every unit with a commit record."""
-    return {f"language={r['language']}/part-{r['unit']:06d}.parquet" for r in store.records()}
+    """`<lang>/part-<NNNNNN>.parquet` of every unit with a commit record (and the name before schema 3,
+    `language=<lang>/…`, for roots not yet upgraded)."""
+    return {f"{prefix}{r['language']}/part-{r['unit']:06d}.parquet" for r in store.records()
+            for prefix in ("", "language=")}
 
 
 def _committed_files(root: str, table: str, pattern: str, committed: set[str]) -> list[str]:
@@ -370,10 +478,10 @@ def _attempts(root: str, committed: set[str], columns: list[str], pl: ds.Dataset
     import pandas as pd
 
     parts = []
-    pl = pl or _dataset(root, "pl", PL_SCHEMA, _committed_files(root, "pl", "language=*/*.parquet", committed))
+    pl = pl or _dataset(root, "pl", PL_SCHEMA, _committed_files(root, "pl", "*/*.parquet", committed))
     if pl is not None:
         parts.append(pl.to_table(columns=columns).to_pandas().assign(kept=True))
-    reject_files = _committed_files(root, "rejects", "language=*/part-*.parquet", committed)
+    reject_files = _committed_files(root, "rejects", "*/part-*.parquet", committed)
     if reject_files:
         rejects = _dataset(root, "rejects", PL_REJECT_SCHEMA, reject_files)
         parts.append(rejects.to_table(columns=columns).to_pandas().assign(kept=False))

@@ -168,7 +168,7 @@ def test_per_language_thresholds_reject_exactly_the_rows_below_them_and_relabel_
                                                                                 "es": 0.5}), root)
     assert (result.units_labeled, result.units_skipped) == (1, 4)
     changed = {k for k, v in _snapshot(root).items() if before.get(k) != v and k.startswith(("pl/", "shards/"))}
-    assert changed == {"pl/language=es/part-000000.parquet", "shards/pl-es-000000.tar"}
+    assert changed == {"pl/es/part-000000.parquet", "shards/pl-es-000000.tar"}
 
 
 def _target_above_the_lowest_edge(audit: dict) -> float:

@@ -40,6 +40,38 @@ def _bumped(teacher: str, out: Path) -> str:
     return str(out)
 
 
+def _every_client_sees(root: Path, tmp_path: Path) -> set[tuple[str, str, str]]:
+    """(id, text, teacher) of the PL table as pandas, pyarrow (hive partitioning on), duckdb, polars and Hugging
+    Face `datasets` read the folder, after checking that they agree and hold each id once."""
+    import os
+
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars
+    import pyarrow.dataset as pads
+
+    folder = f"{root}/pl"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    cache = tmp_path / f"hf-{time.monotonic_ns()}"
+    hf = datasets.load_dataset("parquet", data_files=f"{folder}/*/*.parquet", split="train", cache_dir=str(cache))
+    reads = {
+        "pandas": pd.read_parquet(folder),
+        "pyarrow": pads.dataset(folder, format="parquet", partitioning="hive").to_table().to_pandas(),
+        "duckdb": duckdb.sql(f"select * from read_parquet('{folder}/*/*.parquet')").df(),
+        "polars": polars.read_parquet(f"{folder}/*/*.parquet").to_pandas(),
+        "datasets": hf.to_pandas(),
+    }
+    seen = {}
+    for client, df in reads.items():
+        assert not df["id"].duplicated().any(), f"{client} sees an id twice"
+        seen[client] = {(r.id, r.text, r.teacher) for r in df.itertuples()}
+    mlpl = load_pseudo_labels(str(root))
+    want = {(r.id, r.text, r.teacher) for r in mlpl.itertuples()}
+    assert all(got == want for got in seen.values()), {c: len(got ^ want) for c, got in seen.items()}
+    return want
+
+
 def test_relabel_labels_exactly_what_is_new_and_supersedes_an_older_teachers_rows(smoke_corpus, teacher, tmp_path):
     clips = _clips(smoke_corpus)
     watch, root = tmp_path / "incoming", tmp_path / "labels"
@@ -63,6 +95,7 @@ def test_relabel_labels_exactly_what_is_new_and_supersedes_an_older_teachers_row
     assert not df["id"].duplicated().any() and set(df["id"]).isdisjoint(rejects["id"])
     assert first["rejected_by_reason"]["corrupt_audio"] == 1 and first["rejected_by_reason"]["unknown_language"] == 1
     assert df["audio_etag"].str.startswith("size=").all()
+    assert len(_every_client_sees(root, tmp_path)) == len(df)
     units = len(LabelStore(str(root)).records())
 
     again = run_relabel(cfg)
@@ -89,10 +122,17 @@ def test_relabel_labels_exactly_what_is_new_and_supersedes_an_older_teachers_row
     assert (final[final["language"] == "sl"]["teacher"] == new_ident).all()
     assert (final[final["language"] != "sl"]["teacher"] != new_ident).all()
     assert len(load_pseudo_labels(str(root), teacher=new_ident)) == len(sl_ids) - 1  # broken.flac stays rejected
+    clients = _every_client_sees(root, tmp_path)
+    assert {t for i, _, t in clients if i.startswith("sl/")} == {new_ident}  # the old sl rows are gone from the files
 
     (watch / "es" / clips["es"][0].name).write_bytes(clips["sl"][3].read_bytes())  # same name, other audio
     changed = run_relabel(_cfg(watch, root, teachers | {"sl": bumped}, unknown_language="reject"))
     assert changed["relabeled_by_reason"] == {"file_changed": 1}
+    es_id = f"es/{clips['es'][0].name}"
+    before = {i: t for i, t, _ in clients}
+    now = {i: t for i, t, _ in _every_client_sees(root, tmp_path)}
+    assert set(now) == set(before) and now[es_id] != before[es_id]  # the changed file's new PL, once, everywhere
+    assert {i: t for i, t in now.items() if i != es_id} == {i: t for i, t in before.items() if i != es_id}
 
 
 def test_unknown_languages_come_from_the_lid_head_and_manifests_name_theirs(smoke_corpus, teacher, tmp_path):

@@ -220,6 +220,9 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
         raise ValueError(f"audit_max_dev_cer={cfg.audit_max_dev_cer} chooses confidence thresholds from the dev "
                          "audit: set audit_manifest to labeled dev rows, or drop audit_max_dev_cer")
     manifest_sha = sha256_of(cfg.manifest)
+    moved = store.upgrade_layout()
+    if moved:
+        log.info("%s: moved %d files of the layout before schema 3 to plain language folders", root, moved)
     teachers = {lang: load_teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
     precision = precision_used(cfg.bf16, resolve_device(cfg.device))
     lm_identities = {lang: lm_identity(lang, d.lm) for lang, d in cfg.decoders.items() if lang in teachers}
@@ -494,7 +497,7 @@ def _unit_record(plan: LabelPlan, unit: WorkUnit, keys: dict[str, str], out: Uni
         "frames": stats.frames, "padded_frames": stats.padded_frames,
         "model_s": round(stats.model_s, 3), "wall_s": round(wall_s, 3),
         "shard": out.shard_rel, "shard_samples": out.shard.count, "shard_bytes": out.shard.bytes,
-        "parquet": f"pl/language={unit.language}/part-{unit.index:06d}.parquet",
+        "parquet": f"pl/{unit.language}/part-{unit.index:06d}.parquet",
         "created_at": out.created_at.isoformat(),
     }
 
