@@ -85,6 +85,33 @@ def test_a_root_written_before_audio_etag_reads_with_nulls(labeled_root, tmp_pat
     assert len(df) == len(load_pseudo_labels(labeled_root)) and df["audio_etag"].isna().all()
 
 
+def test_a_root_of_the_hive_layout_reads_and_moves_to_plain_folders(labeled_root, smoke_corpus, teacher, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "v2"
+    shutil.copytree(labeled_root, old)
+    for table in ("pl", "rejects"):  # as schema version 2 wrote them: language=<lang>/, a dictionary column
+        for part in sorted((old / table).glob("*/*.parquet")):
+            t = pq.read_table(part)
+            t = t.set_column(t.schema.get_field_index("language"), "language",
+                             t.column("language").cast(pa.dictionary(pa.int32(), pa.string())))
+            target = old / table / f"language={part.parent.name}" / part.name
+            target.parent.mkdir(exist_ok=True)
+            pq.write_table(t, target)
+            part.unlink()
+    want = load_pseudo_labels(labeled_root)
+    assert load_pseudo_labels(str(old)).equals(want)  # mlpl reads the old layout as it is
+    cfg = label_tiny(f"{smoke_corpus}/manifests/unlabeled.jsonl", {lang: teacher for lang in ("es", "el", "sl")},
+                     unit_max_utterances=2)
+    assert run_label(cfg, str(old)).units_labeled == 0  # the same work, already committed: nothing relabeled
+    assert not list((old / "pl").glob("language=*/*.parquet")) and not list((old / "rejects").glob("language=*/*"))
+    assert load_pseudo_labels(str(old)).equals(want)
+    assert sorted(pd.read_parquet(old / "pl")["id"]) == sorted(want["id"])  # plain readers too, now
+
+
 def test_duckdb_reads_the_table(labeled_root):
     import duckdb
 
