@@ -370,3 +370,12 @@ class AtomicWriter:
             self.commit()
         else:
             self.abort()
+
+
+def close_quietly(stream: Any) -> None:
+    """Close a stream on the way out of an error: it may be broken already, and the temp file it wrote to goes
+    either way, so a second error here would only hide the first."""
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass

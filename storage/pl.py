@@ -49,6 +49,7 @@ from storage.files import (
     AtomicWriter,
     StorageLock,
     atomic_write_bytes,
+    close_quietly,
     exists,
     filesystem,
     join,
@@ -189,10 +190,7 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the temp file (an error half-way through the unit)."""
-        try:
-            self._writer.close()
-        except Exception:  # the stream may already be broken; the temp file goes either way
-            pass
+        close_quietly(self._writer)
         self._out.abort()
 
 

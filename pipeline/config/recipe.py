@@ -36,6 +36,9 @@ class RecipeConfig(Config):
     overrides, then the typed knobs (a knob wins over the same key in the overrides)."""
 
     run_dir: str = Field("runs/recipe", description="run directory (any fsspec URL): every stage writes below it")
+    corpus_dir: str | None = Field(
+        None, description="a corpus folder (`mlpl import` or `mlpl corpus build`): the manifests left empty below "
+                          "are its manifests/<split>.jsonl")
     labeled_manifest: str = Field(description="labeled rows of every language (JSONL or Parquet)")
     dev_manifest: str | None = Field(None, description="dev rows for validation and best-checkpoint choice")
     test_manifest: str | None = Field(None, description="test rows: every stage's model is scored on them")
@@ -108,6 +111,14 @@ class RecipeConfig(Config):
         default_factory=dict, description="overrides of one student mode's config, after `student`'s")
     labeled_finetune: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the labeled-only fine-tune of the students")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _manifests_from_corpus_dir(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("corpus_dir"):
+            found = corpus_data(data["corpus_dir"], data.get("run_dir") or "runs/recipe")
+            data = {**data, **{k: v for k, v in found.items() if k != "run_dir" and not data.get(k)}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> RecipeConfig:

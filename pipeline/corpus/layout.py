@@ -4,7 +4,7 @@ hidden truth of the unlabeled clips under `hidden/` (PL CER only, never training
 
 from __future__ import annotations
 
-from storage.files import join
+from storage.files import exists, join
 
 SPLITS = ("labeled", "unlabeled", "dev", "test")
 
@@ -24,10 +24,26 @@ def text_only_file(corpus_dir: str, language: str) -> str:
     return join(corpus_dir, "text", f"{language}.txt")
 
 
+def import_record(corpus_dir: str) -> str:
+    """Where `mlpl import` says what it imported; its presence marks an imported corpus (nothing to build)."""
+    return join(corpus_dir, "import.json")
+
+
+def is_imported(corpus_dir: str) -> bool:
+    """Whether the folder is a corpus `mlpl import` wrote (not a synthetic one to build)."""
+    return exists(import_record(corpus_dir))
+
+
 def corpus_data(corpus_dir: str, run_dir: str) -> dict[str, str]:
-    """The data fields of a `RecipeConfig` for a built corpus."""
-    return dict(run_dir=run_dir, labeled_manifest=split_manifest(corpus_dir, "labeled"),
-                dev_manifest=split_manifest(corpus_dir, "dev"), test_manifest=split_manifest(corpus_dir, "test"),
-                unlabeled_manifest=split_manifest(corpus_dir, "unlabeled"),
-                reference_manifest=hidden_file(corpus_dir, "unlabeled_reference.jsonl"),
-                lm_text_dir=join(corpus_dir, "text"))
+    """The data fields of a `RecipeConfig` for a corpus folder. A synthetic corpus has every split, the hidden
+    references and LM text (they may not be built yet); an imported one has the splits its source had, and
+    only those it has are named (the source's text-only sentences may be added under text/<lang>.txt)."""
+    fields = dict(run_dir=run_dir, labeled_manifest=split_manifest(corpus_dir, "labeled"),
+                  dev_manifest=split_manifest(corpus_dir, "dev"), test_manifest=split_manifest(corpus_dir, "test"),
+                  unlabeled_manifest=split_manifest(corpus_dir, "unlabeled"),
+                  reference_manifest=hidden_file(corpus_dir, "unlabeled_reference.jsonl"),
+                  lm_text_dir=join(corpus_dir, "text"))
+    if not is_imported(corpus_dir):
+        return fields
+    required = ("run_dir", "labeled_manifest", "unlabeled_manifest")
+    return {k: v for k, v in fields.items() if k in required or exists(v)}

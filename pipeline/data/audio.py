@@ -3,11 +3,17 @@
 Decoding uses soundfile (torchaudio 2.11's `load` needs torchcodec); resampling, mel filterbanks and
 SpecAugment masks are torchaudio's. Every way a file can be unusable raises `AudioError` with a reason
 that becomes the reject row's text.
+
+A clip that is a stretch of a longer recording (a manifest row with `start_s`/`end_s`, as lhotse supervisions
+and NeMo offsets are imported) carries the stretch in its audio URL as a media fragment, `<url>#t=<start>,<end>`
+(W3C Media Fragments), so every reader, unit key and table row sees the same clip; only that stretch is decoded.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -16,35 +22,63 @@ import torch
 import torchaudio
 
 from pipeline.config import AudioPolicy, FeatureConfig, SpecAugmentConfig
-from storage.files import read_bytes
+from storage.files import is_local, local_path, open_binary, read_bytes
 
 
 class AudioError(ValueError):
     """An audio file that cannot be used; the message is the reject reason."""
 
 
+_SPAN = re.compile(r"#t=(\d+(?:\.\d+)?)?,(\d+(?:\.\d+)?)$")
+
+
+def with_span(url: str, start_s: float | None, end_s: float | None) -> str:
+    """The audio URL of the stretch [start_s, end_s) of a recording (a media fragment); the URL itself when
+    neither is given.
+
+    Raises:
+        ValueError: when the stretch is empty or negative, or only one end is given.
+    """
+    if start_s is None and end_s is None:
+        return url
+    if start_s is None or end_s is None:
+        raise ValueError(f"start_s and end_s go together (got start_s={start_s}, end_s={end_s})")
+    start, end = float(start_s), float(end_s)
+    if not (0 <= start < end):
+        raise ValueError(f"stretch {start}..{end} s is empty or negative")
+    return f"{url}#t={start:g},{end:g}"
+
+
+def split_span(url: str) -> tuple[str, float | None, float | None]:
+    """(file URL, start_s, end_s) of an audio URL; (url, None, None) when it names the whole file."""
+    m = _SPAN.search(url)
+    if m is None:
+        return url, None, None
+    return url[: m.start()], float(m.group(1) or 0.0), float(m.group(2))
+
+
 def load_audio(url: str, policy: AudioPolicy, sample_rate_hz: int = 16000) -> torch.Tensor:
-    """Decode a file to a float32 mono waveform at `sample_rate_hz`, shape (S,).
+    """Decode a file (or the stretch its URL names) to a float32 mono waveform at `sample_rate_hz`, shape (S,).
 
     Raises:
         AudioError: missing, corrupt, empty, NaN/Inf, silent, multichannel (unless downmixed),
-            low sample rate, too short or overlong audio.
+            low sample rate, too short or overlong audio, a stretch past the file's end.
     """
-    return _decode(_read(url), policy, sample_rate_hz)[0]
+    return _decode(_source(url), policy, sample_rate_hz)[0]
 
 
 def load_audio_and_flac(url: str, policy: AudioPolicy, sample_rate_hz: int = 16000) -> tuple[torch.Tensor, bytes]:
     """The waveform as `load_audio` gives it, and the same audio as 16-bit FLAC for a shard.
 
-    A file that already is mono FLAC at `sample_rate_hz` is passed through byte for byte (no re-encoding
+    A whole file that already is mono FLAC at `sample_rate_hz` is passed through byte for byte (no re-encoding
     cost, no second quantization); anything else is encoded from the converted waveform.
 
     Raises:
         AudioError: as `load_audio`.
     """
-    data = _read(url)
-    wav, native = _decode(data, policy, sample_rate_hz)
-    return wav, data if native else encode_flac(wav, sample_rate_hz)
+    source = _source(url)
+    wav, native = _decode(source, policy, sample_rate_hz)
+    return wav, source.data if native and source.data is not None else encode_flac(wav, sample_rate_hz)
 
 
 def decode_audio(data: bytes, policy: AudioPolicy, sample_rate_hz: int = 16000) -> torch.Tensor:
@@ -55,7 +89,40 @@ def decode_audio(data: bytes, policy: AudioPolicy, sample_rate_hz: int = 16000) 
     """
     if not data:
         raise AudioError("audio is empty (0 bytes)")
-    return _decode(data, policy, sample_rate_hz)[0]
+    return _decode(_Source(data, None, None, None), policy, sample_rate_hz)[0]
+
+
+def probe_audio(url: str) -> float:
+    """Seconds of audio the URL names, from the file header alone (no samples read); a stretch's own length
+    after checking that the file is long enough.
+
+    Raises:
+        AudioError: missing, unreadable or empty file, a stretch past the file's end.
+    """
+    path, start, end = split_span(url)
+    if is_local(path) and not os.path.isfile(local_path(path)):
+        _read(path)  # raises the reason: missing, a folder, unreadable
+    try:
+        if is_local(path):
+            info = sf.info(local_path(path))
+        elif path.startswith("tar://"):
+            info = sf.info(io.BytesIO(_read(path)))  # a tar member's file object dies with its file system
+        else:
+            with open_binary(path) as f:
+                info = sf.info(f)
+    except AudioError:
+        raise
+    except FileNotFoundError:
+        raise AudioError(f"audio file not found: {path}") from None
+    except Exception as err:  # soundfile raises several types for corrupt input
+        raise AudioError(f"audio could not be read ({type(err).__name__}: {err})") from None
+    if info.frames == 0:
+        raise AudioError("audio has no samples")
+    total = info.frames / info.samplerate
+    if end is None:
+        return total
+    _check_span(start, end, total)
+    return end - start
 
 
 def encode_flac(wav: torch.Tensor, sample_rate_hz: int) -> bytes:
@@ -63,6 +130,28 @@ def encode_flac(wav: torch.Tensor, sample_rate_hz: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, np.clip(wav.numpy(), -1.0, 1.0), sample_rate_hz, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
+
+
+class _Source:
+    """Audio to decode: bytes in memory, or a local file soundfile seeks in (a stretch of a long recording is
+    read without the rest), and the stretch."""
+
+    def __init__(self, data: bytes | None, path: str | None, start_s: float | None, end_s: float | None):
+        self.data, self.path, self.start_s, self.end_s = data, path, start_s, end_s
+
+    def open(self) -> sf.SoundFile:
+        """A soundfile reader over the source."""
+        return sf.SoundFile(self.path if self.data is None else io.BytesIO(self.data))
+
+
+def _source(url: str) -> _Source:
+    path, start, end = split_span(url)
+    if end is not None and is_local(path):
+        local = local_path(path)
+        if not os.path.isfile(local):
+            _read(path)  # raises the reason: missing, a folder, unreadable
+        return _Source(None, local, start, end)
+    return _Source(_read(path), None, start, end)
 
 
 def _read(url: str) -> bytes:
@@ -79,13 +168,26 @@ def _read(url: str) -> bytes:
     return data
 
 
-def _decode(data: bytes, policy: AudioPolicy, sample_rate_hz: int) -> tuple[torch.Tensor, bool]:
-    """(waveform, whether the bytes already were mono FLAC at the target rate)."""
+def _check_span(start: float, end: float, total: float) -> None:
+    # Half a frame of slack: manifests round times to milliseconds.
+    if end > total + 0.0005:
+        raise AudioError(f"stretch {start:g}..{end:g} s ends after the audio's end ({total:.3f} s)")
+
+
+def _decode(source: _Source, policy: AudioPolicy, sample_rate_hz: int) -> tuple[torch.Tensor, bool]:
+    """(waveform, whether the bytes already were a whole mono FLAC at the target rate)."""
     try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
+        with source.open() as f:
             fmt = f.format
-            samples = f.read(dtype="float32", always_2d=True)  # (S, C)
             sr = f.samplerate
+            if source.end_s is not None:
+                _check_span(source.start_s, source.end_s, f.frames / sr)
+                f.seek(round(source.start_s * sr))
+                samples = f.read(round((source.end_s - source.start_s) * sr), dtype="float32", always_2d=True)
+            else:
+                samples = f.read(dtype="float32", always_2d=True)  # (S, C)
+    except AudioError:
+        raise
     except Exception as err:  # soundfile raises several types for corrupt input
         raise AudioError(f"audio could not be decoded ({type(err).__name__}: {err})") from None
     if samples.shape[0] == 0:
@@ -114,7 +216,8 @@ def _decode(data: bytes, policy: AudioPolicy, sample_rate_hz: int) -> tuple[torc
     wav = torch.from_numpy(np.ascontiguousarray(samples[:, 0]))
     if sr != sample_rate_hz:
         wav = torchaudio.functional.resample(wav, sr, sample_rate_hz)
-    return wav, fmt == "FLAC" and channels == 1 and sr == sample_rate_hz
+    whole = source.end_s is None
+    return wav, whole and fmt == "FLAC" and channels == 1 and sr == sample_rate_hz
 
 
 @lru_cache(maxsize=4)

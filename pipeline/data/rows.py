@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import normalize_language
+from pipeline.data.audio import split_span, with_span
 from pipeline.data.tokenizer import prepare_text
 from storage.manifest import read_manifest
 
@@ -102,10 +103,18 @@ def validate_rows(
         except (TypeError, ValueError):
             rejects.append(_row_reject(row, f"duration_s is not a number ({row.get('duration_s')!r})", source))
             continue
+        try:
+            audio = _clip_audio(row)
+        except (TypeError, ValueError) as err:
+            rejects.append(_row_reject(row, f"start_s/end_s: {err}", source))
+            continue
+        if audio != str(row["audio"]) and not duration_s:
+            _, start, end = split_span(audio)
+            duration_s = end - start
         utts.append(
             Utterance(
                 id=uid,
-                audio=str(row["audio"]),
+                audio=audio,
                 duration_s=duration_s,
                 language=lang,
                 text=text,
@@ -114,6 +123,14 @@ def validate_rows(
             )
         )
     return utts, rejects
+
+
+def _clip_audio(row: dict[str, Any]) -> str:
+    """The row's audio URL, with the stretch `start_s`/`end_s` of a longer recording as a media fragment."""
+    start, end = row.get("start_s"), row.get("end_s")
+    if start is None and end is None:
+        return str(row["audio"])
+    return with_span(str(row["audio"]), None if start is None else float(start), None if end is None else float(end))
 
 
 def rejects_for_language(rejects: list[Reject], language: str, languages: Sequence[str] | None) -> list[Reject]:

@@ -19,26 +19,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
-import soundfile as sf
 import torch
 
 from pipeline.config import AudioPolicy, FeatureConfig
-from pipeline.data.audio import AudioError, load_audio, load_audio_and_flac, log_mel
+from pipeline.data.audio import AudioError, load_audio, load_audio_and_flac, log_mel, probe_audio
 from pipeline.data.rows import Reject, Utterance, read_utterances
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.engine.distributed import World
-from storage.files import open_binary
 
 log = logging.getLogger("mlpl.stream")
-
-
-def header_duration_s(url: str) -> float:
-    """Seconds of audio from the file header alone (no samples read)."""
-    with open_binary(url) as f:
-        info = sf.info(f)
-    if info.frames == 0:
-        raise AudioError("audio has no samples")
-    return info.frames / info.samplerate
 
 
 def load_unlabeled(
@@ -62,10 +51,7 @@ def load_unlabeled(
         duration_s = u.duration_s
         if not (math.isfinite(duration_s) and duration_s > 0):  # not declared (or nonsense): ask the header
             try:
-                duration_s = header_duration_s(u.audio)
-            except FileNotFoundError:
-                rejects.append(Reject(u.id, u.audio, u.language, f"audio file not found: {u.audio}", manifest_url))
-                continue
+                duration_s = probe_audio(u.audio)
             except AudioError as err:
                 rejects.append(Reject(u.id, u.audio, u.language, str(err), manifest_url))
                 continue

@@ -40,8 +40,9 @@ from typing import Any
 import torch
 
 from pipeline.config import LabelConfig
+from pipeline.data.audio import probe_audio
 from pipeline.data.rows import ProgressFn, Reject, Utterance, read_utterances
-from pipeline.data.stream import LazyBatchLoader, LoadedBatch, header_duration_s
+from pipeline.data.stream import LazyBatchLoader, LoadedBatch
 from pipeline.engine.beam import BeamDecoder, cached_workers, drop_workers
 from pipeline.engine.decode import CropSpec, decode_features, with_beam_text
 from pipeline.engine.device import precision_used, resolve_device
@@ -194,7 +195,7 @@ def _with_duration(u: Utterance) -> Utterance:
     if math.isfinite(u.duration_s) and u.duration_s > 0:
         return u
     try:
-        return replace(u, duration_s=header_duration_s(u.audio))
+        return replace(u, duration_s=probe_audio(u.audio))
     except Exception:  # any failure here is reported by the decoder, with its reason, inside the unit
         return replace(u, duration_s=0.0)
 
