@@ -336,6 +336,7 @@ def _bad_manifest(tmp: Path, corpus: str) -> tuple[str, dict[str, str]]:
     (a / "empty.flac").write_bytes(b"")
     (a / "adir.flac").mkdir()
     sf.write(str(a / "nan.wav"), np.full(16000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    sf.write(str(a / "nan-pcm.wav"), np.full(16000, np.nan, dtype=np.float32), 16000, subtype="PCM_16")  # all -1
     import torchaudio
 
     up = torchaudio.functional.resample(torch.from_numpy(src), 16000, 44100).numpy()
@@ -345,6 +346,7 @@ def _bad_manifest(tmp: Path, corpus: str) -> tuple[str, dict[str, str]]:
         "empty": ({"audio": str(a / "empty.flac")}, "empty_audio"),
         "zeros": ({"audio": write_flac(a / "zeros.flac", np.zeros(48000, dtype=np.float32))}, "silent_audio"),
         "nan": ({"audio": str(a / "nan.wav")}, "nan_audio"),
+        "nan-pcm": ({"audio": str(a / "nan-pcm.wav")}, "constant_audio"),
         "stereo": ({"audio": write_flac(a / "stereo.flac", np.stack([src, src], axis=1))}, "kept"),
         "rate8k": ({"audio": write_flac(a / "8k.flac", src[::2], sr=8000)}, "low_sample_rate"),
         "rate44k": ({"audio": write_flac(a / "44k.flac", up, sr=44100)}, "kept"),
@@ -376,8 +378,8 @@ def test_every_kind_of_bad_input_is_a_reject_with_a_reason_or_labeled_after_conv
             got = rejects[rejects["id"] == uid]
             assert list(got["category"]) == [outcome], (uid, list(got["reason"]))
             assert got["reason"].str.len().gt(10).all()
-    # Nothing vanished: the 13 JSON rows + the bad line are all accounted for.
-    assert len(kept) + len(rejects) == 14
+    # Nothing vanished: the 14 JSON rows + the bad line are all accounted for.
+    assert len(kept) + len(rejects) == 15
     assert set(rejects["category"]) >= {"duplicate_id", "bad_utf8"}
     assert rejects.loc[rejects["category"] == "bad_utf8", "id"].str.endswith(":14").all()
     # Converted audio gets (nearly) the PL of the original 16 kHz mono clip.

@@ -213,6 +213,10 @@ def _decode(source: _Source, policy: AudioPolicy, sample_rate_hz: int) -> tuple[
         raise AudioError(f"audio is {duration_s:.3f} s, shorter than audio.min_duration_s={policy.min_duration_s}")
     if float(np.abs(samples).max()) < policy.silence_peak:
         raise AudioError(f"audio is silent (peak below {policy.silence_peak})")
+    if float(samples.max() - samples.min()) < policy.silence_peak:
+        # A flat signal away from 0 is no sound either; NaN samples written to a PCM file come out as one.
+        raise AudioError(f"audio is a constant {float(samples[0, 0]):+.4f} (no signal; NaN or Inf samples written to "
+                         "a PCM file come out as a constant)")
     wav = torch.from_numpy(np.ascontiguousarray(samples[:, 0]))
     if sr != sample_rate_hz:
         wav = torchaudio.functional.resample(wav, sr, sample_rate_hz)

@@ -16,6 +16,8 @@ _CATEGORIES = [
     ("unexpected error reading audio", "corrupt_audio"),
     ("NaN or Inf", "nan_audio"),
     ("silent", "silent_audio"),
+    ("is a constant", "constant_audio"),
+    ("ends after the audio's end", "bad_stretch"),
     ("channels", "multichannel_audio"),
     ("sample rate", "low_sample_rate"),
     ("longer than audio.max_duration_s", "too_long_audio"),
