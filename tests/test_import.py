@@ -43,7 +43,7 @@ def test_common_voice_with_bad_rows(tmp_path):
     assert all(r["duration_s"] > 0.5 for rows in splits.values() for r in rows)  # from the mp3 headers
     reasons = _reasons(rejects)
     assert len(rejects) == 5 and summary["rejects"]["total"] == 5
-    for part in ("audio file not found", "audio could not be read", "transcript is empty",
+    for part in ("audio file not found", "audio header could not be read", "transcript is empty",
                  "unknown locale", "duplicate id 'common_voice_de_1001' (first in labeled)"):
         assert part in reasons, part
     # The manifests are what the stages read: every kept row validates and decodes.
@@ -89,7 +89,7 @@ def test_nemo_offsets_become_stretches_that_readers_decode(tmp_path):
     assert wav.numel() == round((row["end_s"] - row["start_s"]) * sr)
     np.testing.assert_allclose(wav.numpy(), whole[first:first + wav.numel()], atol=1e-6)
     reasons = _reasons(rejects)
-    for part in ("audio file not found", "audio could not be read", "transcript is empty", "unknown locale",
+    for part in ("audio file not found", "audio header could not be read", "transcript is empty", "unknown locale",
                  "duplicate id", "not JSON"):
         assert part in reasons, part
 

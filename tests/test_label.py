@@ -381,7 +381,7 @@ def test_every_kind_of_bad_input_is_a_reject_with_a_reason_or_labeled_after_conv
     # Nothing vanished: the 14 JSON rows + the bad line are all accounted for.
     assert len(kept) + len(rejects) == 15
     assert set(rejects["category"]) >= {"duplicate_id", "bad_utf8"}
-    assert rejects.loc[rejects["category"] == "bad_utf8", "id"].str.endswith(":14").all()
+    assert rejects.loc[rejects["category"] == "bad_utf8", "id"].str.endswith(":15").all()
     # Converted audio gets (nearly) the PL of the original 16 kHz mono clip.
     assert kept.loc["stereo", "text"] == kept.loc["original", "text"]
     import jiwer
@@ -412,6 +412,7 @@ def test_hours_long_audio_is_cropped_and_stitched_then_filtered_by_the_paper_len
 def test_reject_categories_group_the_reasons_of_every_layer():
     assert reject_category("audio file not found: x.flac") == "missing_file"
     assert reject_category("audio contains NaN or Inf samples") == "nan_audio"
+    assert reject_category("audio is a constant -1.0000 (no signal; NaN or Inf samples written …)") == "constant_audio"
     assert reject_category("duplicate id 'a' (first at row 1)") == "duplicate_id"
     assert reject_category("something new") == "other"
 

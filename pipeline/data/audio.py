@@ -115,7 +115,7 @@ def probe_audio(url: str) -> float:
     except FileNotFoundError:
         raise AudioError(f"audio file not found: {path}") from None
     except Exception as err:  # soundfile raises several types for corrupt input
-        raise AudioError(f"audio could not be read ({type(err).__name__}: {err})") from None
+        raise AudioError(f"audio header could not be read ({type(err).__name__}: {err})") from None
     if info.frames == 0:
         raise AudioError("audio has no samples")
     total = info.frames / info.samplerate

@@ -14,9 +14,9 @@ _CATEGORIES = [
     ("could not be decoded", "corrupt_audio"),
     ("header could not be read", "corrupt_audio"),
     ("unexpected error reading audio", "corrupt_audio"),
+    ("is a constant", "constant_audio"),  # before "NaN or Inf": its reason says where a constant comes from
     ("NaN or Inf", "nan_audio"),
     ("silent", "silent_audio"),
-    ("is a constant", "constant_audio"),
     ("ends after the audio's end", "bad_stretch"),
     ("channels", "multichannel_audio"),
     ("sample rate", "low_sample_rate"),
