@@ -274,18 +274,29 @@ class LabelStore:
         rows: Sequence[dict[str, Any]],
         rejects: Sequence[dict[str, Any]],
         record: dict[str, Any],
+        supersede: bool = True,
     ) -> None:
         """Make a unit visible: shard, rejects, its ids' earlier PL rows superseded in place, its PL file, then
-        the catalog record (each file atomically)."""
+        the catalog record (each file atomically). `supersede=False` (none of the unit's ids had a row when the
+        run was planned) skips looking for earlier rows."""
         lang = {"language": language}
         shard.commit()
         _write_or_remove(self.rejects_url(language, index), [r | lang for r in rejects], PL_REJECT_SCHEMA)
         new_rows = [r | lang for r in rows]
-        placed, superseded = self._supersede(self.pl_url(language, index), new_rows, {r["id"] for r in rejects})
+        placed, superseded = (self._supersede(self.pl_url(language, index), new_rows, {r["id"] for r in rejects})
+                              if supersede else (set(), {}))
         own = [r for r in new_rows if r["id"] not in placed]
         _write_or_remove(self.pl_url(language, index), own, PL_SCHEMA)
         write_json(self.record_url(language, index), record | {"pl_rows": len(own), "reject_rows": len(rejects)}
                    | ({"superseded": superseded} if superseded else {}))
+
+    def ids_with_rows(self, ids: Iterable[str]) -> set[str]:
+        """Which of these ids already have a row in the PL table (one scan of its id column)."""
+        wanted = sorted(set(ids))
+        dataset = _dataset(self.root, "pl", PL_SCHEMA) if wanted else None
+        if dataset is None:
+            return set()
+        return set(dataset.to_table(columns=["id"], filter=ds.field("id").isin(wanted)).column("id").to_pylist())
 
     def _supersede(self, own_url: str, new_rows: Sequence[dict[str, Any]],
                    rejected_ids: set[str]) -> tuple[set[str], dict[str, Any]]:

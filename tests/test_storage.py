@@ -80,3 +80,47 @@ def test_atomic_writes_leave_no_temp_file(tmp_path):
     atomic_write_text(str(tmp_path / "a.txt"), "two")
     assert (tmp_path / "a.txt").read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"] and list_files(str(tmp_path)) == [str(tmp_path / "a.txt")]
+
+
+def _commit(store, index: int, rows: dict[str, str], rejected: tuple[str, ...] = (), *, supersede: bool = True):
+    """Commit a unit of language `sl` whose kept rows are {id: text} and whose rejects are `rejected` ids."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    shard = store.open_shard("sl", index)
+    for uid in rows:
+        shard.write(uid, b"fLaC", {"id": uid})
+    store.commit_unit("sl", index, shard=shard,
+                      rows=[{"id": uid, "text": text, "created_at": now, "key": uid} for uid, text in rows.items()],
+                      rejects=[{"id": uid, "reason": "low confidence", "created_at": now} for uid in rejected],
+                      record={"unit": index, "language": "sl", "keys": {"rows": str(index)}}, supersede=supersede)
+
+
+def test_a_unit_that_labels_ids_again_replaces_their_rows_in_place(tmp_path):
+    import pandas as pd
+
+    from storage.pl import LabelStore, load_pseudo_labels
+
+    store = LabelStore(str(tmp_path / "labels"))
+    _commit(store, 0, {"a": "old a", "b": "old b"})
+    _commit(store, 1, {"c": "c"})
+    assert store.ids_with_rows(["a", "c", "x"]) == {"a", "c"}
+    _commit(store, 2, {"b": "new b", "d": "d"}, rejected=("a",))  # b relabeled, a's new attempt rejected
+    plain = pd.read_parquet(tmp_path / "labels" / "pl")
+    assert sorted(zip(plain["id"], plain["text"], strict=True)) == [("b", "new b"), ("c", "c"), ("d", "d")]
+    # b's new row sits where its old one was; the unit's own file holds only what was new.
+    assert list(pd.read_parquet(tmp_path / "labels/pl/sl/part-000000.parquet")["id"]) == ["b"]
+    assert list(pd.read_parquet(tmp_path / "labels/pl/sl/part-000002.parquet")["id"]) == ["d"]
+    assert store.record("sl", 2)["superseded"] == {"replaced": 1, "removed": 1, "files": ["pl/sl/part-000000.parquet"]}
+    assert sorted(load_pseudo_labels(str(tmp_path / "labels"))["id"]) == ["b", "c", "d"]
+    # A unit whose every row is superseded away keeps no file (datasets cannot read an empty one), yet counts as
+    # committed: its record says it holds no rows.
+    _commit(store, 3, {"c": "c again"})
+    assert not (tmp_path / "labels/pl/sl/part-000003.parquet").exists()
+    _commit(store, 4, {}, rejected=("c",))
+    assert not (tmp_path / "labels/pl/sl/part-000001.parquet").exists()
+    assert store.record("sl", 1)["pl_rows"] == 0
+    assert store.committed_record("sl", 1, {"rows": "1"}) is not None
+    # Without supersede (none of the ids had a row at planning) nothing earlier is touched.
+    _commit(store, 5, {"b": "unchecked"}, supersede=False)
+    assert sorted(pd.read_parquet(tmp_path / "labels" / "pl")["text"]) == ["d", "new b", "unchecked"]

@@ -82,6 +82,9 @@ class WorkUnit:
     index: int
     utterances: tuple[Utterance, ...]
     rows_sha256: str
+    # Whether one of its ids had a PL row when the run was planned: only then does its commit look for earlier rows
+    # to supersede (a first labeling of a big root would otherwise scan the table once per unit).
+    supersedes: bool = True
 
     @property
     def name(self) -> str:
@@ -255,8 +258,10 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
             f"{root} already split {cfg.manifest} into units with {record['settings']}; relabeling it with "
             f"{settings} would give its rows two homes. Use the same unit settings or another labels root"
         )
+    labeled = store.ids_with_rows(u.id for u in utts)
     units = [
-        WorkUnit(lang, record["units"][lang][0] + i, tuple(chunk), _rows_sha256(chunk))
+        WorkUnit(lang, record["units"][lang][0] + i, tuple(chunk), _rows_sha256(chunk),
+                 supersedes=any(u.id in labeled for u in chunk))
         for lang, lang_chunks in chunks.items() for i, chunk in enumerate(lang_chunks)
     ]
     counts = {lang: Counter(r["category"] for r in rows) for lang, rows in input_rejects.items()}
@@ -529,7 +534,7 @@ def label_unit(plan: LabelPlan, unit: WorkUnit, on_progress: Callable[[float], N
         wall_s = time.perf_counter() - t_start
         record = _unit_record(plan, unit, keys, out, wall_s)
         store.commit_unit(unit.language, unit.index, shard=out.shard, rows=out.rows, rejects=out.rejects,
-                          record=record)
+                          record=record, supersede=unit.supersedes)
     except BaseException:
         out.shard.abort()
         raise
