@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench reproduce ablations server serve screenshot clean
+.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations server serve screenshot clean
 
 $(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/mlpl bench --corpus demo --corpus-dir data/demo
+
+# The CUDA path on one GPU (device tests, peak, labeling and training throughput) → docs/gpu-check.{json,md};
+# without a GPU it says so and runs the CPU parts.
+gpu-check: $(STAMP)
+	$(BIN)/python -m pipeline.report.gpu_check docs
 
 # The whole recipe on the bench corpus (six languages, LM-fused labeling, both students); writes docs/results.md
 # (≈ 1.5 h on 2 slow cores; a rerun resumes where it stopped; the log is runs/bench/reproduce.log).
