@@ -64,3 +64,23 @@ def test_a_cpu_run_resumes_on_the_device_and_back(smoke_corpus, tmp_path):
     assert back.step == 6 and len(back.losses) == 2 and _finite(back)
     state = load_checkpoint(back.last_checkpoint)  # weights_only: a checkpoint written on any device loads anywhere
     assert all(t.device.type == "cpu" for t in state["model"].values() if isinstance(t, torch.Tensor))
+
+
+def test_torchrun_trains_on_the_device(smoke_corpus, tmp_path):
+    """`torchrun` at world size 1 (2 where two GPUs are, which joins an NCCL process group; one process needs none)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    labeled, _, _ = _manifests(smoke_corpus)
+    nproc = 2 if DEVICE.startswith("cuda") and torch.cuda.device_count() >= 2 else 1
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run = tmp_path / "run"
+    proc = subprocess.run([torchrun, "--standalone", f"--nproc-per-node={nproc}", "-m", "flows.cli", "train",
+                           "--train", labeled, "--run-dir", str(run), "--max-updates", "2", "--set", f"device={DEVICE}",
+                           "--set", "save_every=2", "--set", "eval_every=100"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if nproc > 1:
+        assert f"rank 0 of {nproc} joined the process group (cpu:gloo,cuda:nccl)" in proc.stderr
+    assert (run / "supervised/checkpoints/last.pt").exists()

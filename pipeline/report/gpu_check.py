@@ -3,8 +3,8 @@ run, written as JSON + Markdown (docs/gpu-check.{json,md}).
 
 Parts, in order (each timed; the whole is sized to finish in minutes on one GPU):
 1. the device tests (`tests/test_device.py`: a few updates of every training stage, a CPU run resumed on the
-   device and back, labeling with crop-and-stitch under bf16 autocast) run on the device, and `torchrun` at world
-   size 1 (NCCL on CUDA);
+   device and back, labeling with crop-and-stitch under bf16 autocast, `torchrun` at world size 1, or 2 with an
+   NCCL process group where two GPUs are) run on the device;
 2. the matmul peak of the device at the precision labeling uses (bf16 where native, else fp32);
 3. labeling-model throughput (forward + greedy CTC, no audio I/O) of the tiny and base presets on length-sorted
    batches of 20 s clips, the batch doubled while it fits, as audio-s/s (RTFx) and as a share of the peak;
