@@ -170,3 +170,15 @@ def test_the_recipe_takes_an_imported_folder_as_it_is(tmp_path):
     assert cfg.reference_manifest is None and cfg.lm_text_dir is None  # an imported corpus has no hidden truth
     mine = RecipeConfig(corpus_dir=str(out), labeled_manifest="elsewhere.jsonl", preset="tiny")
     assert mine.labeled_manifest == "elsewhere.jsonl"  # a manifest given wins over the folder's
+
+
+def test_without_the_probe_a_source_duration_that_is_not_a_number_is_a_reject(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [{"audio_filepath": "a.wav", "duration": "long", "text": "hallo", "lang": "de"},
+            {"audio_filepath": "b.wav", "duration": 1.5, "text": "hallo", "lang": "de"}]
+    (src / "train_manifest.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = import_corpus("nemo", str(src), str(tmp_path / "out"), probe=False)
+    splits, rejects = _imported(tmp_path / "out")
+    assert [r["id"] for r in splits["labeled"]] == ["b"] and splits["labeled"][0]["duration_s"] == 1.5
+    assert [r["reason"] for r in rejects] == ["duration 'long' is not a number"] and summary["rows_read"] == 2

@@ -226,7 +226,10 @@ def _checked(item: SourceRow, seen: _SeenIds, wanted: set[str] | None, probe: bo
         except AudioError as err:
             return str(err)
     if duration is not None:
-        row["duration_s"] = round(float(duration), 3)
+        try:
+            row["duration_s"] = round(float(duration), 3)
+        except (TypeError, ValueError):
+            return f"duration {duration!r} is not a number"
     if item.split != "unlabeled":
         row["text"] = text
     for key in ("speaker", "start_s", "end_s"):
