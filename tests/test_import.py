@@ -170,6 +170,10 @@ def test_the_recipe_takes_an_imported_folder_as_it_is(tmp_path):
     assert cfg.reference_manifest is None and cfg.lm_text_dir is None  # an imported corpus has no hidden truth
     mine = RecipeConfig(corpus_dir=str(out), labeled_manifest="elsewhere.jsonl", preset="tiny")
     assert mine.labeled_manifest == "elsewhere.jsonl"  # a manifest given wins over the folder's
+    # The operators' form asks for no manifest (corpus_dir can fill them), and a config with neither is refused.
+    assert not set(RecipeConfig.model_json_schema().get("required", [])) & {"labeled_manifest", "unlabeled_manifest"}
+    with pytest.raises(ValueError, match="give the manifest"):
+        RecipeConfig(preset="tiny")
 
 
 def test_without_the_probe_a_source_duration_that_is_not_a_number_is_a_reject(tmp_path):

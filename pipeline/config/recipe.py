@@ -39,10 +39,11 @@ class RecipeConfig(Config):
     corpus_dir: str | None = Field(
         None, description="a corpus folder (`mlpl import` or `mlpl corpus build`): the manifests left empty below "
                           "are its manifests/<split>.jsonl")
-    labeled_manifest: str = Field(description="labeled rows of every language (JSONL or Parquet)")
+    # Not required by the form (empty: from corpus_dir); a config without either is refused below.
+    labeled_manifest: str = Field("", description="labeled rows of every language (JSONL or Parquet)")
     dev_manifest: str | None = Field(None, description="dev rows for validation and best-checkpoint choice")
     test_manifest: str | None = Field(None, description="test rows: every stage's model is scored on them")
-    unlabeled_manifest: str = Field(description="unlabeled rows; languages with rows here get self-training")
+    unlabeled_manifest: str = Field("", description="unlabeled rows; languages with rows here get self-training")
     reference_manifest: str | None = Field(
         None, description="hidden true transcripts of unlabeled clips: PL CER only, never training")
     preset: Literal["tiny", "paper"] = Field("paper", description="stage presets: paper defaults or tiny (CPU)")
@@ -118,6 +119,11 @@ class RecipeConfig(Config):
         if isinstance(data, dict) and data.get("corpus_dir"):
             found = corpus_data(data["corpus_dir"], data.get("run_dir") or "runs/recipe")
             data = {**data, **{k: v for k, v in found.items() if k != "run_dir" and not data.get(k)}}
+        if isinstance(data, dict):
+            missing = [k for k in ("labeled_manifest", "unlabeled_manifest") if not data.get(k)]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} missing: give the manifest(s), or corpus_dir (a folder "
+                                 "`mlpl import` or `mlpl corpus build` wrote)")
         return data
 
     @model_validator(mode="after")
