@@ -134,8 +134,9 @@ def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str,
         else:
             lines.append(f"| {ablation.lever} (`{ablation.name}`) | {ablation.change} | {cells(figures)}")
     lines += ["", "Test CER %; PL CER/WER: mean over languages of the labels the final student trained on, against "
-              "the hidden transcripts. A lever pays where its row is worse than the recipe's (the recipe keeps it on); "
-              "a row better than the recipe's is a lever the recipe should drop."]
+              "the hidden transcripts. Each row changes the recipe's setting to the one named; a row worse than the "
+              "recipe's says the recipe's setting pays, a row better says the recipe should take the row's. One run "
+              "each: differences under ≈ 1 % are within run-to-run noise."]
     return "\n".join(lines) + "\n"
 
 
