@@ -67,21 +67,9 @@ def exists(url: str) -> bool:
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
     """Write bytes so that readers see the old file or the whole new one: one PUT on an object store, else a
-    temp name beside the target renamed into place."""
-    fs, path = _fs(url)
-    if _atomic_put(fs):
-        fs.pipe_file(path, data)
-        return
-    parent, name = posixpath.split(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-    fs.pipe_file(tmp, data)
-    try:
-        fs.mv(tmp, path)
-    except Exception:
-        fs.rm(tmp)
-        raise
+    temp name beside the target renamed into place (`AtomicWriter`)."""
+    with AtomicWriter(url) as out:
+        out.write(data)
 
 
 def atomic_write_text(url: str, text: str) -> None:
@@ -114,13 +102,17 @@ def read_json(url: str) -> Any:
     return json.loads(read_text(url))
 
 
+def with_protocol(path: str, like: str) -> str:
+    """A path of a file system, as its fsspec listing gives it, written as a URL with the protocol of `like`."""
+    protocol = like.split("://", 1)[0] + "://" if "://" in like else ""
+    return path if not protocol or path.startswith(protocol) else protocol + path
+
+
 def list_files(url: str, pattern: str = "*") -> list[str]:
     """Sorted URLs of the files under a folder that match a glob pattern (temp files excluded)."""
     fs, path = _fs(url)
-    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
     found = fs.glob(posixpath.join(path, pattern))
-    out = [p for p in found if not posixpath.basename(p).startswith(".")]
-    return sorted(protocol + p if protocol and not p.startswith(protocol) else p for p in out)
+    return sorted(with_protocol(p, url) for p in found if not posixpath.basename(p).startswith("."))
 
 
 def remove(url: str) -> None:
@@ -217,14 +209,13 @@ def file_listing(url: str, suffixes: tuple[str, ...]) -> list[dict[str, Any]]:
     fs, base = _fs(url)
     if not fs.exists(base):
         raise FileNotFoundError(f"watched folder not found: {url}")
-    protocol = url.split("://", 1)[0] + "://" if "://" in url else ""
     out = []
     for path, info in sorted(fs.find(base, detail=True).items()):
         name = posixpath.basename(path)
         if name.startswith(".") or not name.lower().endswith(suffixes):
             continue
         etag = info.get("ETag") or info.get("etag")
-        out.append({"url": protocol + path if protocol and not path.startswith(protocol) else path,
+        out.append({"url": with_protocol(path, url),
                     "relpath": posixpath.relpath(path, base.rstrip("/") or "/"),
                     "etag": str(etag).strip('"') if etag else f"size={info.get('size')}"})
     return out
@@ -347,7 +338,11 @@ class AtomicWriter:
         if not self.file.closed:
             self.file.close()
         if self.tmp != self.path:
-            self.fs.mv(self.tmp, self.path)
+            try:
+                self.fs.mv(self.tmp, self.path)
+            except Exception:
+                self.fs.rm(self.tmp)  # a failed rename leaves no temp file behind
+                raise
 
     def abort(self) -> None:
         """Drop what was written (an error half-way)."""

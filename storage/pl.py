@@ -56,6 +56,7 @@ from storage.files import (
     list_files,
     read_json,
     remove,
+    with_protocol,
     write_json,
 )
 
@@ -151,10 +152,10 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _url_like(root: str, path: str) -> str:
-    """A path of the root's file system as a URL with the root's protocol."""
-    protocol = root.split("://", 1)[0] + "://" if "://" in root else ""
-    return path if not protocol or path.startswith(protocol) else protocol + path
+def _read_conformed(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema) -> pa.Table:
+    """A Parquet file of the table, in the current schema whatever version wrote it."""
+    with fs.open(path, "rb") as f:
+        return _conform(pq.read_table(f), schema)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -321,8 +322,7 @@ class LabelStore:
             relpath = posixpath.relpath(path, root_path)
             # Units labeled in parallel (Dask) may supersede rows of the same earlier file.
             with StorageLock(join(self.root, "catalog", "locks", relpath.replace("/", "_") + ".lock"), wait_s=600):
-                with fs.open(path, "rb") as f:
-                    old = _conform(pq.read_table(f), PL_SCHEMA).to_pylist()
+                old = _read_conformed(fs, path, PL_SCHEMA).to_pylist()
                 out = []
                 for row in old:
                     new = by_id.get(row["id"])
@@ -334,7 +334,7 @@ class LabelStore:
                         changed["replaced"] += 1
                     else:
                         changed["removed"] += 1
-                _write_or_remove(_url_like(self.root, path), out, PL_SCHEMA)
+                _write_or_remove(with_protocol(path, self.root), out, PL_SCHEMA)
                 self._count_rows(relpath, len(out))
             changed["files"].append(relpath)
         return placed, changed
@@ -359,9 +359,7 @@ class LabelStore:
                 folder, name = url.rsplit("/", 2)[-2:]
                 target = join(self.root, table, folder.removeprefix("language="), name)
                 fs, path = _fs(url)
-                with fs.open(path, "rb") as f:
-                    conformed = _conform(pq.read_table(f), schema)
-                atomic_write_bytes(target, _parquet_bytes(conformed))
+                atomic_write_bytes(target, _parquet_bytes(_read_conformed(fs, path, schema)))
                 fs.rm(path)
                 moved += 1
         return moved

@@ -100,11 +100,9 @@ def probe_audio(url: str) -> float:
         AudioError: missing, unreadable or empty file, a stretch past the file's end.
     """
     path, start, end = split_span(url)
-    if is_local(path) and not os.path.isfile(local_path(path)):
-        _read(path)  # raises the reason: missing, a folder, unreadable
     try:
         if is_local(path):
-            info = sf.info(local_path(path))
+            info = sf.info(_local_file(path))
         elif path.startswith("tar://"):
             info = sf.info(io.BytesIO(_read(path)))  # a tar member's file object dies with its file system
         else:
@@ -147,11 +145,20 @@ class _Source:
 def _source(url: str) -> _Source:
     path, start, end = split_span(url)
     if end is not None and is_local(path):
-        local = local_path(path)
-        if not os.path.isfile(local):
-            _read(path)  # raises the reason: missing, a folder, unreadable
-        return _Source(None, local, start, end)
+        return _Source(None, _local_file(path), start, end)
     return _Source(_read(path), None, start, end)
+
+
+def _local_file(path: str) -> str:
+    """The plain path of a local audio file that soundfile opens itself (no bytes read here).
+
+    Raises:
+        AudioError: as `_read` says it: missing, a folder, unreadable.
+    """
+    local = local_path(path)
+    if not os.path.isfile(local):
+        _read(path)
+    return local
 
 
 def _read(url: str) -> bytes:

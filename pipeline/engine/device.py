@@ -48,3 +48,10 @@ def autocast(enabled: bool, device: torch.device | str = "cpu") -> contextlib.Ab
     if enabled and _bf16_native(kind):
         return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a clock read after it is true."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

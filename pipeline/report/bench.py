@@ -32,7 +32,7 @@ from pipeline.data.rows import ProgressFn, read_utterances
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.engine.decode import decode_dataset, decode_features
-from pipeline.engine.device import bf16_supported, precision_used
+from pipeline.engine.device import bf16_supported, precision_used, synchronize
 from pipeline.engine.model import load_trained
 from pipeline.engine.trainer import make_optimizer, train_step
 from pipeline.report.report import hidden_references, pl_quality
@@ -116,14 +116,19 @@ def format_figures(figures: list[Figure]) -> str:
 # --- pseudo-labeling (issue: corpus-wide PL generation) ----------------------------------------------------
 
 
-def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1536, repeats: int = 5) -> float:
-    """This machine's matmul FLOP/s at a dtype with torch's current threads: best of `repeats` n×n×n products."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1536, repeats: int = 5,
+                    device: torch.device | str = "cpu") -> float:
+    """This machine's matmul FLOP/s at a dtype on a device (the CPU with torch's current threads): best of
+    `repeats` n×n×n products."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up
+    synchronize(device)
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -168,11 +173,15 @@ print(json.dumps({"wall_s": wall, "peak_rss_mb": hwm / 1024, "units": result.uni
 """
 
 
+def child_json(script: str, *args: str) -> dict[str, Any]:
+    """Run a Python script in a fresh process (its own peak RSS) and return the JSON of its last output line."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _label_in_child(manifest: str, root: str, teachers: dict[str, str]) -> dict[str, float]:
     """Label in a fresh process and return its wall time and peak RSS (VmHWM: this process alone)."""
-    proc = subprocess.run([sys.executable, "-c", _SCALE_CHILD, manifest, root, json.dumps(teachers)],
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return child_json(_SCALE_CHILD, manifest, root, json.dumps(teachers))
 
 
 def run_label_bench(corpus_dir: str, teacher_url: str, scales: Sequence[int] = (1, 2, 4)) -> dict[str, Any]:

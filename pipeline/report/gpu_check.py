@@ -8,7 +8,8 @@ Parts, in order (each timed; the whole is sized to finish in minutes on one GPU)
 2. the matmul peak of the device at the precision labeling uses (bf16 where native, else fp32);
 3. labeling-model throughput (forward + greedy CTC, no audio I/O) of the tiny and base presets on length-sorted
    batches of 20 s clips, the batch doubled while it fits, as audio-s/s (RTFx) and as a share of the peak;
-4. training throughput (forward, backward, AdamW step) of the tiny and base presets, as audio-s/s and share.
+4. training throughput (the trainer's own `train_step`: CTC + LID loss, backward, clipping, AdamW) of the tiny and
+   base presets, as audio-s/s and share.
 Without CUDA it says so in one line and runs the CPU parts (the device tests on the CPU, peaks and the tiny
 preset's throughput), so the script itself is checked by `make test`.
 """
@@ -16,7 +17,6 @@ preset's throughput), so the script itself is checked by `make test`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -28,9 +28,11 @@ import torch
 
 from models.encoder import CTCLIDModel
 from pipeline.config import model_kwargs
-from pipeline.config.base import base_model, tiny_model
-from pipeline.engine.device import autocast, precision_used
-from pipeline.report.bench import cpu_name
+from pipeline.config.base import OptimConfig, base_model, tiny_model
+from pipeline.data.dataset import Batch
+from pipeline.engine.device import autocast, precision_used, synchronize
+from pipeline.engine.trainer import make_optimizer, train_step
+from pipeline.report.bench import cpu_name, gemm_peak_flops
 from storage.files import atomic_write_text, join, write_json
 
 CLIP_S = 20.0  # a typical unlabeled segment (VoxPopuli's are 15-30 s)
@@ -38,33 +40,18 @@ FRAMES_PER_S = 100  # 10 ms hop
 VOCAB, LANGUAGES, N_MELS = 64, 6, 80
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """The device's matmul FLOP/s at a dtype: best of `repeats` n×n×n products."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    _sync(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
-
-
 def _model(preset: str, device: torch.device) -> CTCLIDModel:
     cfg = {"tiny": tiny_model, "base": base_model}[preset]()
     return CTCLIDModel(**model_kwargs(cfg, VOCAB, LANGUAGES, N_MELS)).to(device)
 
 
-def _batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    frames = int(CLIP_S * FRAMES_PER_S)
-    return torch.randn(size, frames, N_MELS, device=device), torch.full((size,), frames, device=device)
+def _batch(size: int, device: torch.device) -> Batch:
+    """`size` random 20 s clips with random transcripts of 12 characters a second (the corpora's rate)."""
+    frames, chars = int(CLIP_S * FRAMES_PER_S), int(CLIP_S * 12)
+    full = lambda n: torch.full((size,), n, device=device)  # noqa: E731
+    return Batch(ids=[str(i) for i in range(size)], feats=torch.randn(size, frames, N_MELS, device=device),
+                 feat_lens=full(frames), targets=torch.randint(1, VOCAB, (size, chars), device=device),
+                 target_lens=full(chars), lang_ids=torch.randint(0, LANGUAGES, (size,), device=device))
 
 
 def model_throughput(preset: str, device: torch.device, *, train: bool, max_batch: int, seconds: float,
@@ -73,7 +60,7 @@ def model_throughput(preset: str, device: torch.device, *, train: bool, max_batc
     largest batch (doubling from 1, up to `max_batch`) that fits, with its share of `peak`."""
     model = _model(preset, device).train(train)
     flops_per_clip = model.matmul_flops(int(CLIP_S * FRAMES_PER_S)) * (3 if train else 1)  # backward ≈ 2× forward
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+    optimizer = make_optimizer(OptimConfig(name="adamw", lr=1e-4), model) if train else None
     best: dict[str, Any] | None = None
     size = 1
     while size <= max_batch:
@@ -92,29 +79,22 @@ def model_throughput(preset: str, device: torch.device, *, train: bool, max_batc
 
 
 def _rate(model: CTCLIDModel, optimizer, size: int, device: torch.device, seconds: float) -> float:
-    feats, lens = _batch(size, device)
+    batch = _batch(size, device)
 
     def step() -> None:
-        with autocast(True, device):
-            if optimizer is None:
-                with torch.inference_mode():
-                    out = model(feats, lens)
-                    out.log_probs.argmax(-1).cpu()  # greedy CTC: the labels leave the device
-            else:
-                out = model(feats, lens)
-                # Any scalar of both outputs: the backward pass costs the same as the CTC + LID loss.
-                loss = out.log_probs.float().mean() + out.lid_logits.float().mean()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        if optimizer is None:
+            with autocast(True, device), torch.inference_mode():
+                model(batch.feats, batch.feat_lens).log_probs.argmax(-1).cpu()  # greedy CTC: labels leave the device
+        else:  # the trainer's own update: CTC + LID loss, backward, clipping, step
+            train_step(model, optimizer, batch, lid_weight=0.1, grad_clip_norm=1.0, bf16=True)
 
     step()  # warm-up (kernels chosen, memory allocated)
-    _sync(device)
+    synchronize(device)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or n < 2:
         step()
         n += 1
-    _sync(device)
+    synchronize(device)
     return n * size * CLIP_S / (time.perf_counter() - t0)
 
 
@@ -146,7 +126,7 @@ def run_gpu_check(out_dir: str, *, tests: bool = True, seconds: float = 3.0) -> 
               "peak, tiny preset throughput)")
     t0 = time.perf_counter()
     record["device_tests"] = run_device_tests(device.type) if tests else None
-    peak = matmul_peak(device, dtype, 8192 if cuda else 1536)
+    peak = gemm_peak_flops(dtype, 8192 if cuda else 1536, device=device)
     record["peak_tflops"] = peak / 1e12
     presets = ("tiny", "base") if cuda else ("tiny",)
     record["labeling"] = [model_throughput(p, device, train=False, max_batch=256 if cuda else 8, seconds=seconds,

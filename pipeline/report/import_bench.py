@@ -7,16 +7,15 @@ one synthesized mp3: the import still opens and probes every clip's header, and 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
+
+from pipeline.report.bench import child_json
 
 _HEADER = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
            "gender", "accents", "variant", "locale", "segment")
@@ -49,19 +48,13 @@ def write_common_voice(folder: Path, clips: int, locale: str = "de") -> Path:
     return folder
 
 
-def _import_in_child(src: Path, out: Path) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out)], capture_output=True, text=True,
-                          check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def run_import_bench(clips: int = 1000, scale: int = 10) -> dict[str, Any]:
     """Import a generated Common Voice release of `clips` and of `scale`× as many clips; wall time, rate, peak RSS."""
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for n in (clips, clips * scale):
             src = write_common_voice(Path(tmp) / f"cv-{n}", n)
-            runs[n] = _import_in_child(src, Path(tmp) / f"out-{n}") | {"clips": n}
+            runs[n] = child_json(_CHILD, str(src), str(Path(tmp) / f"out-{n}")) | {"clips": n}
     small, big = runs[clips], runs[clips * scale]
     return {"runs": [small, big], "scale": scale, "rss_ratio": big["peak_rss_mb"] / small["peak_rss_mb"]}
 
