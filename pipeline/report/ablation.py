@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.layout import RunLayout
-from pipeline.report.report import _f, build_report, hidden_references, pl_quality, replace_section, student_variants
+from pipeline.report.report import (
+    _f,
+    build_report,
+    hidden_references,
+    pl_quality,
+    replace_section,
+    section,
+    student_variants,
+)
 from storage.files import atomic_write_text, copy_tree, exists, join, read_json, read_text, remove_tree, write_json
 
 ABLATION_STUDENT = "finetune"  # the ablations train the recipe's best student only (half the student time)
@@ -110,13 +118,21 @@ def _delta(value: float | None, base: float | None) -> str:
     return f"{100.0 * (value - base) / base:+.1f} %"
 
 
+def _row_prefix(ablation: Ablation) -> str:
+    return f"| {ablation.lever} (`{ablation.name}`) |"
+
+
 def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str, Any] | None]],
-                      low_resource: str | None, command: str) -> str:
-    """The ablation table: the recipe's row, then one per ablation (a missing run says so), with the command."""
+                      low_resource: str | None, command: str, earlier: str | None = None) -> str:
+    """The ablation table: the recipe's row, then one per ablation, with the command. An ablation not finished in
+    this study keeps its row from `earlier` (the table this page held) when that table's recipe row is this one,
+    i.e. it was measured against the same recipe run (a fresh clone reruns only what is missing); else the row
+    says it has not run."""
     low = f" {low_resource}" if low_resource else ""
     lines = [f"Each row switches one lever of the recipe and reruns what it touches, from a copy of the finished "
              f"recipe run (`{base['run_dir']}`); students: `{ABLATION_STUDENT}` only. Command: `{command}` (an "
-             "interrupted run resumes; finished ablations are read back, not retrained).", "",
+             "interrupted run resumes; finished ablations are read back, not retrained, from the study's folder "
+             "or, where the recipe row is unchanged, from this table).", "",
              f"| ablation | change | final student avg CER | vs recipe | student{low} CER | slimIPL avg CER | "
              "PL CER | PL WER |", "|---|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -127,12 +143,18 @@ def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str,
                 f"{_f(by_lang.get(low_resource)) if low_resource else '—'} | {_f(f.get('slimipl_cer'))} | "
                 f"{_f(f.get('pl_cer'))} | {_f(f.get('pl_wer'))} |")
 
-    lines.append(f"| **recipe** (`{base['run_dir']}`) | as it ships | {cells(base)}")
+    recipe_row = f"| **recipe** (`{base['run_dir']}`) | as it ships | {cells(base)}"
+    old_lines = (earlier or "").splitlines()
+    kept = {line.split(" | ", 1)[0] + " |": line for line in old_lines
+            if recipe_row in old_lines and "not run yet" not in line}
+    lines.append(recipe_row)
     for ablation, figures in rows:
-        if figures is None:
-            lines.append(f"| {ablation.lever} (`{ablation.name}`) | {ablation.change} | not run yet |||||| ")
+        if figures is not None:
+            lines.append(f"{_row_prefix(ablation)} {ablation.change} | {cells(figures)}")
+        elif _row_prefix(ablation) in kept:
+            lines.append(kept[_row_prefix(ablation)])
         else:
-            lines.append(f"| {ablation.lever} (`{ablation.name}`) | {ablation.change} | {cells(figures)}")
+            lines.append(f"{_row_prefix(ablation)} {ablation.change} | not run yet |||||| ")
     lines += ["", "Test CER %; PL CER/WER: mean over languages of the labels the final student trained on, against "
               "the hidden transcripts. Each row changes the recipe's setting to the one named; a row worse than the "
               "recipe's says the recipe's setting pays, a row better says the recipe should take the row's. One run "
@@ -188,9 +210,9 @@ def publish_study(out_dir: str, base: dict[str, Any], low_resource: str | None, 
     rows = [(a, finished_figures(branch_dir(out_dir, a))) for a in ABLATIONS]
     write_json(join(out_dir, "ablations.json"), {"base": base, "ablations": {
         a.name: {"lever": a.lever, "change": a.change, "overrides": a.overrides} | f for a, f in rows if f}})
-    table = ablation_markdown(base, rows, low_resource, command)
+    page = read_text(results) if results is not None and exists(results) else "# Results\n"
+    table = ablation_markdown(base, rows, low_resource, command, earlier=section(page, "Ablations"))
     if results is not None:
-        page = read_text(results) if exists(results) else "# Results\n"
         atomic_write_text(results, replace_section(page, "Ablations", table))
     return table
 
