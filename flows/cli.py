@@ -237,7 +237,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     else:
         from flows.demo import demo_flow
 
-        overrides = cfg.model_dump(mode="json", exclude={"run_dir"})
+        overrides = cfg.model_dump(mode="json", exclude={"run_dir", "corpus_dir"})  # demo_flow's own arguments
         out = demo_flow(corpus_dir=args.corpus_dir, run_dir=args.run_dir, corpus=args.corpus, seed=args.seed,
                         text_dir=args.text_dir, recipe=args.recipe, overrides=overrides)
     wall = time.perf_counter() - t0

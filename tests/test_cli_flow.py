@@ -86,6 +86,26 @@ def test_train_and_evaluate_via_cli(smoke_corpus, teacher, tmp_path, capsys):
     assert "unknown source" in capsys.readouterr().err
 
 
+def test_the_recipe_and_demo_commands_build_the_corpus_then_run_the_recipe_on_it(tmp_path, monkeypatch, capsys):
+    """The CLI's path into demo_flow (the stages themselves run in the slow test below)."""
+    import flows.cli
+    import flows.demo
+
+    seen = {}
+    monkeypatch.setattr(flows.demo, "demo_flow", flows.demo.demo_flow.fn)  # the flow's body, without a server
+    monkeypatch.setattr(flows.demo, "build_corpus_task", lambda *a, **k: seen.setdefault("corpus", a) and {})
+    monkeypatch.setattr(flows.demo, "recipe_flow", lambda cfg: seen.setdefault("cfg", cfg) and {"stages": {}})
+    monkeypatch.setattr(flows.cli, "print_recipe", lambda *a: None)
+    corpus, run = str(tmp_path / "corpus"), str(tmp_path / "run")
+    for command in (["recipe", "--recipe", "bench", "--set", "rounds=2"], ["demo"]):
+        seen.clear()
+        assert main([*command, "--corpus", "smoke", "--corpus-dir", corpus, "--run-dir", run]) == 0
+        cfg = seen["cfg"]
+        assert seen["corpus"][:2] == ("smoke", corpus) and cfg.run_dir == run
+        assert cfg.labeled_manifest == str(Path(corpus) / "manifests" / "labeled.jsonl")
+        assert cfg.rounds == (2 if command[0] == "recipe" else 1)  # --set reaches the recipe
+
+
 @pytest.mark.slow
 def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     from prefect.client.orchestration import get_client
