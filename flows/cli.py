@@ -402,6 +402,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
         print()
         print(format_lm_label_bench(run_lm_label_bench(args.corpus_dir, teacher)))
+        if args.dask_units:
+            from flows.label import run_label_flow
+            from pipeline.report.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
+
+            def on_cluster(cfg, root):
+                return run_label_flow(cfg, root, dask_workers=2)
+
+            print()
+            print(format_dask_overhead_bench(run_dask_overhead_bench(args.corpus_dir, teacher, on_cluster, workers=2,
+                                                                     units=args.dask_units)))
     return 0
 
 
@@ -605,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--default-teacher", default="runs/demo/slimipl/sl/checkpoints/best.pt", help=argparse.SUPPRESS)
     bn.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="corpus sizes for the memory/time figures")
     bn.add_argument("--skip-labeling", action="store_true", help="training and decoding figures only")
+    bn.add_argument("--dask-units", type=int, default=30,
+                    help="the Dask path's overhead per unit: K and 2K one-clip units on 2 workers (0: skip)")
     bn.set_defaults(func=cmd_bench)
     return p
 

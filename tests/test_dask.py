@@ -281,3 +281,23 @@ def test_a_worker_killed_mid_unit_leaves_the_complete_table_without_duplicates(o
     # The survivor and the nanny's replacement each loaded the teacher once for all their units, with 1 thread.
     assert len(state) == 2 and max(misses for misses, _ in state.values()) == 1
     assert {threads for _, threads in state.values()} == {1}
+
+
+def test_the_dask_bench_finds_the_per_unit_cost_a_runner_adds_beyond_the_units_work(smoke_corpus, teacher):
+    """`make bench`'s Dask figure: K and 2K units through a runner that adds 0.3 s of bookkeeping per unit (a
+    stand-in for the cluster, one process) give 0.3 s per unit plus what labeling itself spends outside units."""
+    from pipeline.report.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
+    from pipeline.stages.label import run_label
+    from storage.manifest import read_manifest
+
+    def runner(cfg, root):
+        run_label(cfg, root)
+        time.sleep(0.3 * len(read_manifest(cfg.manifest)[0]))
+
+    b = run_dask_overhead_bench(smoke_corpus, teacher, runner, workers=1, units=3)
+    assert [r["units"] for r in b["runs"].values()] == [3, 6]
+    # ± 0.1 s: what labeling spends outside units (planning, the catalog) is not quite the same in the two runs
+    assert abs(b["overhead_per_unit_s"] - 0.3) < 0.1 and b["unit_work_per_unit_s"] > 0
+    assert "per unit: " in format_dask_overhead_bench(b)
+    with pytest.raises(ValueError, match="needs 2000 labeled clips"):
+        run_dask_overhead_bench(smoke_corpus, teacher, runner, workers=1, units=1000)

@@ -22,3 +22,16 @@ def test_without_a_gpu_it_says_so_and_runs_the_cpu_parts(tmp_path, capsys):
     assert 0 < lab["share_of_peak"] < 1.5 and lab["batch"] >= 1  # FLOPs by the model's own count over the peak
     md = (tmp_path / "gpu-check.md").read_text()
     assert "| labeling | tiny |" in md and "GPU figures are still to be measured" in md
+    assert lab["projection"]["hours_per_device_day"] == pytest.approx(24 * lab["audio_s_per_s"])
+    assert f"| tiny | {24 * lab['audio_s_per_s']:,.0f} |" in md
+
+
+def test_the_projection_turns_a_labeling_rate_into_hours_per_day_and_devices_for_a_million_hours():
+    from pipeline.report.gpu_check import flops_per_audio_s, projection
+
+    # 8,000× real time: 192,000 h a day, so 1 M h in 24 h takes ⌈5.2⌉ = 6 devices
+    assert projection(8000.0) == {"hours_per_device_day": 192_000.0, "devices_for_corpus": 6}
+    assert projection(10_000.0) == {"hours_per_device_day": 240_000.0, "devices_for_corpus": 5}
+    # large = base with d and FFN doubled: its matmuls (most of the FLOPs) cost about 4× base's
+    tiny, base, large = (flops_per_audio_s(p) for p in ("tiny", "base", "large"))
+    assert tiny < base < large and 3.0 < large / base < 4.0

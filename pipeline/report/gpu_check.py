@@ -17,6 +17,7 @@ preset's throughput), so the script itself is checked by `make test`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -28,7 +29,7 @@ import torch
 
 from models.encoder import CTCLIDModel
 from pipeline.config import model_kwargs
-from pipeline.config.base import OptimConfig, base_model, tiny_model
+from pipeline.config.base import OptimConfig, base_model, large_model, tiny_model
 from pipeline.data.dataset import Batch
 from pipeline.engine.device import autocast, precision_used, synchronize
 from pipeline.engine.trainer import make_optimizer, train_step
@@ -40,9 +41,26 @@ FRAMES_PER_S = 100  # 10 ms hop
 VOCAB, LANGUAGES, N_MELS = 64, 6, 80
 
 
+PRESETS = {"tiny": tiny_model, "base": base_model, "large": large_model}
+CORPUS_HOURS, WITHIN_HOURS = 1_000_000, 24  # the projection: label a million hours in a day
+
+
 def _model(preset: str, device: torch.device) -> CTCLIDModel:
-    cfg = {"tiny": tiny_model, "base": base_model}[preset]()
+    cfg = PRESETS[preset]()
     return CTCLIDModel(**model_kwargs(cfg, VOCAB, LANGUAGES, N_MELS)).to(device)
+
+
+def flops_per_audio_s(preset: str) -> float:
+    """The preset's forward FLOPs per second of audio on 20 s clips (counted on a meta-device model: no memory)."""
+    with torch.device("meta"):
+        model = CTCLIDModel(**model_kwargs(PRESETS[preset](), VOCAB, LANGUAGES, N_MELS))
+    return model.matmul_flops(int(CLIP_S * FRAMES_PER_S)) / CLIP_S
+
+
+def projection(rtfx: float, hours: float = CORPUS_HOURS, within_h: float = WITHIN_HOURS) -> dict[str, float]:
+    """What a labeling rate (audio-s/s on one device) means at corpus scale: hours labeled per device-day, and
+    the devices that label `hours` within `within_h` hours."""
+    return {"hours_per_device_day": rtfx * 24, "devices_for_corpus": math.ceil(hours / (rtfx * within_h))}
 
 
 def _batch(size: int, device: torch.device) -> Batch:
@@ -128,11 +146,13 @@ def run_gpu_check(out_dir: str, *, tests: bool = True, seconds: float = 3.0) -> 
     record["device_tests"] = run_device_tests(device.type) if tests else None
     peak = gemm_peak_flops(dtype, 8192 if cuda else 1536, device=device)
     record["peak_tflops"] = peak / 1e12
-    presets = ("tiny", "base") if cuda else ("tiny",)
+    labeled = ("tiny", "base", "large") if cuda else ("tiny",)
     record["labeling"] = [model_throughput(p, device, train=False, max_batch=256 if cuda else 8, seconds=seconds,
-                                           peak=peak) for p in presets]
+                                           peak=peak) for p in labeled]
     record["training"] = [model_throughput(p, device, train=True, max_batch=64 if cuda else 4, seconds=seconds,
-                                           peak=peak) for p in presets]
+                                           peak=peak) for p in labeled[:2]]
+    for m in record["labeling"]:
+        m["projection"] = projection(m["rtfx"])
     record["wall_s"] = round(time.perf_counter() - t0, 1)
     write_json(join(out_dir, "gpu-check.json"), record)
     atomic_write_text(join(out_dir, "gpu-check.md"), gpu_check_markdown(record))
@@ -154,6 +174,14 @@ def gpu_check_markdown(r: dict[str, Any]) -> str:
         for m in r[kind]:
             lines.append(f"| {kind} | {m['preset']} | {m['parameters'] / 1e6:.1f} M | {m['batch']} | "
                          f"{m['audio_s_per_s']:.0f} | {m['tflops']:.3f} | {100 * m['share_of_peak']:.0f} % |")
+    unit = "GPU" if r["cuda"] else "machine"
+    lines += ["", f"Projection from the labeling rates above (model only: audio decoding runs beside it on CPU "
+              f"workers): {CORPUS_HOURS:,} h within {WITHIN_HOURS} h.", "",
+              f"| preset | hours labeled per {unit}-day | {unit}s for {CORPUS_HOURS:,} h in {WITHIN_HOURS} h |",
+              "|---|---:|---:|"]
+    for m in r["labeling"]:
+        p = m["projection"]
+        lines.append(f"| {m['preset']} | {p['hours_per_device_day']:,.0f} | {p['devices_for_corpus']:,} |")
     if not r["cuda"]:
         lines += ["", "No GPU here: the GPU figures are still to be measured (`make gpu-check` on a CUDA machine)."]
     return "\n".join(lines) + "\n"
