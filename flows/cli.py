@@ -380,7 +380,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ensure_corpus,
         format_figures,
         format_label_bench,
+        format_label_profile,
         format_lm_label_bench,
+        label_profile,
         label_teacher,
         run_bench,
         run_label_bench,
@@ -400,6 +402,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         teacher, note = label_teacher(args.corpus_dir, args.teacher, args.default_teacher, tmp)
         print(f"\n{note}\n")
         print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
+        print()
+        print(format_label_profile(label_profile(args.corpus_dir, teacher)))
         print()
         print(format_lm_label_bench(run_lm_label_bench(args.corpus_dir, teacher)))
         if args.dask_units:

@@ -151,6 +151,40 @@ def naive_label(manifest_url: str, teacher_url: str) -> tuple[dict[str, str], fl
     return texts, audio_s, time.perf_counter() - t0
 
 
+def label_profile(corpus_dir: str, teacher_url: str, clips: int = 8, top: int = 8) -> dict[str, Any]:
+    """Where the labeling forward's time goes: torch's profiler over the first `clips` unlabeled clips of the
+    corpus, decoded as one padded batch at the precision labeling uses; the `top` operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trained = load_trained(teacher_url)
+    policy = labeling_audio_policy()
+    utts, _ = read_utterances(split_manifest(corpus_dir, "unlabeled"), require_text=False,
+                              languages=trained.languages)
+    feats = [log_mel(load_audio(u.audio, policy, trained.features.sample_rate_hz), trained.features)
+             for u in utts[:clips]]
+    bf16 = precision_used(True) == "bf16"
+
+    def forward() -> None:
+        decode_features(trained.model, feats, tokenizer=trained.tokenizer, languages=trained.languages, bf16=bf16)
+
+    forward()  # warm-up: kernels chosen, the attention-bias cache filled
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        forward()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return {"precision": "bf16" if bf16 else "fp32", "clips": len(feats), "total_ms": total / 1e3,
+            "ops": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+                     "share": e.self_cpu_time_total / total} for e in events[:top]]}
+
+
+def format_label_profile(p: dict[str, Any]) -> str:
+    """Markdown of `label_profile`."""
+    lines = [f"Labeling forward profile ({p['clips']} clips in one batch, {p['precision']}; self CPU time, "
+             f"{p['total_ms']:.0f} ms in all)", "", "| operator | calls | self ms | share |", "|---|---:|---:|---:|"]
+    lines += [f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.1f} | {100 * o['share']:.0f} % |" for o in p["ops"]]
+    return "\n".join(lines)
+
+
 def _replicated_manifest(manifest_url: str, times: int, out_url: str) -> str:
     """The manifest's rows `times` over (ids suffixed), the same audio files: a bigger corpus of the same kind."""
     rows, _ = read_manifest(manifest_url)
