@@ -153,7 +153,8 @@ def naive_label(manifest_url: str, teacher_url: str) -> tuple[dict[str, str], fl
 
 def label_profile(corpus_dir: str, teacher_url: str, clips: int = 8, top: int = 8) -> dict[str, Any]:
     """Where the labeling forward's time goes: torch's profiler over the first `clips` unlabeled clips of the
-    corpus, decoded as one padded batch at the precision labeling uses; the `top` operators by self CPU time."""
+    corpus, decoded as one padded batch at the precision labeling uses; the `top` operators by self CPU time, with
+    the GFLOP/s of those the profiler counts FLOPs for (matmuls, convolutions; not attention)."""
     from torch.profiler import ProfilerActivity, profile
 
     trained = load_trained(teacher_url)
@@ -168,20 +169,25 @@ def label_profile(corpus_dir: str, teacher_url: str, clips: int = 8, top: int = 
         decode_features(trained.model, feats, tokenizer=trained.tokenizer, languages=trained.languages, bf16=bf16)
 
     forward()  # warm-up: kernels chosen, the attention-bias cache filled
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         forward()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return {"precision": "bf16" if bf16 else "fp32", "clips": len(feats), "total_ms": total / 1e3,
             "ops": [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
-                     "share": e.self_cpu_time_total / total} for e in events[:top]]}
+                     "share": e.self_cpu_time_total / total,
+                     "gflops": e.flops / e.self_cpu_time_total / 1e3 if e.flops and e.self_cpu_time_total else None}
+                    for e in events[:top]]}
 
 
 def format_label_profile(p: dict[str, Any]) -> str:
     """Markdown of `label_profile`."""
     lines = [f"Labeling forward profile ({p['clips']} clips in one batch, {p['precision']}; self CPU time, "
-             f"{p['total_ms']:.0f} ms in all)", "", "| operator | calls | self ms | share |", "|---|---:|---:|---:|"]
-    lines += [f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.1f} | {100 * o['share']:.0f} % |" for o in p["ops"]]
+             f"{p['total_ms']:.0f} ms in all)", "", "| operator | calls | self ms | share | GFLOP/s |",
+             "|---|---:|---:|---:|---:|"]
+    for o in p["ops"]:
+        rate = "—" if o["gflops"] is None else f"{o['gflops']:.0f}"
+        lines.append(f"| `{o['op']}` | {o['calls']} | {o['self_ms']:.1f} | {100 * o['share']:.0f} % | {rate} |")
     return "\n".join(lines)
 
 
