@@ -118,21 +118,42 @@ def _delta(value: float | None, base: float | None) -> str:
     return f"{100.0 * (value - base) / base:+.1f} %"
 
 
-def _row_prefix(ablation: Ablation) -> str:
-    return f"| {ablation.lever} (`{ablation.name}`) |"
+EARLIER = " †"  # marks a row measured against an earlier run of the recipe (the † recipe row)
+
+
+def _row_prefix(ablation: Ablation, mark: str = "") -> str:
+    return f"| {ablation.lever} (`{ablation.name}`){mark} |"
+
+
+def _earlier_rows(earlier: str | None, recipe_row: str) -> tuple[str | None, dict[str, str]]:
+    """From the table a results page held: the recipe row its kept rows compare with (None: this run's) and those
+    rows by ablation name, marked †. Rows of this run's recipe are kept as they are; when the page's recipe row is
+    another run's, its rows are kept marked † beside that row; rows two runs old are dropped."""
+    old = [line for line in (earlier or "").splitlines() if line.startswith("| ") and "not run yet" not in line]
+    old_recipe = next((line for line in old if line.startswith("| **recipe** ")), None)
+    old_earlier = next((line for line in old if line.startswith("| **recipe, earlier run**")), None)
+    rows = [line for line in old if "(`" in line.split(" | ", 1)[0] and not line.startswith("| **")]
+    plain = {line.split("(`", 1)[1].split("`)", 1)[0]: line for line in rows if EARLIER not in line.split(" | ", 1)[0]}
+    marked = {line.split("(`", 1)[1].split("`)", 1)[0]: line for line in rows if EARLIER in line.split(" | ", 1)[0]}
+    if old_recipe == recipe_row:
+        return old_earlier, plain | marked
+    if old_recipe is None:
+        return None, {}
+    dagger = {name: line.replace("`) |", f"`){EARLIER} |", 1) for name, line in plain.items()}
+    return old_recipe.replace("| **recipe** ", f"| **recipe, earlier run**{EARLIER} ", 1), dagger
 
 
 def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str, Any] | None]],
                       low_resource: str | None, command: str, earlier: str | None = None) -> str:
     """The ablation table: the recipe's row, then one per ablation, with the command. An ablation not finished in
-    this study keeps its row from `earlier` (the table this page held) when that table's recipe row is this one,
-    i.e. it was measured against the same recipe run (a fresh clone reruns only what is missing); else the row
-    says it has not run."""
+    this study keeps its row from `earlier` (the table this page held): as it is when that table's recipe row is
+    this one, marked † beside that table's recipe row when it came from another run of the recipe (a fresh clone
+    reruns only what is missing, and says which rows compare with which run); else the row says it has not run."""
     low = f" {low_resource}" if low_resource else ""
     lines = [f"Each row switches one lever of the recipe and reruns what it touches, from a copy of the finished "
              f"recipe run (`{base['run_dir']}`); students: `{ABLATION_STUDENT}` only. Command: `{command}` (an "
              "interrupted run resumes; finished ablations are read back, not retrained, from the study's folder "
-             "or, where the recipe row is unchanged, from this table).", "",
+             "or from this table).", "",
              f"| ablation | change | final student avg CER | vs recipe | student{low} CER | slimIPL avg CER | "
              "PL CER | PL WER |", "|---|---|---:|---:|---:|---:|---:|---:|"]
 
@@ -144,21 +165,24 @@ def ablation_markdown(base: dict[str, Any], rows: list[tuple[Ablation, dict[str,
                 f"{_f(f.get('pl_cer'))} | {_f(f.get('pl_wer'))} |")
 
     recipe_row = f"| **recipe** (`{base['run_dir']}`) | as it ships | {cells(base)}"
-    old_lines = (earlier or "").splitlines()
-    kept = {line.split(" | ", 1)[0] + " |": line for line in old_lines
-            if recipe_row in old_lines and "not run yet" not in line}
+    earlier_recipe, kept = _earlier_rows(earlier, recipe_row)
     lines.append(recipe_row)
+    if earlier_recipe is not None and any(EARLIER in line for line in kept.values()):
+        lines.append(earlier_recipe)
     for ablation, figures in rows:
         if figures is not None:
             lines.append(f"{_row_prefix(ablation)} {ablation.change} | {cells(figures)}")
-        elif _row_prefix(ablation) in kept:
-            lines.append(kept[_row_prefix(ablation)])
+        elif ablation.name in kept:
+            lines.append(kept[ablation.name])
         else:
             lines.append(f"{_row_prefix(ablation)} {ablation.change} | not run yet |||||| ")
     lines += ["", "Test CER %; PL CER/WER: mean over languages of the labels the final student trained on, against "
               "the hidden transcripts. Each row changes the recipe's setting to the one named; a row worse than the "
               "recipe's says the recipe's setting pays, a row better says the recipe should take the row's. One run "
               "each: differences under ≈ 1 % are within run-to-run noise."]
+    if any(EARLIER in line for line in lines):
+        lines.append(f"{EARLIER.strip()} Branched off an earlier run of the same recipe (its row †, which run-to-run "
+                     "noise puts apart from this run's); their \"vs recipe\" compares with that row.")
     return "\n".join(lines) + "\n"
 
 
