@@ -7,9 +7,11 @@ shipping the plan, the task run's state changes, collecting the result.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pipeline.config import LabelConfig, label_tiny
@@ -20,6 +22,21 @@ from storage.pl import LabelStore
 
 # Runs `cfg` into a labels root on a cluster of `workers` processes (flows.label.run_label_flow with dask_workers).
 ClusterLabel = Callable[[LabelConfig, str], Any]
+
+
+@contextmanager
+def _quiet_cluster_shutdown() -> Iterator[None]:
+    """Dask's scheduler logs a traceback for each worker connection a closing local cluster cuts; harmless, and
+    it would bury the figures."""
+    quiet = [logging.getLogger(name) for name in ("distributed", "tornado")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
 
 
 def _timed_run(label_on_cluster: ClusterLabel, cfg: LabelConfig, root: str) -> dict[str, float]:
@@ -35,20 +52,23 @@ def _timed_run(label_on_cluster: ClusterLabel, cfg: LabelConfig, root: str) -> d
 def run_dask_overhead_bench(corpus_dir: str, teacher_url: str, label_on_cluster: ClusterLabel, *, workers: int,
                             units: int = 30) -> dict[str, Any]:
     """Label the first `units` and `2 × units` labeled clips (2-6 s, read as unlabeled audio), one clip per unit,
-    on the cluster; per-unit overhead = (Δwall × workers − Δunit work) / Δunits, fixed cost = what the K-unit
-    run took beyond its units' work and their overhead, spread over the workers."""
+    on the cluster, after an untimed warm-up run (the first run pays imports and caches that later ones do not,
+    which would not cancel); per-unit overhead = (Δwall × workers − Δunit work) / Δunits, fixed cost = what the
+    K-unit run took beyond its units' work and their overhead, spread over the workers."""
     rows, _ = read_manifest(split_manifest(corpus_dir, "labeled"))
     if len(rows) < 2 * units:
         raise ValueError(f"the Dask bench needs {2 * units} labeled clips, the corpus has {len(rows)}")
     runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for n in (units, 2 * units):
+    with tempfile.TemporaryDirectory() as tmp, _quiet_cluster_shutdown():
+        for n, timed in ((workers, False), (units, True), (2 * units, True)):
             manifest = join(tmp, f"clips-{n}.jsonl")
             write_manifest(manifest, rows[:n])
             languages = sorted({r["language"] for r in rows[:n]})
             cfg = label_tiny(manifest, {lang: teacher_url for lang in languages}, unit_max_utterances=1,
                              num_threads=1)
-            runs[n] = _timed_run(label_on_cluster, cfg, join(tmp, f"labels-{n}"))
+            run = _timed_run(label_on_cluster, cfg, join(tmp, f"labels-{n}-{'timed' if timed else 'warm-up'}"))
+            if timed:
+                runs[n] = run
     small, big = runs[units], runs[2 * units]
     extra_units = big["units"] - small["units"]
     per_unit = (workers * (big["wall_s"] - small["wall_s"]) - (big["unit_work_s"] - small["unit_work_s"])) / extra_units
