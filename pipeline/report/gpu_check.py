@@ -6,8 +6,9 @@ Parts, in order (each timed; the whole is sized to finish in minutes on one GPU)
    device and back, labeling with crop-and-stitch under bf16 autocast, `torchrun` at world size 1, or 2 with an
    NCCL process group where two GPUs are) run on the device;
 2. the matmul peak of the device at the precision labeling uses (bf16 where native, else fp32);
-3. labeling-model throughput (forward + greedy CTC, no audio I/O) of the tiny and base presets on length-sorted
-   batches of 20 s clips, the batch doubled while it fits, as audio-s/s (RTFx) and as a share of the peak;
+3. labeling-model throughput (forward + greedy CTC, no audio I/O) of the tiny, base and large presets on
+   length-sorted batches of 20 s clips, the batch doubled while it fits, as audio-s/s (RTFx) and as a share of
+   the peak, each projected to hours labeled per device-day and devices for a million hours in a day;
 4. training throughput (the trainer's own `train_step`: CTC + LID loss, backward, clipping, AdamW) of the tiny and
    base presets, as audio-s/s and share.
 Without CUDA it says so in one line and runs the CPU parts (the device tests on the CPU, peaks and the tiny
