@@ -86,7 +86,7 @@ def test_train_and_evaluate_via_cli(smoke_corpus, teacher, tmp_path, capsys):
     assert "unknown source" in capsys.readouterr().err
 
 
-def test_the_recipe_and_demo_commands_build_the_corpus_then_run_the_recipe_on_it(tmp_path, monkeypatch, capsys):
+def test_the_recipe_and_demo_commands_build_the_corpus_then_run_the_recipe_on_it(tmp_path, monkeypatch):
     """The CLI's path into demo_flow (the stages themselves run in the slow test below)."""
     import flows.cli
     import flows.demo

@@ -121,8 +121,8 @@ def _delta(value: float | None, base: float | None) -> str:
 EARLIER = " †"  # marks a row measured against an earlier run of the recipe (the † recipe row)
 
 
-def _row_prefix(ablation: Ablation, mark: str = "") -> str:
-    return f"| {ablation.lever} (`{ablation.name}`){mark} |"
+def _row_prefix(ablation: Ablation) -> str:
+    return f"| {ablation.lever} (`{ablation.name}`) |"
 
 
 def _earlier_rows(earlier: str | None, recipe_row: str) -> tuple[str | None, dict[str, str]]:
