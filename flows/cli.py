@@ -407,12 +407,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_lm_label_bench(run_lm_label_bench(args.corpus_dir, teacher)))
         if args.dask_units:
+            from functools import partial
+
             from flows.label import run_label_flow
             from pipeline.report.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
 
-            def on_cluster(cfg, root):
-                return run_label_flow(cfg, root, dask_workers=2)
-
+            on_cluster = partial(run_label_flow, dask_workers=2)
             print()
             print(format_dask_overhead_bench(run_dask_overhead_bench(args.corpus_dir, teacher, on_cluster, workers=2,
                                                                      units=args.dask_units)))

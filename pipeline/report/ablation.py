@@ -132,11 +132,17 @@ def _earlier_rows(earlier: str | None, recipe_row: str) -> tuple[str | None, dic
     old = [line for line in (earlier or "").splitlines() if line.startswith("| ") and "not run yet" not in line]
     old_recipe = next((line for line in old if line.startswith("| **recipe** ")), None)
     old_earlier = next((line for line in old if line.startswith("| **recipe, earlier run**")), None)
-    rows = [line for line in old if "(`" in line.split(" | ", 1)[0] and not line.startswith("| **")]
-    plain = {line.split("(`", 1)[1].split("`)", 1)[0]: line for line in rows if EARLIER not in line.split(" | ", 1)[0]}
-    marked = {line.split("(`", 1)[1].split("`)", 1)[0]: line for line in rows if EARLIER in line.split(" | ", 1)[0]}
+    rows, plain = {}, {}  # every ablation row by name; those measured against the page's own recipe row
+    for line in old:
+        first = line.split(" | ", 1)[0]  # "| lever (`name`)" with EARLIER after it on a † row
+        if line.startswith("| **") or "(`" not in first:
+            continue
+        name = first.split("(`", 1)[1].split("`)", 1)[0]
+        rows[name] = line
+        if EARLIER not in first:
+            plain[name] = line
     if old_recipe == recipe_row:
-        return old_earlier, plain | marked
+        return old_earlier, rows
     if old_recipe is None:
         return None, {}
     dagger = {name: line.replace("`) |", f"`){EARLIER} |", 1) for name, line in plain.items()}

@@ -54,7 +54,7 @@ def _model(preset: str, device: torch.device) -> CTCLIDModel:
 def flops_per_audio_s(preset: str) -> float:
     """The preset's forward FLOPs per second of audio on 20 s clips (counted on a meta-device model: no memory)."""
     with torch.device("meta"):
-        model = CTCLIDModel(**model_kwargs(PRESETS[preset](), VOCAB, LANGUAGES, N_MELS))
+        model = _model(preset, torch.device("meta"))
     return model.matmul_flops(int(CLIP_S * FRAMES_PER_S)) / CLIP_S
 
 
