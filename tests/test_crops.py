@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.encoder import CTCLIDModel, frames_after_subsampling
-from pipeline.engine.crops import crop_and_stitch, crop_spans, stitch_owners
+from pipeline.engine.crops import crop_and_stitch, crop_spans, pad_time_to_multiple, stitch_owners
 
 CROP, OVERLAP = 1000, 200
 
@@ -148,3 +148,20 @@ def test_crop_and_stitch_keeps_the_model_mode_under_inference_mode(training):
         out = crop_and_stitch(model, feats, lens, crop_frames=CROP, overlap_frames=OVERLAP, bf16=True)
     assert model.training == training
     assert out.log_probs.dtype == torch.float32 and torch.isfinite(out.log_probs).all()
+
+
+def test_padding_batches_to_a_multiple_of_64_frames_is_exact_and_bounds_the_shapes_the_model_sees():
+    model = _model(n_layers=2)
+    feats, lens = _batch([3500, 1000, 650])
+    shapes = []
+    model.register_forward_hook(lambda _m, args, _out: shapes.append(tuple(args[0].shape)))
+    with torch.inference_mode():
+        plain = crop_and_stitch(model, feats, lens, crop_frames=CROP, overlap_frames=OVERLAP)
+        padded = crop_and_stitch(model, feats, lens, crop_frames=CROP, overlap_frames=OVERLAP, pad_multiple=64)
+        whole = model(pad_time_to_multiple(feats[2:, :650], 64), lens[2:])
+    assert shapes[1][1] % 64 == 0 and shapes[1][1] >= shapes[0][1] and shapes[2] == (1, 704, 80)
+    torch.testing.assert_close(padded.log_probs, plain.log_probs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded.lid_logits, plain.lid_logits, atol=1e-5, rtol=1e-5)
+    n = int(whole.out_lens[0])
+    torch.testing.assert_close(whole.log_probs[0, :n], plain.log_probs[2, :n], atol=1e-5, rtol=1e-5)
+    assert pad_time_to_multiple(feats, 1) is feats and pad_time_to_multiple(feats[:, :640], 64).shape[1] == 640

@@ -69,6 +69,19 @@ def stitch_owners(spans: list[tuple[int, int]], num_out: int, *, kernel: int, st
     return owner
 
 
+# Inference batches are padded in time up to a multiple of this many fbank frames (0.64 s). Exact (the model masks
+# padding) and it bounds the distinct shapes: with bf16 on AMX oneDNN JIT-compiles and caches a kernel per shape,
+# and unbounded shapes grew labeling's peak RSS 15 % from 1x to 4x the audio; with 64 it stays flat, no slower
+# (docs/benchmarks.md, "Memory at 4x").
+PAD_FRAMES_MULTIPLE = 64
+
+
+def pad_time_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """`x` (B, T, F) zero-padded in time up to the next multiple of `multiple` frames."""
+    extra = -x.shape[1] % max(multiple, 1)
+    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
+
+
 def crop_and_stitch(
     model: CTCLIDModel,
     feats: Tensor,
@@ -78,6 +91,8 @@ def crop_and_stitch(
     overlap_frames: int,
     bf16: bool = False,
     max_crops_per_forward: int = 64,
+    pad_multiple: int = 1,
+    lang_ids: Tensor | None = None,
 ) -> ModelOutput:
     """`model(feats, feat_lens)` computed on overlapping crops and stitched back: same shapes, lengths and dtypes.
 
@@ -98,9 +113,11 @@ def crop_and_stitch(
     for i in range(0, len(crops), max_crops_per_forward):
         chunk = crops[i : i + max_crops_per_forward]
         x = torch.nn.utils.rnn.pad_sequence([feats[b, s:e] for b, s, e in chunk], batch_first=True)  # (k, t, n_mels)
+        x = pad_time_to_multiple(x, pad_multiple)
         x_lens = torch.tensor([e - s for _, s, e in chunk], dtype=torch.long, device=device)  # (k,)
+        crop_langs = None if lang_ids is None else lang_ids[[b for b, _, _ in chunk]].to(device)  # (k,)
         with autocast(bf16, feats.device):
-            out = model(x, x_lens)
+            out = model(x, x_lens, crop_langs)
         crop_log_probs += [lp[:n].float() for lp, n in zip(out.log_probs, out.out_lens.tolist(), strict=True)]
         crop_lid += list(out.lid_logits.float())
 
