@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations server serve screenshot clean
+.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations capacity server serve screenshot clean
 
 $(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,13 @@ ablations: $(STAMP)
 		--out runs/bench-ablations --results docs/results.md --results-command "make ablations" 2>&1 \
 		| tee -a runs/bench-ablations/ablations.log'
 
+# Li et al. 2021's capacity study on the bench corpus: depth vs width, transformer vs Conformer, language
+# conditioning, one model per language vs one multilingual model, each the same training time (≈ 1 h on the
+# AVX-512 Xeon); the tables go into docs/results.md ("Capacity study").
+capacity: $(STAMP)
+	@mkdir -p runs/bench-capacity
+	bash -o pipefail -c '$(BIN)/mlpl capacity --corpus-dir data/bench --out runs/bench-capacity \
+		--results docs/results.md --results-command "make capacity" 2>&1 | tee -a runs/bench-capacity/capacity.log'
 
 # Operators: a local Prefect server (SQLite under ~/.prefect) and every flow served against it; UI on PREFECT_PORT.
 PREFECT_PORT ?= 4200

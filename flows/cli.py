@@ -437,6 +437,24 @@ def _language_stage_arguments(p: argparse.ArgumentParser, *, init: str) -> None:
     _stage_arguments(p)
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    """Li et al.'s capacity study on the bench corpus (built first if missing): four tables, equal training time."""
+    from pipeline.report.bench import cpu_name, ensure_corpus
+    from pipeline.report.capacity import CapacityStudy, publish_capacity, run_capacity_study
+
+    ensure_corpus(args.corpus, args.corpus_dir)
+    study = CapacityStudy(args.corpus_dir, args.out, reference_updates=args.reference_updates)
+    try:
+        run_capacity_study(study, args.only)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(publish_capacity(study, args.results, args.results_command or "mlpl capacity", cpu_name()))
+    if args.results:
+        print(f"results → {args.results} (Capacity study)")
+    return 0
+
+
 def _recipe_arguments(p: argparse.ArgumentParser, *, corpus: str, corpus_dir: str, run_dir: str) -> None:
     p.add_argument("--corpus", default=corpus, help=f"corpus preset to build (default: {corpus})")
     p.add_argument("--corpus-dir", default=corpus_dir)
@@ -543,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--results", default=None, help="write the table into this results page's Ablations section")
     ab.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
     ab.set_defaults(func=cmd_ablate)
+
+    cp = sub.add_parser("capacity", help="Li et al. 2021's capacity study: depth vs width, transformer vs Conformer, "
+                        "language conditioning, one model per language vs one multilingual model (equal train time)")
+    cp.add_argument("--corpus", default="bench", help="corpus preset to build when missing (default: bench)")
+    cp.add_argument("--corpus-dir", default="data/bench")
+    cp.add_argument("--out", default="runs/bench-capacity", help="where the study's runs go")
+    cp.add_argument("--reference-updates", type=int, default=1000,
+                    help="the budget: the tiny preset's training time for this many updates (default: 1000)")
+    cp.add_argument("--only", action="append", metavar="NAME", help="run only these settings (repeatable)")
+    cp.add_argument("--results", default=None, help="write the tables into this results page's Capacity section")
+    cp.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    cp.set_defaults(func=cmd_capacity)
 
     st = sub.add_parser("student", help="train a student on labeled + pseudo-labeled data (resumes by default)")
     st.add_argument("--mode", default="from_scratch", choices=["from_scratch", "finetune"],

@@ -5,6 +5,10 @@ clipped relative position bias (T5/Shaw-style, so it runs on utterances far long
 → final LayerNorm → CTC head over one shared vocabulary + an utterance LID head (per-frame linear, mean
 over valid frames). The transformer follows slimIPL (Likhomanenko et al. 2021). Model math only: no I/O,
 no configs; ``pipeline/`` maps a config onto the flat kwargs.
+
+Options from Li et al. 2021 (capacity of one multilingual model): Conformer layers (Gulati et al. 2020) in
+place of the transformer's, with the same relative-position attention; a learned language embedding added to
+the encoder input (one row per language plus "unknown"); activation checkpointing for the large presets.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 # Added to masked (padded) keys. Finite, so a row whose keys are all padding (a zero-length utterance)
@@ -112,6 +117,15 @@ class RelativeSelfAttention(nn.Module):
         return y
 
 
+def _valid_frames(x: Tensor, lens: Tensor | None) -> Tensor | None:
+    """(B, T) True on each utterance's valid frames; None when lengths are unknown (all valid)."""
+    return None if lens is None else torch.arange(x.shape[1], device=x.device) < lens[:, None]
+
+
+def _feed_forward(d_model: int, ffn_dim: int, dropout: float, activation: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_model, ffn_dim), activation(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model))
+
+
 class TransformerLayer(nn.Module):
     """Pre-LN transformer layer: x + drop(attn(ln(x))), then x + drop(ffn(ln(x)))."""
 
@@ -120,14 +134,77 @@ class TransformerLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(d_model)
         self.attn = RelativeSelfAttention(d_model, n_heads, dropout, max_relative_distance)
         self.ffn_norm = nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(
-            nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
-        )
+        self.ffn = _feed_forward(d_model, ffn_dim, dropout, nn.GELU)
         self.residual_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor, lens: Tensor | None = None) -> Tensor:
         x = x + self.residual_dropout(self.attn(self.attn_norm(x), key_pad_bias, rel_index, lens))  # (B, T, C)
         return x + self.residual_dropout(self.ffn(self.ffn_norm(x)))  # (B, T, C)
+
+    def matmul_flops(self, t: int) -> int:
+        """FLOPs of this layer's matmuls over `t` frames: q/k/v/out projections, Q·Kᵀ and A·V, the FFN."""
+        d, ffn = self.ffn[0].in_features, self.ffn[0].out_features
+        return 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * ffn
+
+
+class ConvModule(nn.Module):
+    """Conformer convolution module: pointwise conv + GLU, depthwise conv, norm, SiLU, pointwise conv.
+
+    LayerNorm where Gulati et al. use BatchNorm: an utterance's output must not depend on the batch it is labeled
+    in or on its padding. Frames past each length are zeroed before the depthwise conv, as its own zero padding
+    would, so the valid frames match an unpadded forward.
+    """
+
+    def __init__(self, d_model: int, kernel: int, dropout: float):
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"conformer_conv_kernel={kernel} must be odd (a centred depthwise convolution)")
+        self.pointwise_in = nn.Linear(d_model, 2 * d_model)
+        self.depthwise = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.pointwise_out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        x = F.glu(self.pointwise_in(x), dim=-1)  # (B, T, C)
+        if valid is not None:
+            x = x * valid[..., None].to(x.dtype)
+        x = self.depthwise(x.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        return self.dropout(self.pointwise_out(F.silu(self.norm(x))))  # (B, T, C)
+
+
+class ConformerLayer(nn.Module):
+    """Conformer layer (Gulati et al. 2020): ½ FFN, relative-position self-attention, convolution module, ½ FFN,
+    each pre-LN with a residual, then a final LayerNorm. Same call signature as `TransformerLayer`."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn_dim: int, dropout: float, max_relative_distance: int,
+                 conv_kernel: int):
+        super().__init__()
+        self.ffn1_norm = nn.LayerNorm(d_model)
+        self.ffn1 = _feed_forward(d_model, ffn_dim, dropout, nn.SiLU)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = RelativeSelfAttention(d_model, n_heads, dropout, max_relative_distance)
+        self.conv_norm = nn.LayerNorm(d_model)
+        self.conv = ConvModule(d_model, conv_kernel, dropout)
+        self.ffn2_norm = nn.LayerNorm(d_model)
+        self.ffn2 = _feed_forward(d_model, ffn_dim, dropout, nn.SiLU)
+        self.final_norm = nn.LayerNorm(d_model)
+        self.residual_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor, lens: Tensor | None = None) -> Tensor:
+        drop = self.residual_dropout
+        x = x + 0.5 * drop(self.ffn1(self.ffn1_norm(x)))  # (B, T, C)
+        x = x + drop(self.attn(self.attn_norm(x), key_pad_bias, rel_index, lens))
+        x = x + drop(self.conv(self.conv_norm(x), _valid_frames(x, lens)))
+        x = x + 0.5 * drop(self.ffn2(self.ffn2_norm(x)))
+        return self.final_norm(x)  # (B, T, C)
+
+    def matmul_flops(self, t: int) -> int:
+        """FLOPs of this layer's matmuls and convolutions over `t` frames."""
+        d, ffn = self.ffn1[0].in_features, self.ffn1[0].out_features
+        attn = 2 * t * d * 4 * d + 2 * 2 * t * t * d
+        conv = 2 * t * d * 2 * d + 2 * t * d * self.conv.depthwise.kernel_size[0] + 2 * t * d * d
+        return attn + conv + 2 * 2 * 2 * t * d * ffn
 
 
 class CTCLIDModel(nn.Module):
@@ -148,8 +225,15 @@ class CTCLIDModel(nn.Module):
         dropout: float = 0.1,
         layerdrop: float = 0.0,
         max_relative_distance: int = 64,  # K: distances clipped to [-K, K], 64 frames ≈ 1.9 s after stride 3
+        encoder: str = "transformer",  # or "conformer"
+        conformer_conv_kernel: int = 15,  # depthwise kernel in encoder frames (30 ms each: ≈ 0.45 s)
+        language_conditioning: bool = False,
+        language_unknown_prob: float = 0.1,  # training only: how often the language is hidden, so "unknown" is learned
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
+        if encoder not in ("transformer", "conformer"):
+            raise ValueError(f"encoder={encoder!r} is not one of transformer, conformer")
         self.conv_kernel = conv_kernel
         self.conv_stride = conv_stride
         self.max_relative_distance = max_relative_distance
@@ -158,13 +242,25 @@ class CTCLIDModel(nn.Module):
         # 2·d channels so GLU halves them back to d.
         self.conv = nn.Conv1d(n_mels, 2 * d_model, conv_kernel, stride=conv_stride, padding=conv_kernel // 2)
         self.input_dropout = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(
-            TransformerLayer(d_model, n_heads, ffn_dim, dropout, max_relative_distance)
-            for _ in range(n_layers)
-        )
+        self.language_unknown_prob = language_unknown_prob
+        self.activation_checkpointing = activation_checkpointing
+        if encoder == "conformer":
+            self.layers = nn.ModuleList(
+                ConformerLayer(d_model, n_heads, ffn_dim, dropout, max_relative_distance, conformer_conv_kernel)
+                for _ in range(n_layers)
+            )
+        else:
+            self.layers = nn.ModuleList(
+                TransformerLayer(d_model, n_heads, ffn_dim, dropout, max_relative_distance) for _ in range(n_layers)
+            )
         self.final_norm = nn.LayerNorm(d_model)
         self.ctc_head = nn.Linear(d_model, vocab_size)
         self.lid_head = nn.Linear(d_model, num_languages)
+        # One row per language and a last one for "unknown". Zero init: the model starts as the unconditioned one
+        # (built last, so that the other weights draw the same random numbers as without it).
+        self.language_embedding = nn.Embedding(num_languages + 1, d_model) if language_conditioning else None
+        if self.language_embedding is not None:
+            nn.init.zeros_(self.language_embedding.weight)
 
     def matmul_flops(self, n_frames: int) -> int:
         """FLOPs (2 per multiply-add) of the convolution and every matmul in one forward of one utterance of
@@ -172,11 +268,7 @@ class CTCLIDModel(nn.Module):
         t = int(frames_after_subsampling(n_frames, self.conv_kernel, self.conv_stride))
         d = self.ctc_head.in_features
         conv = 2 * t * self.conv.in_channels * self.conv_kernel * self.conv.out_channels
-        layers = 0
-        for layer in self.layers:
-            ffn = layer.ffn[0].out_features
-            # q, k, v and output projections; Q·Kᵀ and A·V; the two FFN matmuls
-            layers += 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * ffn
+        layers = sum(layer.matmul_flops(t) for layer in self.layers)
         heads = 2 * t * d * (self.ctc_head.out_features + self.lid_head.out_features)
         return conv + layers + heads
 
@@ -190,10 +282,13 @@ class CTCLIDModel(nn.Module):
         """Set the probability of skipping each transformer layer in training mode."""
         self.layerdrop = p
 
-    def forward(self, feats: Tensor, feat_lens: Tensor) -> ModelOutput:
-        """Encode padded fbank features ``(B, T, n_mels)`` with true lengths ``(B,)``."""
+    def forward(self, feats: Tensor, feat_lens: Tensor, lang_ids: Tensor | None = None) -> ModelOutput:
+        """Encode padded fbank features ``(B, T, n_mels)`` with true lengths ``(B,)``; ``lang_ids`` (B,) are the
+        utterances' language indices (−1 or None: unknown), read only by a language-conditioned model."""
         out_lens = frames_after_subsampling(feat_lens, self.conv_kernel, self.conv_stride)  # (B,)
         x = self._front_end(feats, feat_lens)  # (B, T', C)
+        if self.language_embedding is not None:
+            x = x + self.language_embedding(self._language_rows(lang_ids, x.shape[0], x.device))[:, None, :]
         valid = torch.arange(x.shape[1], device=x.device) < out_lens[:, None]  # (B, T')
         key_pad_bias = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, _MASK_VALUE)
         key_pad_bias = key_pad_bias[:, None, None, :]  # (B, 1, 1, T'): broadcasts over heads and queries
@@ -203,7 +298,12 @@ class CTCLIDModel(nn.Module):
             # Layerdrop skips a whole layer for the whole batch; never in eval, so labeling is deterministic.
             if self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop:
                 continue
-            x = layer(x, key_pad_bias, rel_index, out_lens)  # (B, T', C)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Recompute the layer's activations in backward instead of keeping them: what lets the large
+                # presets train on one GPU, at about a third more compute.
+                x = torch.utils.checkpoint.checkpoint(layer, x, key_pad_bias, rel_index, out_lens, use_reentrant=False)
+            else:
+                x = layer(x, key_pad_bias, rel_index, out_lens)  # (B, T', C)
         x = self.final_norm(x)  # (B, T', C)
         log_probs = self.ctc_head(x).float().log_softmax(dim=-1)  # (B, T', V)
         frame_lid = self.lid_head(x).float()  # (B, T', L)
@@ -211,6 +311,19 @@ class CTCLIDModel(nn.Module):
         weights = valid.float() / out_lens.clamp(min=1)[:, None].float()  # (B, T')
         lid_logits = (frame_lid * weights[..., None]).sum(dim=1)  # (B, L); not einsum: autocast makes it bf16
         return ModelOutput(log_probs, out_lens, lid_logits)
+
+    def _language_rows(self, lang_ids: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        """Embedding rows (B,): each known language's own, "unknown" for −1, out-of-range ids or None; in training,
+        each utterance's language is hidden with probability `language_unknown_prob`."""
+        unknown = self.language_embedding.num_embeddings - 1
+        if lang_ids is None:
+            return torch.full((batch,), unknown, dtype=torch.long, device=device)
+        lang_ids = lang_ids.to(device)
+        rows = torch.where((lang_ids >= 0) & (lang_ids < unknown), lang_ids, unknown)
+        if self.training and self.language_unknown_prob > 0:
+            hide = torch.rand(batch, device=device) < self.language_unknown_prob
+            rows = rows.masked_fill(hide, unknown)
+        return rows
 
     def _front_end(self, feats: Tensor, feat_lens: Tensor) -> Tensor:
         x = self.feat_norm(feats)  # (B, T, n_mels)

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from pydantic import ValidationError
 
-from pipeline.config import PRESETS, ModelConfig, SupervisedConfig, deep_merge, parse_assignments, preset
+from models.encoder import CTCLIDModel, count_parameters
+from pipeline.config import (
+    MODEL_PRESET_PARAMS,
+    PRESETS,
+    ModelConfig,
+    SupervisedConfig,
+    deep_merge,
+    model_kwargs,
+    parse_assignments,
+    preset,
+    supervised_tiny,
+)
 from pipeline.engine.trainer import lr_at
 
 
@@ -18,6 +30,42 @@ def test_model_presets_validate(name):
     cfg = preset("model", name)
     assert cfg.d_model % cfg.n_heads == 0
     assert ModelConfig(**cfg.model_dump()) == cfg
+
+
+def _preset_params(name: str) -> int:
+    with torch.device("meta"):  # counts shapes without allocating a billion floats
+        return count_parameters(CTCLIDModel(**model_kwargs(preset("model", name), 256, 6, 80)))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS["model"]))
+def test_every_model_preset_has_its_stated_parameter_count_within_2_percent(name):
+    assert abs(_preset_params(name) / MODEL_PRESET_PARAMS[name] - 1) <= 0.02
+
+
+def test_the_presets_that_results_were_measured_with_keep_their_exact_counts():
+    # tiny: every result in docs/; base and large: the paper's shapes (they state 275 M and 1.06 B)
+    assert {n: _preset_params(n) for n in ("tiny", "base", "large")} == {
+        "tiny": 1_204_886, "base": 256_246_838, "large": 1_022_082_614}
+    assert preset("model", "large").activation_checkpointing  # what lets it train on one GPU
+
+
+def test_depth_width_and_conformer_variants_differ_where_they_say():
+    tiny, deep, wide, conformer = (preset("model", n) for n in
+                                   ("tiny", "tiny_deep_narrow", "tiny_wide_shallow", "tiny_conformer"))
+    assert deep.n_layers > tiny.n_layers > wide.n_layers and deep.d_model < tiny.d_model < wide.d_model
+    assert conformer.encoder == "conformer" and conformer.d_model == tiny.d_model
+    with pytest.raises(ValidationError, match="must be odd"):
+        ModelConfig(encoder="conformer", conformer_conv_kernel=8)
+
+
+def test_capacity_options_at_their_defaults_leave_resume_keys_as_they_were():
+    cfg = supervised_tiny("train.jsonl")
+    assert cfg.resume_key() == "321bb0f3beb3051d"  # the key runs started before these options have
+    checkpointed = cfg.model_copy(update={"model": cfg.model.model_copy(update={"activation_checkpointing": True})})
+    assert checkpointed.resume_key() == cfg.resume_key()  # recomputes activations, computes the same update
+    for change in ({"language_conditioning": True}, {"encoder": "conformer"}):
+        other = cfg.model_copy(update={"model": cfg.model.model_copy(update=change)})
+        assert other.resume_key() != cfg.resume_key()
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS["supervised"]))

@@ -299,3 +299,91 @@ def test_inference_attention_per_utterance_equals_the_masked_batch_path_and_foll
         after = model(feats, lens)
     reference = model(feats, lens)
     assert torch.allclose(after.log_probs[0], reference.log_probs[0], atol=1e-5)
+
+
+# --- capacity options (Li et al. 2021): Conformer layers, language conditioning, activation checkpointing ------
+
+
+def test_conformer_layers_keep_padding_invariance_and_the_inference_attention_path():
+    model = tiny_model(encoder="conformer", n_layers=2, conformer_conv_kernel=5)
+    assert all(type(layer).__name__ == "ConformerLayer" for layer in model.layers)
+    for layer in model.layers:  # nonzero position bias, so a padding leak through attention or the conv would show
+        nn.init.normal_(layer.attn.rel_bias)
+    model.eval()
+    feats, lens = random_batch([50, 31])
+    padded = torch.cat([feats, 100 * torch.randn(2, 40, 80)], dim=1)
+    with torch.no_grad():
+        batched = model(padded, lens)  # grad off: per-utterance attention
+        alone = [model(feats[b : b + 1, : lens[b]], lens[b : b + 1]) for b in range(2)]
+    masked = model(padded, lens)  # grad on: the training path's masked attention
+    for b, a in enumerate(alone):
+        n = int(a.out_lens[0])
+        assert torch.allclose(batched.log_probs[b, :n], a.log_probs[0], atol=1e-5)
+        assert torch.allclose(masked.log_probs[b, :n], a.log_probs[0], atol=1e-5)
+        assert torch.allclose(batched.lid_logits[b], a.lid_logits[0], atol=1e-5)
+
+
+def test_conformer_matmul_flops_match_torchs_flop_counter():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = CTCLIDModel(vocab_size=40, num_languages=3, d_model=48, n_layers=2, n_heads=4, ffn_dim=96, n_mels=20,
+                        encoder="conformer", conformer_conv_kernel=7).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.randn(1, 301, 20), torch.tensor([301]))
+    assert model.matmul_flops(301) == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_an_unknown_encoder_or_an_even_conformer_kernel_is_refused():
+    with pytest.raises(ValueError, match="encoder='lstm'"):
+        tiny_model(encoder="lstm")
+    with pytest.raises(ValueError, match="must be odd"):
+        tiny_model(encoder="conformer", conformer_conv_kernel=4)
+
+
+def test_language_conditioning_reads_the_language_and_runs_with_unknown():
+    model = tiny_model(language_conditioning=True)
+    emb = model.language_embedding
+    assert emb.num_embeddings == 5 and not emb.weight.any()  # 4 languages + unknown, zero init
+    plain = tiny_model()  # same seed: the same weights apart from the embedding
+    feats, lens = random_batch([60, 45])
+    with torch.no_grad():
+        # Zero embedding: the conditioned model starts as the unconditioned one.
+        assert torch.allclose(model.eval()(feats, lens, torch.tensor([0, 1])).log_probs,
+                              plain.eval()(feats, lens).log_probs, atol=1e-6)
+        nn.init.normal_(emb.weight)
+        known = model(feats, lens, torch.tensor([0, 1]))
+        swapped = model(feats, lens, torch.tensor([1, 0]))
+        none = model(feats, lens)  # no language given: every row "unknown"
+        minus_one = model(feats, lens, torch.tensor([-1, -1]))
+        out_of_range = model(feats, lens, torch.tensor([7, -3]))
+    assert not torch.allclose(known.log_probs, swapped.log_probs)
+    assert torch.equal(none.log_probs, minus_one.log_probs) and torch.equal(none.log_probs, out_of_range.log_probs)
+    assert not torch.allclose(none.log_probs, known.log_probs)
+    assert all(len(h.tokens) <= int(n) for h, n in zip(greedy_ctc_decode(none.log_probs, none.out_lens),
+                                                        none.out_lens, strict=True))  # decodes
+
+
+def test_language_is_hidden_in_training_only_at_the_configured_rate():
+    model = tiny_model(language_conditioning=True, language_unknown_prob=0.25)
+    ids = torch.zeros(4000, dtype=torch.long)
+    model.train()
+    rows = model._language_rows(ids, 4000, torch.device("cpu"))
+    assert set(rows.tolist()) == {0, 4} and (rows == 4).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    model.eval()
+    assert model._language_rows(ids, 4000, torch.device("cpu")).eq(0).all()
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "conformer"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(encoder):
+    feats, lens = random_batch([80, 60])
+    targets, target_lens, lang_ids = torch.randint(1, 100, (2, 8)), torch.tensor([8, 5]), torch.tensor([0, 2])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(encoder=encoder, n_layers=2, activation_checkpointing=checkpointing, dropout=0.0)
+        loss, _ = ctc_lid_loss(model(feats, lens, lang_ids), targets, target_lens, lang_ids, lid_weight=0.1)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1], strict=True))

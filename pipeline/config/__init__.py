@@ -4,6 +4,7 @@ here: `from pipeline.config import RecipeConfig, preset`.
 """
 
 from pipeline.config.base import (
+    MODEL_PRESET_PARAMS,
     AudioPolicy,
     BatchConfig,
     Config,
@@ -57,7 +58,8 @@ from pipeline.config.stages import (
 )
 
 __all__ = [
-    "AUDIO_EXTENSIONS", "AudioPolicy", "BatchConfig", "CollapseGuardConfig", "Config", "FeatureConfig",
+    "AUDIO_EXTENSIONS", "MODEL_PRESET_PARAMS", "AudioPolicy", "BatchConfig", "CollapseGuardConfig", "Config",
+    "FeatureConfig",
     "FinetuneConfig", "LabelConfig", "LanguageMix", "ModelConfig", "OptimConfig", "PLFilter", "PRESETS",
     "RECIPE_PRESETS", "RecipeConfig", "RelabelConfig", "SlimIPLConfig", "SpecAugmentConfig", "StudentConfig",
     "SupervisedConfig", "TrainingConfig", "configured", "corpus_data", "deep_merge", "finetune_paper", "finetune_tiny",

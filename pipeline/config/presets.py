@@ -17,8 +17,12 @@ from pipeline.config.base import (
     base_model,
     deep_merge,
     large_model,
+    small_model,
+    tiny_conformer_model,
+    tiny_deep_narrow_model,
     tiny_model,
     tiny_specaugment,
+    tiny_wide_shallow_model,
 )
 from pipeline.config.stages import FinetuneConfig, LabelConfig, SlimIPLConfig, StudentConfig, SupervisedConfig
 
@@ -132,7 +136,9 @@ def student_paper(mode: str, train_manifest: str, dev_manifest: str | None = Non
 
 
 PRESETS: dict[str, dict[str, Callable[..., Config]]] = {
-    "model": {"tiny": tiny_model, "base": base_model, "large": large_model},
+    "model": {"tiny": tiny_model, "tiny_deep_narrow": tiny_deep_narrow_model,
+              "tiny_wide_shallow": tiny_wide_shallow_model, "tiny_conformer": tiny_conformer_model,
+              "small": small_model, "base": base_model, "large": large_model},
     "supervised": {"tiny": supervised_tiny, "paper": supervised_paper},
     "finetune": {"tiny": finetune_tiny, "paper": finetune_paper},
     "slimipl": {"tiny": slimipl_tiny, "paper": slimipl_paper},

@@ -19,7 +19,7 @@ from pipeline.data.rows import ProgressFn, Utterance
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.engine.beam import BeamDecoder
-from pipeline.engine.crops import crop_and_stitch
+from pipeline.engine.crops import PAD_FRAMES_MULTIPLE, crop_and_stitch, pad_time_to_multiple
 from pipeline.engine.device import autocast
 
 
@@ -42,12 +42,15 @@ def decode_batch(
     crop: CropSpec | None = None,
     beam: BeamDecoder | None = None,
     keep_log_probs: bool = False,
+    pad_multiple: int = PAD_FRAMES_MULTIPLE,
+    lang_ids: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy CTC (or `beam`'s LM-fused search) over one padded batch (B, T, n_mels) in eval mode, whole or
     cropped: the one decode path of evaluation, slimIPL labeling and PL generation. Per utterance: tokens, text,
     confidence (the acoustic model's, mean top posterior per frame, whatever decoded), blank ratio, LID, `decoder`;
     with `keep_log_probs`, its (T, V) log-posteriors too (`log_probs`), for a beam search that runs elsewhere
-    (`with_beam_text`).
+    (`with_beam_text`). The time axis is zero-padded up to a multiple of `pad_multiple` frames (exact: padding
+    is masked); `lang_ids` (B,): each clip's language index (−1: unknown) for a language-conditioned model.
 
     The model's train/eval mode is restored afterwards.
     """
@@ -58,10 +61,11 @@ def decode_batch(
     try:
         with torch.inference_mode(), autocast(bf16, device):
             if crop is None:
-                out = model(feats, feat_lens)
+                out = model(pad_time_to_multiple(feats, pad_multiple), feat_lens, lang_ids)
             else:
                 out = crop_and_stitch(model, feats, feat_lens, crop_frames=crop.crop_frames,
-                                      overlap_frames=crop.overlap_frames, bf16=bf16)
+                                      overlap_frames=crop.overlap_frames, bf16=bf16, pad_multiple=pad_multiple,
+                                      lang_ids=lang_ids)
         log_probs = out.log_probs.float().cpu()
         hyps = greedy_ctc_decode(log_probs, out.out_lens.cpu(), blank=tokenizer.blank_id)
         lid_probs = out.lid_logits.float().softmax(dim=-1).cpu()
@@ -105,12 +109,21 @@ def decode_features(
     crop: CropSpec | None = None,
     beam: BeamDecoder | None = None,
     keep_log_probs: bool = False,
+    clip_languages: Sequence[str | None] | None = None,
 ) -> list[dict[str, Any]]:
-    """`decode_batch` over unpadded per-utterance features [(T_i, n_mels)], e.g. a streamed batch's."""
+    """`decode_batch` over unpadded per-utterance features [(T_i, n_mels)], e.g. a streamed batch's;
+    `clip_languages`: each clip's language where known (a language-conditioned model reads it)."""
     lens = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
     feats = torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)  # (B, T, n_mels)
+    lang_ids = None if clip_languages is None else language_ids(clip_languages, languages)
     return decode_batch(model, feats, lens, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop,
-                        beam=beam, keep_log_probs=keep_log_probs)
+                        beam=beam, keep_log_probs=keep_log_probs, lang_ids=lang_ids)
+
+
+def language_ids(clip_languages: Sequence[str | None], languages: Sequence[str]) -> torch.Tensor:
+    """(B,) each clip's index among the model's `languages`; −1 ("unknown") where it is None or not one of them."""
+    index = {lang: i for i, lang in enumerate(languages)}
+    return torch.tensor([index.get(lang, -1) if lang else -1 for lang in clip_languages], dtype=torch.long)
 
 
 def _dataset_batches(ds: Dataset, languages: Sequence[str], batch: BatchConfig):
@@ -164,7 +177,7 @@ def dataset_posteriors(model: CTCLIDModel, ds: Dataset, *, languages: Sequence[s
     try:
         for utts, b in _dataset_batches(ds, languages, batch):
             with torch.inference_mode(), autocast(bf16, device):
-                out = model(b.feats.to(device), b.feat_lens.to(device))
+                out = model(b.feats.to(device), b.feat_lens.to(device), b.lang_ids.to(device))
             log_probs = out.log_probs.float().cpu()
             out_rows += [(u, log_probs[i, :n].clone()) for i, (u, n) in enumerate(zip(utts, out.out_lens.tolist(),
                                                                                         strict=True))]

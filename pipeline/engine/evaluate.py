@@ -105,7 +105,8 @@ def run_evaluate(
         with loader:
             for b in loader.iter_epoch(0):
                 decoded = decode_features(trained.model, b.features, tokenizer=trained.tokenizer,
-                                          languages=trained.languages, bf16=bf16)
+                                          languages=trained.languages, bf16=bf16,
+                                          clip_languages=[u.language for u in b.utterances])
                 for u, d in zip(b.utterances, decoded, strict=True):
                     signals = {k: v for k, v in d.items() if k not in ("tokens", "num_frames")}
                     rows.append({"id": u.id, "language": u.language, "audio": u.audio, "reference": u.text}

@@ -85,7 +85,7 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
 def compute_loss(model, batch: Batch, lid_weight: float, bf16: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward a batch (on the model's device) and return ℓ_CTC + γ·ℓ_LID with its parts."""
     with autocast(bf16, batch.feats.device):
-        out = model(batch.feats, batch.feat_lens)
+        out = model(batch.feats, batch.feat_lens, batch.lang_ids)
     return ctc_lid_loss(out, batch.targets, batch.target_lens, batch.lang_ids, lid_weight=lid_weight)
 
 

@@ -334,10 +334,14 @@ def _batches(unit: WorkUnit, trained: Trained, cfg: LabelConfig, *, source: str 
 
 
 def _decode(batch: LoadedBatch, trained: Trained, cfg: LabelConfig, crop: CropSpec | None,
-            stats: UnitStats, beam: BeamDecoder | None = None, keep_log_probs: bool = False) -> list[dict[str, Any]]:
+            stats: UnitStats, beam: BeamDecoder | None = None, keep_log_probs: bool = False,
+            known_language: bool = True) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
+    # The manifest's language conditions a language-conditioned teacher; LID of unlabeled-language rows runs "unknown".
+    clip_languages = [u.language for u in batch.utterances] if known_language else None
     out = decode_features(trained.model, batch.features, tokenizer=trained.tokenizer, languages=trained.languages,
-                          bf16=cfg.bf16, crop=crop, beam=beam, keep_log_probs=keep_log_probs)
+                          bf16=cfg.bf16, crop=crop, beam=beam, keep_log_probs=keep_log_probs,
+                          clip_languages=clip_languages)
     stats.model_s += time.perf_counter() - t0
     lens = [f.shape[0] for f in batch.features]
     stats.frames += sum(lens)
@@ -358,7 +362,8 @@ def identify_languages(utts: Sequence[Utterance], checkpoint: str, cfg: LabelCon
     for loader, crop in _batches(unit, trained, cfg):
         with loader:
             for batch in loader.iter_epoch(0):
-                for u, d in zip(batch.utterances, _decode(batch, trained, cfg, crop, UnitStats()), strict=True):
+                for u, d in zip(batch.utterances, _decode(batch, trained, cfg, crop, UnitStats(), known_language=False),
+                                strict=True):
                     found[u.id] = (d["lid_pred"], d["lid_prob"])
             rejects += loader.rejects
     return found, rejects

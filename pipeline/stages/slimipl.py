@@ -59,7 +59,7 @@ def label_batch(model, batch: LoadedBatch, *, tokenizer: Tokenizer, languages: l
     """Pseudo-label a loaded batch with `model` in eval mode (no dropout, no SpecAugment): greedy CTC (the paper's)
     or, given `beam`, LM-fused beam search over the same posteriors."""
     return decode_features(model, batch.features, tokenizer=tokenizer, languages=languages, bf16=bf16, crop=crop,
-                           beam=beam)
+                           beam=beam, clip_languages=[u.language for u in batch.utterances])
 
 
 @dataclass
