@@ -102,5 +102,5 @@ def test_the_probe_times_updates_and_is_kept(smoke_corpus, tmp_path):
     study = CapacityStudy(smoke_corpus, str(tmp_path))
     s = study.seconds_per_update(CapacityRun("tiny"))
     record = json.loads((tmp_path / "probes" / "tiny.json").read_text())
-    assert record["updates"] == PROBE_UPDATES and record["s_per_update"] == s and 0 < s < 5
+    assert record["updates"] == PROBE_UPDATES and record["warmup_updates"] == 10 and record["s_per_update"] == s and 0 < s < 5
     assert study.seconds_per_update(CapacityRun("tiny")) == s  # read back, not probed again

@@ -26,7 +26,7 @@ from storage.manifest import read_manifest, write_manifest
 
 log = logging.getLogger("mlpl.capacity")
 
-PROBE_UPDATES = 30
+PROBE_WARMUP_UPDATES, PROBE_UPDATES = 10, 60  # the first updates pay one-off costs (kernel creation): not timed
 
 
 @dataclass(frozen=True)
@@ -110,15 +110,18 @@ class CapacityStudy:
                                log_every=max(1, max_updates // 10))
 
     def seconds_per_update(self, run: CapacityRun) -> float:
-        """Training seconds per update of the run's setting (a probe of `PROBE_UPDATES` updates, kept)."""
+        """Training seconds per update of the run's setting: `PROBE_UPDATES` updates timed after
+        `PROBE_WARMUP_UPDATES` untimed ones (kept in the study folder)."""
         if self.probe is not None:
             return self.probe(run)
         record = join(self.out_dir, "probes", f"{run.name}.json")
         if exists(record):
             return read_json(record)["s_per_update"]
-        result = run_supervised(self.config(run, PROBE_UPDATES), join(self.out_dir, "probes", run.name), resume=False)
-        s = result.train_wall_s / result.step
-        write_json(record, {"s_per_update": s, "updates": result.step, "train_wall_s": result.train_wall_s})
+        cfg, probe_dir = self.config(run, PROBE_WARMUP_UPDATES + PROBE_UPDATES), join(self.out_dir, "probes", run.name)
+        warm = run_supervised(cfg, probe_dir, resume=False, stop_after=PROBE_WARMUP_UPDATES)
+        timed = run_supervised(cfg, probe_dir)  # resumes: train_wall_s adds up over both parts
+        s = (timed.train_wall_s - warm.train_wall_s) / (timed.step - warm.step)
+        write_json(record, {"s_per_update": s, "updates": timed.step - warm.step, "warmup_updates": warm.step})
         return s
 
     def budget_s(self) -> float:
