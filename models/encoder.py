@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from models.quant import fake_quantize_model_
+
 # Added to masked (padded) keys. Finite, so a row whose keys are all padding (a zero-length utterance)
 # softmaxes to finite garbage instead of NaN; representable in bf16 and far below any real score.
 _MASK_VALUE = -1e9
@@ -230,6 +232,8 @@ class CTCLIDModel(nn.Module):
         language_conditioning: bool = False,
         language_unknown_prob: float = 0.1,  # training only: how often the language is hidden, so "unknown" is learned
         activation_checkpointing: bool = False,
+        weight_bits: int | None = None,  # quantization-aware training: encoder linear weights fake-quantized
+        weight_block: int = 64,  # their sub-channel block (input weights per scale)
     ):
         super().__init__()
         if encoder not in ("transformer", "conformer"):
@@ -261,6 +265,8 @@ class CTCLIDModel(nn.Module):
         self.language_embedding = nn.Embedding(num_languages + 1, d_model) if language_conditioning else None
         if self.language_embedding is not None:
             nn.init.zeros_(self.language_embedding.weight)
+        if weight_bits is not None:
+            fake_quantize_model_(self, weight_bits, weight_block)
 
     def matmul_flops(self, n_frames: int) -> int:
         """FLOPs (2 per multiply-add) of the convolution and every matmul in one forward of one utterance of

@@ -23,6 +23,13 @@ def save_checkpoint(url: str, state: dict[str, Any]) -> None:
     atomic_write_bytes(url, buf.getvalue())
 
 
+def serialized_bytes(state: dict[str, Any]) -> int:
+    """How many bytes `save_checkpoint` writes for this record."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.tell()
+
+
 def load_checkpoint(url: str) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True (no pickled code runs).
 

@@ -125,3 +125,19 @@ def test_cli_overrides_reach_nested_fields():
     assert cfg.optim.name == "adamw" and cfg.model.d_model == 144  # the rest of each section is kept
     with pytest.raises(ValueError, match="key=value"):
         parse_assignments(["optim.lr"])
+
+
+def test_the_recipe_form_picks_the_model_preset_and_language_conditioning_for_every_stage():
+    from pipeline.config import RecipeConfig
+
+    form = dict(labeled_manifest="l.jsonl", unlabeled_manifest="u.jsonl", preset="tiny")
+    default = RecipeConfig(**form).supervised_config().model
+    assert default == preset("model", "tiny")
+    chosen = RecipeConfig(**form, model_preset="tiny_conformer", language_conditioning=True,
+                          supervised={"model": {"dropout": 0.2}}).supervised_config().model
+    assert chosen.encoder == "conformer" and chosen.n_layers == 2 and chosen.language_conditioning
+    assert chosen.dropout == preset("model", "tiny_conformer").dropout  # the preset knob wins over the overrides
+    kept = RecipeConfig(**form, supervised={"model": {"dropout": 0.2}}).supervised_config().model
+    assert kept.dropout == 0.2 and kept.d_model == 144
+    with pytest.raises(ValidationError, match="model_preset"):
+        RecipeConfig(**form, model_preset="huge")

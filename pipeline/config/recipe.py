@@ -59,6 +59,13 @@ class RecipeConfig(Config):
         None, ge=0, description="fine-tune and slimIPL also write the mean of their N best dev checkpoints; it is the "
                                 "teacher when its dev CER is not worse than best.pt's (NeMo's TopIPL); 0: off; "
                                 "None: preset")
+    model_preset: Literal["tiny", "tiny_deep_narrow", "tiny_wide_shallow", "tiny_conformer", "small", "base",
+                          "large"] | None = Field(
+        None, description="the supervised stage's model, which every later stage inherits (README, \"Model size\"); "
+                          "None: the stage preset's (tiny or base)")
+    language_conditioning: bool = Field(
+        False, description="a learned language embedding added to the encoder input (Li et al. 2021); each clip's "
+                           "language comes from its manifest, \"unknown\" where it has none")
     language_mix: LanguageMix | None = Field(
         None, description="how the supervised stage and the students mix labeled languages: natural (pooled, the "
                           "paper's), temperature (p ∝ audio seconds^alpha, one language per batch) or explicit "
@@ -155,8 +162,10 @@ class RecipeConfig(Config):
     def supervised_config(self) -> SupervisedConfig:
         """Stage 1's config."""
         base = preset("supervised", self.preset, self.labeled_manifest, self.dev_manifest, seed=self.seed)
-        knobs = _set(max_updates=self.supervised_updates, language_mix=_dumped(self.language_mix))
-        return configured(SupervisedConfig, base, self.supervised | knobs)
+        model = _dumped(preset("model", self.model_preset)) if self.model_preset else {}
+        model |= {"language_conditioning": True} if self.language_conditioning else {}
+        knobs = _set(max_updates=self.supervised_updates, language_mix=_dumped(self.language_mix), model=model or None)
+        return configured(SupervisedConfig, base, deep_merge(self.supervised, knobs))
 
     def finetune_config(self, language: str) -> FinetuneConfig:
         """Stage 2's config for one language."""

@@ -77,6 +77,27 @@ class FinetuneConfig(TrainingConfig):
         return f"finetune/{self.language}"
 
 
+class QuantizeConfig(TrainingConfig):
+    """Weights-only quantization-aware training of a finished model (USM binarization, Rybakov et al.): its encoder
+    linear weights fake-quantized to `bits` in sub-channel blocks of `block`, trained further on every language's
+    labeled rows with straight-through gradients, then packed for serving (`checkpoints/packed.pt`)."""
+
+    init_checkpoint: str  # the model to quantize (e.g. the final student's best.pt)
+    train_manifest: str
+    dev_manifest: str | None = None
+    bits: Literal[1, 2, 4, 8] = 1  # 1: absmean binarization; 2-8: asymmetric (min/max) per block
+    block: int = Field(64, gt=0)  # input weights per scale (sub-channel); a row it does not divide uses a divisor
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        raise_all(self.loop_errors())
+        return self
+
+    def stage_name(self) -> str:
+        """The stage's folder under the run directory."""
+        return f"quantize/{self.bits}bit"
+
+
 class CollapseGuardConfig(Config):
     """When PLs degenerate (paper Sec. 5.2: long audio labeled as all blanks), stop or roll back."""
 

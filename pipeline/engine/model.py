@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from models.encoder import CTCLIDModel
+from models.quant import pack_model, unpack_model_
 from pipeline.config import AudioPolicy, FeatureConfig
 from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict
 from storage.checkpoint import load_checkpoint
@@ -40,8 +41,14 @@ def load_trained(url: str) -> Trained:
         raise ValueError(f"{url} is not an mlpl checkpoint (missing {', '.join(missing)})")
     # Its initial weights are overwritten at once: building it must not move the global RNG a stage was seeded with.
     with torch.random.fork_rng(devices=[]):
-        model = CTCLIDModel(**ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
+        if ckpt.get("weights") == "packed":  # a quantized model for serving: plain layers, dequantized weights
+            model = CTCLIDModel(**(ckpt["model_kwargs"] | {"weight_bits": None}))
+        else:
+            model = CTCLIDModel(**ckpt["model_kwargs"])
+    if ckpt.get("weights") == "packed":
+        unpack_model_(model, ckpt["model"])
+    else:
+        model.load_state_dict(ckpt["model"])
     model.eval()
     # Every stage records its front end and audio policy beside the weights (stage 1 also in its config).
     features = ckpt.get("features", ckpt["config"].get("features"))
@@ -57,3 +64,12 @@ def load_trained(url: str) -> Trained:
         step=int(ckpt.get("step", 0)),
         checkpoint=ckpt,
     )
+
+
+def packed_checkpoint(ckpt: dict[str, Any], model: CTCLIDModel) -> dict[str, Any]:
+    """A checkpoint record for serving: the fake-quantized `model`'s encoder weights packed at their bit width
+    (`weights: packed`), everything else as in `ckpt`; `load_trained` rebuilds the model it computes with."""
+    bits, block = ckpt["model_kwargs"]["weight_bits"], ckpt["model_kwargs"]["weight_block"]
+    training_state = ("model", "optimizer", "rng", "top", "history", "evals", "stage_state", "rank_states")
+    keep = {k: v for k, v in ckpt.items() if k not in training_state}
+    return keep | {"model": pack_model(model, bits, block), "weights": "packed"}

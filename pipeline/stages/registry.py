@@ -9,9 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.config import FinetuneConfig, SlimIPLConfig, StudentConfig, SupervisedConfig, TrainingConfig
+from pipeline.config import (
+    FinetuneConfig,
+    QuantizeConfig,
+    SlimIPLConfig,
+    StudentConfig,
+    SupervisedConfig,
+    TrainingConfig,
+)
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.finetune import run_finetune
+from pipeline.stages.quantize import run_quantize
 from pipeline.stages.slimipl import run_slimipl
 from pipeline.stages.student import run_student
 from pipeline.stages.supervised import run_supervised
@@ -21,6 +29,7 @@ TRAINING_STAGES: dict[type[TrainingConfig], Callable[..., StageResult]] = {
     FinetuneConfig: run_finetune,
     SlimIPLConfig: run_slimipl,
     StudentConfig: run_student,
+    QuantizeConfig: run_quantize,
 }
 
 

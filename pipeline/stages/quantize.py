@@ -1,0 +1,77 @@
+"""Serving-size students (issue 20): weights-only quantization-aware training (Rybakov et al., USM binarization).
+
+A finished model's encoder linear weights are fake-quantized (`models/quant.py`: absmean 1-bit, asymmetric 2-8 bit,
+sub-channel blocks), trained further on every language's labeled rows with straight-through gradients, and its
+best checkpoint is packed at the bit width (`checkpoints/packed.pt`, `weights: packed`), which `load_trained`
+rebuilds, so labeling, evaluation and relabeling take the small model through the one decode path.
+Output: `<run>/quantize/<bits>bit/`, with the checkpoints, resume, metrics and rejects of every training stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from models.quant import fake_quantize_model_
+from pipeline.config import QuantizeConfig
+from pipeline.data.rows import ProgressFn
+from pipeline.engine.model import load_trained, packed_checkpoint
+from pipeline.engine.stage_cache import StageResult
+from pipeline.stages.common import labeled_loop, load_labeled, open_stage, stage_meta, start_from
+from storage.checkpoint import load_checkpoint, save_checkpoint, serialized_bytes
+from storage.files import exists, join, read_json, write_json
+
+log = logging.getLogger("mlpl.quantize")
+
+
+def run_quantize(cfg: QuantizeConfig, run_dir: str, *, resume: bool = True, on_progress: ProgressFn | None = None,
+                 stop_after: int | None = None) -> StageResult:
+    """Quantization-aware training of `cfg.init_checkpoint` at `cfg.bits`, then its best checkpoint packed; continues
+    from its last.pt when present. The result's `extra` names the packed checkpoint and its size against float32.
+
+    Raises:
+        ValueError: no usable rows, a checkpoint made with another config or data, or one already quantized.
+        FileNotFoundError: when the starting checkpoint is missing.
+    """
+    stage = open_stage(cfg, run_dir, {"init": cfg.init_checkpoint, "train": cfg.train_manifest,
+                                      "dev": cfg.dev_manifest}, resume=resume)
+    result = stage.cached or _train(cfg, stage, on_progress, stop_after)
+    if result.step < cfg.max_updates:  # a `stop_after` stop: nothing to pack yet
+        return result
+    return dataclasses.replace(result, extra=result.extra | _packed(result, stage.dir.url))
+
+
+def _train(cfg: QuantizeConfig, stage, on_progress: ProgressFn | None, stop_after: int | None) -> StageResult:
+    trained = start_from(cfg.init_checkpoint)
+    if trained.checkpoint["model_kwargs"].get("weight_bits") is not None:
+        raise ValueError(f"{cfg.init_checkpoint} is quantized already; quantize its float model instead")
+    fake_quantize_model_(trained.model, cfg.bits, cfg.block)
+    kwargs = trained.checkpoint["model_kwargs"] | {"weight_bits": cfg.bits, "weight_block": cfg.block}
+    train, dev = load_labeled(trained, None, cfg.train_manifest, cfg.dev_manifest, stage.dir, on_progress)
+    rejects = train.rejects + (dev.rejects if dev else [])
+    stage.write_rejects(rejects)
+    stage.write_config(init_checkpoint=cfg.init_checkpoint)
+    trainer = stage.trainer(model=trained.model, model_kwargs=kwargs, tokenizer=trained.tokenizer,
+                            languages=trained.languages, dev=dev, on_progress=on_progress,
+                            meta=stage_meta(trained, cfg.init_checkpoint, weight_bits=cfg.bits))
+    sampler, _ = stage.restore(trainer, train, stop_after)
+    log.info("quantize %d-bit (blocks of %d) from %s: %d utterances, %s", cfg.bits, cfg.block, cfg.init_checkpoint,
+             len(train.utterances), trainer.precision)
+    labeled_loop(trainer, train, sampler)
+    return trainer.finish({"sampler": sampler.state_dict()}, num_train_utterances=len(train.utterances),
+                          num_rejects=len(rejects))
+
+
+def _packed(result: StageResult, stage_dir: str) -> dict[str, object]:
+    """Pack the best checkpoint once (`checkpoints/packed.pt` + `packed.json`); its sizes against float32."""
+    url, record = join(stage_dir, "checkpoints", "packed.pt"), join(stage_dir, "packed.json")
+    if not (exists(url) and exists(record)):
+        best = load_checkpoint(result.best_checkpoint)
+        model = load_trained(result.best_checkpoint).model
+        packed = packed_checkpoint(best, model)
+        float_weights = {k: v for k, v in best["model"].items()}
+        save_checkpoint(url, packed)
+        write_json(record, {"packed_checkpoint": url, "packed_bytes": serialized_bytes(packed),
+                            "float32_weights_bytes": serialized_bytes(float_weights),
+                            "from_checkpoint": result.best_checkpoint})
+    return read_json(record)
