@@ -420,6 +420,7 @@ def format_label_bench(b: dict[str, Any]) -> str:
         lines.append(f"| {k}× | {v['wall_s']:.1f} | {v['time_ratio']:.2f} | {v['peak_rss_mb']:.0f} | "
                      f"{v['rss_ratio']:.2f} |")
     last = b["scales"][max(b["scales"])]
-    lines.append(f"\nlinear time (±10 %): {mark(abs(last['time_ratio'] - 1) <= 0.1)}; flat memory (±10 %): "
-                 f"{mark(abs(last['rss_ratio'] - 1) <= 0.1)}")
+    # Faster than linear is kernel creation paid once (docs/benchmarks.md); only growth per audio second misses.
+    lines.append(f"\ntime at most linear (≤ +10 % per audio second): {mark(last['time_ratio'] <= 1.1)}; flat memory "
+                 f"(±10 %): {mark(abs(last['rss_ratio'] - 1) <= 0.1)}")
     return "\n".join(lines)
