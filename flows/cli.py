@@ -440,12 +440,14 @@ def _language_stage_arguments(p: argparse.ArgumentParser, *, init: str) -> None:
 def cmd_capacity(args: argparse.Namespace) -> int:
     """Li et al.'s capacity study on the bench corpus (built first if missing): four tables, equal training time."""
     from pipeline.report.bench import cpu_name, ensure_corpus
-    from pipeline.report.capacity import CapacityStudy, publish_capacity, run_capacity_study
+    from pipeline.report.capacity import CapacityStudy, publish_capacity, rebalance, run_capacity_study
 
     ensure_corpus(args.corpus, args.corpus_dir)
     study = CapacityStudy(args.corpus_dir, args.out, reference_updates=args.reference_updates)
     try:
         run_capacity_study(study, args.only)
+        if args.only is None:
+            rebalance(study)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

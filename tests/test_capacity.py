@@ -19,6 +19,7 @@ from pipeline.report.capacity import (
     CapacityRun,
     CapacityStudy,
     publish_capacity,
+    rebalance,
     run_capacity_study,
 )
 from pipeline.stages.label import run_label
@@ -94,6 +95,17 @@ def test_the_capacity_study_trains_every_setting_to_the_same_budget_and_writes_f
     assert "(not finished)" not in table
     again = run_capacity_study(study, ["tiny"])  # finished runs are reused, not retrained
     assert again["tiny"]["updates"] == 8
+    # The second pass: the deep run took twice tiny's time for its 4 updates, so it trains again with 2.
+    record = tmp_path / "study" / "capacity.json"
+    data = json.loads(record.read_text())
+    for name, f in data["runs"].items():
+        f["train_wall_s"] = 20.0 if name == "tiny_deep_narrow" else 10.5 if name == "mono_sl" else 10.0
+    record.write_text(json.dumps(data))
+    assert rebalance(study) == ["tiny_deep_narrow"]  # mono_sl is within 10 %
+    data = json.loads(record.read_text())
+    assert data["runs"]["tiny_deep_narrow"]["updates"] == 2 and data["rebalanced_updates"] == {"tiny_deep_narrow": 2}
+    assert data["budget_s"] == 10.0
+    assert run_capacity_study(study, ["tiny_deep_narrow"])["tiny_deep_narrow"]["updates"] == 2  # the count stays
     with pytest.raises(ValueError, match="no capacity run named nope"):
         run_capacity_study(study, ["nope"])
 
