@@ -1,0 +1,149 @@
+"""Structured pruning and language-specific pathways (Yang et al., "Learning ASR pathways"): masks over 8×1 blocks
+of the encoder's linear weights, found by magnitude (one round or iterative, IMP), a group-lasso penalty that
+drives whole blocks to zero while pruning, lottery-ticket rewinding, and per-language masks ("pathways") of which
+the batch's language selects one. Model math only: no I/O, no training loop.
+
+A block is 8 consecutive output rows of one input column of a weight (out, in): the 8×1 blocks of the paper,
+which sparse kernels can skip as a unit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+BLOCK_ROWS = 8
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers inside the encoder layers (attention, FFN, Conformer pointwise convs): what is pruned.
+    The front end, the heads and the language embedding stay dense (a few % of the weights)."""
+    layers = getattr(model, "layers", model)
+    return {f"layers.{name}": m for name, m in layers.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _check_rows(w: Tensor, rows: int) -> None:
+    if w.shape[0] % rows:
+        raise ValueError(f"a weight with {w.shape[0]} output rows cannot be cut into {rows}×1 blocks")
+
+
+def block_norms(w: Tensor, rows: int = BLOCK_ROWS) -> Tensor:
+    """(out / rows, in): the L2 norm of each rows×1 block."""
+    _check_rows(w, rows)
+    return w.detach().float().reshape(w.shape[0] // rows, rows, w.shape[1]).norm(dim=1)
+
+
+def expand_blocks(block_mask: Tensor, rows: int = BLOCK_ROWS) -> Tensor:
+    """A (out / rows, in) block mask as the (out, in) weight mask."""
+    return block_mask.repeat_interleave(rows, dim=0)
+
+
+def magnitude_mask(w: Tensor, sparsity: float, keep: Tensor | None = None, rows: int = BLOCK_ROWS) -> Tensor:
+    """The (out, in) bool mask that keeps the largest-norm blocks and zeroes round(sparsity × blocks) of them; with
+    `keep` (an earlier mask), blocks it pruned stay pruned (iterative pruning only removes more)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    norms = block_norms(w, rows)
+    if keep is not None:
+        norms = norms.masked_fill(~keep[::rows], -1.0)  # already pruned: first in line again
+    n_pruned = round(sparsity * norms.numel())
+    mask = torch.ones(norms.numel(), dtype=torch.bool, device=w.device)
+    mask[norms.flatten().argsort()[:n_pruned]] = False
+    return expand_blocks(mask.reshape(norms.shape), rows)
+
+
+def imp_schedule(target: float, rate: float = 0.2) -> list[float]:
+    """Iterative magnitude pruning's sparsity after each round: `rate` of the remaining weights per round, the last
+    round landing on `target` (0.2 per round reaches 70.6 % in 6 rounds: 1 − 0.8⁶ = 0.738, capped)."""
+    if not 0.0 < rate < 1.0 or not 0.0 <= target < 1.0:
+        raise ValueError(f"rate={rate} and target={target} must be in (0, 1) and [0, 1)")
+    levels, density = [], 1.0
+    while not levels or levels[-1] < target:
+        density *= 1 - rate
+        levels.append(min(target, round(1 - density, 6)))
+    return levels
+
+
+def group_lasso(model: nn.Module, rows: int = BLOCK_ROWS) -> Tensor:
+    """Σ over the prunable weights' rows×1 blocks of their L2 norms: the penalty that zeroes whole blocks."""
+    terms = []
+    for m in prunable_linears(model).values():
+        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+        _check_rows(w, rows)
+        terms.append(w.reshape(w.shape[0] // rows, rows, w.shape[1]).norm(dim=1).sum())
+    return torch.stack(terms).sum()
+
+
+class PathwayMask(nn.Module):
+    """A parametrization: the weight times one of its masks — (P, out, in) bool, one per pathway (language), or
+    one shared mask (P = 1). `active` picks the pathway the next forward computes with."""
+
+    def __init__(self, masks: Tensor):
+        super().__init__()
+        self.register_buffer("masks", masks.bool())
+        self.active = 0
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.masks[self.active].to(w.dtype)
+
+
+def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Mask each prunable weight in place: `masks[name]` is (out, in) (one mask) or (P, out, in) (a pathway each)."""
+    for name, m in prunable_linears(model).items():
+        mask = masks[name]
+        mask = mask[None] if mask.dim() == 2 else mask
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        parametrize.register_parametrization(m, "weight", PathwayMask(mask))
+
+
+def set_pathway_(model: nn.Module, pathway: int) -> None:
+    """Compute with pathway `pathway` (a language's index) from the next forward on."""
+    for m in prunable_linears(model).values():
+        for p in m.parametrizations.weight:
+            if isinstance(p, PathwayMask):
+                if not 0 <= pathway < p.masks.shape[0]:
+                    raise ValueError(f"pathway {pathway} is not one of the {p.masks.shape[0]} masks")
+                p.active = pathway
+
+
+def current_masks(model: nn.Module) -> dict[str, Tensor]:
+    """The active pathway's (out, in) mask of each masked weight."""
+    out = {}
+    for name, m in prunable_linears(model).items():
+        p = m.parametrizations.weight[0]
+        out[name] = p.masks[p.active]
+    return out
+
+
+def latent_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The stored (unmasked) weight of each prunable layer: what an optimizer updates."""
+    return {name: (m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight)
+            for name, m in prunable_linears(model).items()}
+
+
+def pathway_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """One update of the active pathway: backward, step, and every weight outside its mask put back as it was, so
+    that momentum or weight decay from other languages' batches cannot move another pathway's weights."""
+    masks, weights = current_masks(model), latent_weights(model)
+    kept = {name: w.detach().clone() for name, w in weights.items()}
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        for name, w in weights.items():
+            w.copy_(torch.where(masks[name], w, kept[name]))
+
+
+def sparsity_of(mask: Tensor) -> float:
+    """The share of zeros in a mask."""
+    return 1.0 - mask.float().mean().item()
+
+
+def rewind_(model: nn.Module, initial: dict[str, Tensor]) -> None:
+    """Lottery-ticket rewinding: each prunable layer's stored weight back to `initial[name]` (its weight at
+    initialization, from `latent_weights` then), its masks kept."""
+    with torch.no_grad():
+        for name, w in latent_weights(model).items():
+            w.copy_(initial[name])
