@@ -153,6 +153,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantization-aware training of a finished model and its packed serving checkpoint, resumable."""
+    cfg = _config("quantize", args, args.init, args.train, args.dev, bits=args.bits, block=args.block)
+    result = _train(cfg, args)
+    extra = result.extra
+    print(f"packed {cfg.bits}-bit checkpoint: {extra['packed_checkpoint']} ({extra['packed_bytes'] / 1e6:.2f} MB; "
+          f"float32 weights {extra['float32_weights_bytes'] / 1e6:.2f} MB)")
+    return 0
+
+
 def cmd_slimipl(args: argparse.Namespace) -> int:
     """slimIPL self-training on one language (stage 3), resumable."""
     from pipeline.report.report import pl_quality_markdown
@@ -532,6 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--reference", default=None,
                     help="hidden true transcripts of the unlabeled clips, to log PL CER (never used for training)")
     sl.set_defaults(func=cmd_slimipl)
+
+    q = sub.add_parser("quantize", help="quantization-aware training (1/2/4/8-bit encoder weights) of a finished "
+                       "model, then a packed checkpoint for serving and labeling (resumes by default)")
+    q.add_argument("--init", required=True, help="the float model to quantize, e.g. a student's best.pt")
+    q.add_argument("--train", required=True, help="labeled manifest (every language)")
+    q.add_argument("--dev", default=None, help="dev manifest")
+    q.add_argument("--run-dir", required=True, help="run directory: the stage writes <run-dir>/quantize/<bits>bit")
+    q.add_argument("--bits", type=int, default=1, choices=[1, 2, 4, 8], help="weight bits (default: 1)")
+    q.add_argument("--block", type=int, default=64, help="input weights per scale (default: 64)")
+    _stage_arguments(q)
+    q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")
     e.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by training")

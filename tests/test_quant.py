@@ -148,3 +148,13 @@ def test_the_quantize_stage_trains_1_bit_packs_it_and_labels_with_the_packed_mod
     packed_teachers = {lang: extra["packed_checkpoint"] for lang in ("es", "el", "sl")}
     run_label(label_tiny(f"{manifests}/unlabeled.jsonl", packed_teachers), root)
     assert len(load_pseudo_labels(root)) > 0
+
+
+def test_mlpl_quantize_runs_the_stage_and_names_the_packed_checkpoint(smoke_corpus, teacher, tmp_path, capsys):
+    from flows.cli import main
+
+    manifests = f"{smoke_corpus}/manifests"
+    assert main(["quantize", "--init", teacher, "--train", f"{manifests}/labeled.jsonl", "--run-dir",
+                 str(tmp_path), "--bits", "2", "--max-updates", "2", "--set", "eval_every=2"]) == 0
+    out = capsys.readouterr().out
+    assert "packed 2-bit checkpoint" in out and (tmp_path / "quantize/2bit/checkpoints/packed.pt").exists()

@@ -24,7 +24,14 @@ from pipeline.config.base import (
     tiny_specaugment,
     tiny_wide_shallow_model,
 )
-from pipeline.config.stages import FinetuneConfig, LabelConfig, SlimIPLConfig, StudentConfig, SupervisedConfig
+from pipeline.config.stages import (
+    FinetuneConfig,
+    LabelConfig,
+    QuantizeConfig,
+    SlimIPLConfig,
+    StudentConfig,
+    SupervisedConfig,
+)
 
 T = TypeVar("T")
 
@@ -74,6 +81,22 @@ def finetune_paper(language: str, train_manifest: str, dev_manifest: str | None 
     cfg = dict(language=language, train_manifest=train_manifest, dev_manifest=dev_manifest,
                optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000)
     return FinetuneConfig(**(cfg | overrides))
+
+
+def quantize_tiny(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
+                  **overrides: Any) -> QuantizeConfig:
+    """CPU preset: 1-bit QAT, AdamW at a third of stage 1's peak LR, 300 updates of 60 s batches."""
+    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest) | (
+        _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300, eval_every=100, save_every=50))
+    return QuantizeConfig(**_with_overrides(cfg, overrides))
+
+
+def quantize_paper(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
+                   **overrides: Any) -> QuantizeConfig:
+    """QAT at the paper's fine-tuning settings (Adagrad 0.01, 10k updates), 1 bit in blocks of 64 (Rybakov et al.)."""
+    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest,
+               optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000)
+    return QuantizeConfig(**(cfg | overrides))
 
 
 def slimipl_tiny(language: str, train_manifest: str, unlabeled_manifest: str, dev_manifest: str | None = None,
@@ -141,6 +164,7 @@ PRESETS: dict[str, dict[str, Callable[..., Config]]] = {
               "small": small_model, "base": base_model, "large": large_model},
     "supervised": {"tiny": supervised_tiny, "paper": supervised_paper},
     "finetune": {"tiny": finetune_tiny, "paper": finetune_paper},
+    "quantize": {"tiny": quantize_tiny, "paper": quantize_paper},
     "slimipl": {"tiny": slimipl_tiny, "paper": slimipl_paper},
     "label": {"tiny": label_tiny, "paper": label_paper},
     "student": {"tiny": student_tiny, "paper": student_paper},
