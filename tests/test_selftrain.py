@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import finetune_tiny, slimipl_tiny, supervised_tiny
+from pipeline.engine.crops import PAD_FRAMES_MULTIPLE, pad_time_to_multiple
 from pipeline.engine.model import load_trained
 from pipeline.stages.finetune import run_finetune
 from pipeline.stages.pl_cache import CollapseError, choose_slot, is_labeled_step
@@ -155,7 +156,8 @@ def test_pseudo_labels_are_made_in_eval_mode_without_specaugment(smoke_corpus, t
     assert model.training  # back in train mode for the next update
     assert [s[0] for s in seen] == [False, False]  # no dropout, no layerdrop while labeling
     feats = torch.nn.utils.rnn.pad_sequence(batch.features, batch_first=True)
-    assert torch.equal(seen[0][1], feats)  # the features as decoded: no SpecAugment mask
+    # The features as decoded, padded to 64 frames (exact: padding is masked), with no SpecAugment mask.
+    assert torch.equal(seen[0][1], pad_time_to_multiple(feats, PAD_FRAMES_MULTIPLE))
     assert [d["tokens"] for d in first] == [d["tokens"] for d in second]  # deterministic despite dropout 0.3
     loader.close()
 
