@@ -295,7 +295,7 @@ class CTCLIDModel(nn.Module):
         x = self._front_end(feats, feat_lens)  # (B, T', C)
         if self.language_embedding is not None:
             x = x + self.language_embedding(self._language_rows(lang_ids, x.shape[0], x.device))[:, None, :]
-        valid = torch.arange(x.shape[1], device=x.device) < out_lens[:, None]  # (B, T')
+        valid = _valid_frames(x, out_lens)  # (B, T')
         key_pad_bias = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, _MASK_VALUE)
         key_pad_bias = key_pad_bias[:, None, None, :]  # (B, 1, 1, T'): broadcasts over heads and queries
         # Without gradients attention builds its bias as a Toeplitz table instead (see _inference_attention).

@@ -13,14 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from models.quant import encoder_linears, stored_weight
+
 BLOCK_ROWS = 8
-
-
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The linear layers inside the encoder layers (attention, FFN, Conformer pointwise convs): what is pruned.
-    The front end, the heads and the language embedding stay dense (a few % of the weights)."""
-    layers = getattr(model, "layers", model)
-    return {f"layers.{name}": m for name, m in layers.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _check_rows(w: Tensor, rows: int) -> None:
@@ -68,8 +63,7 @@ def imp_schedule(target: float, rate: float = 0.2) -> list[float]:
 def group_lasso(model: nn.Module, rows: int = BLOCK_ROWS) -> Tensor:
     """Σ over the prunable weights' rows×1 blocks of their L2 norms: the penalty that zeroes whole blocks."""
     terms = []
-    for m in prunable_linears(model).values():
-        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+    for w in latent_weights(model).values():
         _check_rows(w, rows)
         terms.append(w.reshape(w.shape[0] // rows, rows, w.shape[1]).norm(dim=1).sum())
     return torch.stack(terms).sum()
@@ -90,7 +84,7 @@ class PathwayMask(nn.Module):
 
 def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
     """Mask each prunable weight in place: `masks[name]` is (out, in) (one mask) or (P, out, in) (a pathway each)."""
-    for name, m in prunable_linears(model).items():
+    for name, m in encoder_linears(model).items():
         mask = masks[name]
         mask = mask[None] if mask.dim() == 2 else mask
         if parametrize.is_parametrized(m, "weight"):
@@ -100,7 +94,7 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
 
 def set_pathway_(model: nn.Module, pathway: int) -> None:
     """Compute with pathway `pathway` (a language's index) from the next forward on."""
-    for m in prunable_linears(model).values():
+    for m in encoder_linears(model).values():
         for p in m.parametrizations.weight:
             if isinstance(p, PathwayMask):
                 if not 0 <= pathway < p.masks.shape[0]:
@@ -111,7 +105,7 @@ def set_pathway_(model: nn.Module, pathway: int) -> None:
 def current_masks(model: nn.Module) -> dict[str, Tensor]:
     """The active pathway's (out, in) mask of each masked weight."""
     out = {}
-    for name, m in prunable_linears(model).items():
+    for name, m in encoder_linears(model).items():
         p = m.parametrizations.weight[0]
         out[name] = p.masks[p.active]
     return out
@@ -119,8 +113,7 @@ def current_masks(model: nn.Module) -> dict[str, Tensor]:
 
 def latent_weights(model: nn.Module) -> dict[str, Tensor]:
     """The stored (unmasked) weight of each prunable layer: what an optimizer updates."""
-    return {name: (m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight)
-            for name, m in prunable_linears(model).items()}
+    return {name: stored_weight(m) for name, m in encoder_linears(model).items()}
 
 
 def pathway_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:

@@ -10,6 +10,8 @@ very weights the fake-quantized model computes with. Model math only: no I/O.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -81,16 +83,22 @@ class FakeQuantize(nn.Module):
         return fake_quantize(w, self.bits, self.block)
 
 
-def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The linear layers inside the encoder layers (attention, FFN, Conformer pointwise convs): what is quantized.
-    The conv front end, the CTC and LID heads and the language embedding stay float (a few % of the weights)."""
+def encoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers inside the encoder layers (attention, FFN, Conformer pointwise convs): what is quantized
+    and pruned. The conv front end, the CTC and LID heads and the language embedding stay as they are (a few % of
+    the weights)."""
     layers = getattr(model, "layers", model)
     return {f"layers.{name}": m for name, m in layers.named_modules() if isinstance(m, nn.Linear)}
 
 
+def stored_weight(m: nn.Linear) -> Tensor:
+    """The weight a layer keeps (what an optimizer updates), under a parametrization or not."""
+    return m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+
+
 def fake_quantize_model_(model: nn.Module, bits: int, block: int = 64) -> list[str]:
-    """Fake-quantize the weights of `quantizable_linears(model)` in place; their names."""
-    linears = quantizable_linears(model)
+    """Fake-quantize the weights of `encoder_linears(model)` in place; their names."""
+    linears = encoder_linears(model)
     for m in linears.values():
         if not parametrize.is_parametrized(m, "weight"):
             parametrize.register_parametrization(m, "weight", FakeQuantize(bits, block))
@@ -99,7 +107,7 @@ def fake_quantize_model_(model: nn.Module, bits: int, block: int = 64) -> list[s
 
 def float_weights_(model: nn.Module) -> None:
     """Remove the fake quantization, keeping the float weights (what QAT trains and checkpoints save)."""
-    for m in quantizable_linears(model).values():
+    for m in encoder_linears(model).values():
         if parametrize.is_parametrized(m, "weight"):
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
 
@@ -118,10 +126,7 @@ def unpack_codes(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
     codes = (packed[:, None] >> shifts) & (2**bits - 1)
-    n = 1
-    for s in shape:
-        n *= s
-    return codes.flatten()[:n].reshape(shape)
+    return codes.flatten()[: math.prod(shape)].reshape(shape)
 
 
 def pack_model(model: nn.Module, bits: int, block: int = 64) -> dict[str, Tensor]:
@@ -129,9 +134,8 @@ def pack_model(model: nn.Module, bits: int, block: int = 64) -> dict[str, Tensor
     (+ minimums), everything else as it is. `unpack_model_` reads it back."""
     float_state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
     packed: dict[str, Tensor] = {}
-    for name, m in quantizable_linears(model).items():
-        w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
-        codes, scale, low = quantize(w, bits, block)
+    for name, m in encoder_linears(model).items():
+        codes, scale, low = quantize(stored_weight(m), bits, block)
         packed[f"{name}.weight.codes"] = pack_codes(codes, bits)
         packed[f"{name}.weight.shape"] = torch.tensor(codes.shape)
         packed[f"{name}.weight.scale"] = scale
@@ -146,7 +150,7 @@ def unpack_model_(model: nn.Module, packed: dict[str, Tensor]) -> None:
     dequantized ones, so it computes what the fake-quantized model computed."""
     bits = int(packed["quant.bits"])
     state = {k: v for k, v in packed.items() if not k.startswith("quant.") and ".weight." not in k}
-    for name in quantizable_linears(model):
+    for name in encoder_linears(model):
         shape = tuple(packed[f"{name}.weight.shape"].tolist())
         codes = unpack_codes(packed[f"{name}.weight.codes"], bits, shape)
         state[f"{name}.weight"] = dequantize(codes, packed[f"{name}.weight.scale"], packed.get(f"{name}.weight.low"),

@@ -11,12 +11,12 @@ from models.prune import (
     apply_masks_,
     block_norms,
     current_masks,
+    encoder_linears,
     group_lasso,
     imp_schedule,
     latent_weights,
     magnitude_mask,
     pathway_step,
-    prunable_linears,
     rewind_,
     set_pathway_,
     sparsity_of,
@@ -55,7 +55,7 @@ def test_iterative_pruning_only_removes_more_and_follows_the_20_percent_schedule
 
 def test_group_lasso_is_the_sum_of_block_norms():
     model = _model()
-    expected = sum(block_norms(m.weight).sum() for m in prunable_linears(model).values())
+    expected = sum(block_norms(m.weight).sum() for m in encoder_linears(model).values())
     torch.testing.assert_close(group_lasso(model), expected)
 
 
@@ -96,6 +96,6 @@ def test_lottery_ticket_rewinding_restores_the_initial_weights_under_the_mask():
     masks = {n: magnitude_mask(w, 0.5) for n, w in trained.items()}  # found on the trained weights
     apply_masks_(model, masks)
     rewind_(model, initial)
-    for name, m in prunable_linears(model).items():
+    for name, m in encoder_linears(model).items():
         assert torch.equal(latent_weights(model)[name], initial[name])
         assert torch.equal(m.weight, initial[name] * masks[name])  # the ticket: initial weights, trained mask

@@ -12,12 +12,12 @@ from models.encoder import CTCLIDModel
 from models.quant import (
     block_size,
     dequantize,
+    encoder_linears,
     fake_quantize,
     fake_quantize_model_,
     float_weights_,
     pack_codes,
     pack_model,
-    quantizable_linears,
     quantize,
     unpack_codes,
     unpack_model_,
@@ -94,7 +94,7 @@ def test_the_packed_1_bit_model_is_over_10x_smaller_and_computes_what_the_fake_q
         torch.save(tensors, buf)
         return buf.tell()
 
-    quantized = {f"{n}.weight": m.weight for n, m in quantizable_linears(model).items()}
+    quantized = {f"{n}.weight": m.weight for n, m in encoder_linears(model).items()}
     packed_part = {k: v for k, v in packed.items() if ".weight." in k}
     assert size(quantized) >= 10 * size(packed_part)
 

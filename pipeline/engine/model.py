@@ -40,12 +40,10 @@ def load_trained(url: str) -> Trained:
     if missing:
         raise ValueError(f"{url} is not an mlpl checkpoint (missing {', '.join(missing)})")
     # Its initial weights are overwritten at once: building it must not move the global RNG a stage was seeded with.
+    packed = ckpt.get("weights") == "packed"  # a quantized model for serving: plain layers, dequantized weights
     with torch.random.fork_rng(devices=[]):
-        if ckpt.get("weights") == "packed":  # a quantized model for serving: plain layers, dequantized weights
-            model = CTCLIDModel(**(ckpt["model_kwargs"] | {"weight_bits": None}))
-        else:
-            model = CTCLIDModel(**ckpt["model_kwargs"])
-    if ckpt.get("weights") == "packed":
+        model = CTCLIDModel(**(ckpt["model_kwargs"] | ({"weight_bits": None} if packed else {})))
+    if packed:
         unpack_model_(model, ckpt["model"])
     else:
         model.load_state_dict(ckpt["model"])

@@ -166,7 +166,7 @@ def run_capacity_study(study: CapacityStudy, only: list[str] | None = None) -> d
         log.info("capacity run %s (%d/%d): %d updates", run.name, i + 1, len(chosen), updates[run.name])
         figures[run.name] = study.train_and_score(run, updates[run.name])
         # After each run, so that an interrupted study shows what it has.
-        write_json(record, {"budget_s": budget, "runs": figures, "rebalanced_updates": rebalanced})
+        _save(record, budget, figures, rebalanced)
     return {name: figures[name] for name in updates}
 
 
@@ -188,11 +188,16 @@ def rebalance(study: CapacityStudy, tolerance: float = 0.1) -> list[str]:
                  f["train_wall_s"], f["updates"], target, updates)
         remove_tree(join(study.out_dir, "runs", name))
         rebalanced[name] = updates
-        write_json(record, {"budget_s": target, "runs": figures, "rebalanced_updates": rebalanced})
+        _save(record, target, figures, rebalanced)
         figures[name] = study.train_and_score(by_name[name], updates)
         retrained.append(name)
-    write_json(record, {"budget_s": target, "runs": figures, "rebalanced_updates": rebalanced})
+    _save(record, target, figures, rebalanced)
     return retrained
+
+
+def _save(record: str, budget_s: float, figures: dict[str, Any], rebalanced: dict[str, int]) -> None:
+    """The study's record: the budget, every finished run's figures, the update counts `rebalance` set."""
+    write_json(record, {"budget_s": budget_s, "runs": figures, "rebalanced_updates": rebalanced})
 
 
 def _mean(values: list[float]) -> float:

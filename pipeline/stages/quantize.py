@@ -18,7 +18,7 @@ from pipeline.data.rows import ProgressFn
 from pipeline.engine.model import load_trained, packed_checkpoint
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.common import labeled_loop, load_labeled, open_stage, stage_meta, start_from
-from storage.checkpoint import load_checkpoint, save_checkpoint, serialized_bytes
+from storage.checkpoint import save_checkpoint, serialized_bytes
 from storage.files import exists, join, read_json, write_json
 
 log = logging.getLogger("mlpl.quantize")
@@ -66,12 +66,10 @@ def _packed(result: StageResult, stage_dir: str) -> dict[str, object]:
     """Pack the best checkpoint once (`checkpoints/packed.pt` + `packed.json`); its sizes against float32."""
     url, record = join(stage_dir, "checkpoints", "packed.pt"), join(stage_dir, "packed.json")
     if not (exists(url) and exists(record)):
-        best = load_checkpoint(result.best_checkpoint)
-        model = load_trained(result.best_checkpoint).model
-        packed = packed_checkpoint(best, model)
-        float_weights = {k: v for k, v in best["model"].items()}
+        best = load_trained(result.best_checkpoint)  # its record is `best.checkpoint`: read once
+        packed = packed_checkpoint(best.checkpoint, best.model)
         save_checkpoint(url, packed)
         write_json(record, {"packed_checkpoint": url, "packed_bytes": serialized_bytes(packed),
-                            "float32_weights_bytes": serialized_bytes(float_weights),
+                            "float32_weights_bytes": serialized_bytes(best.checkpoint["model"]),
                             "from_checkpoint": result.best_checkpoint})
     return read_json(record)
