@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations capacity server serve screenshot clean
+.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations capacity serving server serve screenshot clean
 
 $(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,14 @@ capacity: $(STAMP)
 	@mkdir -p runs/bench-capacity
 	bash -o pipefail -c '$(BIN)/mlpl capacity --corpus-dir data/bench --out runs/bench-capacity \
 		--results docs/results.md --results-command "make capacity" 2>&1 | tee -a runs/bench-capacity/capacity.log'
+
+# Serving-size students (issue 20) on the bench corpus: dense vs language-agnostic vs pathways pruning (IMP, LTH)
+# at 70.6 % sparsity, float vs 8/4/2/1-bit QAT, from the tiny supervised model (trained first); tables into
+# docs/results.md ("Serving-size students").
+serving: $(STAMP)
+	@mkdir -p runs/bench-serving
+	bash -o pipefail -c '$(BIN)/mlpl serving --corpus-dir data/bench --out runs/bench-serving \
+		--results docs/results.md --results-command "make serving" 2>&1 | tee -a runs/bench-serving/serving.log'
 
 # Operators: a local Prefect server (SQLite under ~/.prefect) and every flow served against it; UI on PREFECT_PORT.
 PREFECT_PORT ?= 4200

@@ -163,6 +163,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Structured pruning (language-agnostic or per-language pathways) of a finished model, resumable."""
+    cfg = _config("prune", args, args.init, args.train, args.dev, method=args.method, mask_search=args.mask_search,
+                  sparsity=args.sparsity)
+    result = _train(cfg, args)
+    extra = result.extra
+    print(f"sparsity {extra['sparsity']}; sparse checkpoint: {extra['packed_checkpoint']} "
+          f"({extra['packed_bytes'] / 1e6:.2f} MB; dense float32 weights "
+          f"{extra['float32_weights_bytes'] / 1e6:.2f} MB)")
+    return 0
+
+
 def cmd_slimipl(args: argparse.Namespace) -> int:
     """slimIPL self-training on one language (stage 3), resumable."""
     from pipeline.report.report import pl_quality_markdown
@@ -447,6 +459,25 @@ def _language_stage_arguments(p: argparse.ArgumentParser, *, init: str) -> None:
     _stage_arguments(p)
 
 
+def cmd_serving(args: argparse.Namespace) -> int:
+    """The serving-size study on the bench corpus (built first if missing): pruning and quantization tables."""
+    from pipeline.report.bench import cpu_name, ensure_corpus
+    from pipeline.report.serving import ServingStudy, publish_serving, run_serving_study
+
+    ensure_corpus(args.corpus, args.corpus_dir)
+    study = ServingStudy(args.corpus_dir, args.out, init_checkpoint=args.init, sparsity=args.sparsity,
+                         updates=args.updates, round_updates=args.round_updates)
+    try:
+        run_serving_study(study)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(publish_serving(study, args.results, args.results_command or "mlpl serving", cpu_name()))
+    if args.results:
+        print(f"results → {args.results} (Serving-size students)")
+    return 0
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     """Li et al.'s capacity study on the bench corpus (built first if missing): four tables, equal training time."""
     from pipeline.report.bench import cpu_name, ensure_corpus
@@ -554,6 +585,21 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_arguments(q)
     q.set_defaults(func=cmd_quantize)
 
+    pr = sub.add_parser("prune", help="structured 8×1-block pruning of a finished model: one language-agnostic mask "
+                        "or a pathway per language, then training under the masks (resumes by default)")
+    pr.add_argument("--init", required=True, help="the dense float model to prune, e.g. a student's best.pt")
+    pr.add_argument("--train", required=True, help="labeled manifest (every language)")
+    pr.add_argument("--dev", default=None, help="dev manifest")
+    pr.add_argument("--run-dir", required=True,
+                    help="run directory: the stage writes <run-dir>/prune/<method>-<mask-search>")
+    pr.add_argument("--method", default="pathways", choices=["agnostic", "pathways"],
+                    help="one mask for all languages, or one per language (default: pathways)")
+    pr.add_argument("--mask-search", default="imp", choices=["imp", "lth"],
+                    help="iterative magnitude pruning, or with lottery-ticket rewinding (default: imp)")
+    pr.add_argument("--sparsity", type=float, default=0.706, help="share of pruned weights (default: 0.706)")
+    _stage_arguments(pr)
+    pr.set_defaults(func=cmd_prune)
+
     e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")
     e.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by training")
     e.add_argument("--manifest", required=True, help="manifest to score")
@@ -596,6 +642,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--results", default=None, help="write the tables into this results page's Capacity section")
     cp.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
     cp.set_defaults(func=cmd_capacity)
+
+    sv = sub.add_parser("serving", help="serving-size students: dense vs language-agnostic vs pathways pruning "
+                        "(IMP, LTH) at one sparsity, float vs 8/4/2/1-bit weights; per-language test CER and size")
+    sv.add_argument("--corpus", default="bench", help="corpus preset to build when missing (default: bench)")
+    sv.add_argument("--corpus-dir", default="data/bench")
+    sv.add_argument("--out", default="runs/bench-serving", help="where the study's runs go")
+    sv.add_argument("--init", default=None,
+                    help="the model to shrink (default: the tiny supervised preset, 1000 updates, trained there)")
+    sv.add_argument("--sparsity", type=float, default=0.706, help="pruning sparsity (default: the paper's 0.706)")
+    sv.add_argument("--updates", type=int, default=None, help="updates per variant (default: the presets' 300)")
+    sv.add_argument("--round-updates", type=int, default=None, help="updates per IMP/LTH round (default: preset's)")
+    sv.add_argument("--results", default=None, help="write the tables into this results page's section")
+    sv.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    sv.set_defaults(func=cmd_serving)
 
     st = sub.add_parser("student", help="train a student on labeled + pseudo-labeled data (resumes by default)")
     st.add_argument("--mode", default="from_scratch", choices=["from_scratch", "finetune"],

@@ -2,7 +2,8 @@
 
 supervised → per language with unlabeled audio: fine-tune → slimIPL (the per-language subflow a task runner
 would fan out; on 2 cores the languages run one after another) → labeling of every unlabeled row by its
-language's best model → student(s) on labeled + PL data (→ labeled-only fine-tune) → report. Every stage is
+language's best model → student(s) on labeled + PL data (→ labeled-only fine-tune) → optional serving-size models
+of the final student (pruned, quantized) → report. Every stage is
 scored on the test set. What passes between stages are small records (URIs, metrics, wall times); each
 stage reads its inputs from the run directory.
 
@@ -105,6 +106,15 @@ def student_step(cfg: RecipeConfig, mode: str, labeled_finetune: bool, timed: Ca
     return out
 
 
+def serving_step(cfg: RecipeConfig, timed: Callable = _untimed) -> dict:
+    """After the students: the final student pruned (`serving_prune`) and quantized (`serving_bits`), each scored
+    on the test set; their packed checkpoints label through the one decode path like any model."""
+    final = RunLayout(cfg.run_dir).stage(cfg.final_student_stage()).best
+    configs = [cfg.prune_config(m, final) for m in cfg.serving_prune] + [cfg.quantize_config(b, final)
+                                                                          for b in cfg.serving_bits]
+    return {c.stage_name(): timed(c.stage_name(), train_flow, c, cfg.run_dir, cfg.test_manifest) for c in configs}
+
+
 # The steps an operator can run alone from a recipe form (`mlpl-stage`), each given (cfg, language, student mode,
 # labeled-only fine-tune or not).
 RECIPE_STEPS: dict[str, Callable[[RecipeConfig, str | None, str, bool], dict]] = {
@@ -114,6 +124,7 @@ RECIPE_STEPS: dict[str, Callable[[RecipeConfig, str | None, str, bool], dict]] =
     "slimipl": lambda cfg, language, mode, labeled_ft: slimipl_step(cfg, language),
     "label": lambda cfg, language, mode, labeled_ft: label_step(cfg),
     "student": lambda cfg, language, mode, labeled_ft: student_step(cfg, mode, labeled_ft),
+    "serving": lambda cfg, language, mode, labeled_ft: serving_step(cfg),
 }
 StepName = Literal[tuple(RECIPE_STEPS)]  # the form's dropdown: exactly the keys of RECIPE_STEPS
 PER_LANGUAGE_STEPS = ("finetune", "slimipl")
@@ -170,6 +181,8 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
                 stages[out["training"]["stage"]] = _stage(out)
             if i == 0:
                 teacher = _stage(chain[-1])["checkpoint"]
+    for name, out in serving_step(cfg, timed).items():
+        stages[name] = _stage(out)
     report = timed("report", report_task, cfg.run_dir)
     result = {"run_dir": cfg.run_dir, "stages": stages, "wall_s": walls, "report": report,
               "labels": {k: labels[k] for k in ("root", "summary", "units_labeled", "units_skipped", "wall_s")}}

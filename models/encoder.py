@@ -20,7 +20,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from models.quant import fake_quantize_model_
+from models.prune import UNION, apply_masks_, num_pathways, set_pathway_
+from models.quant import encoder_linears, fake_quantize_model_
 
 # Added to masked (padded) keys. Finite, so a row whose keys are all padding (a zero-length utterance)
 # softmaxes to finite garbage instead of NaN; representable in bf16 and far below any real score.
@@ -209,6 +210,32 @@ class ConformerLayer(nn.Module):
         return attn + conv + 2 * 2 * 2 * t * d * ffn
 
 
+def _take(rows: Tensor, feats: Tensor, feat_lens: Tensor, lang_ids: Tensor | None) -> tuple:
+    """The utterances `rows` of a batch, cut to their own longest length."""
+    rows_at = rows.to(feats.device)
+    lens = feat_lens[rows_at]
+    return feats[rows_at, : int(lens.max())], lens, None if lang_ids is None else lang_ids[rows.to(lang_ids.device)]
+
+
+def _scatter(parts: list[tuple[Tensor, ModelOutput]], batch: int, unknown: Tensor,
+             lid_of_unknown: Tensor | None) -> ModelOutput:
+    """One batch's output from its languages' forwards (frames past an utterance's length are zero); an unknown
+    utterance keeps the LID logits that chose its pathway."""
+    first = parts[0][1]
+    t_max = max(out.log_probs.shape[1] for _, out in parts)
+    log_probs = first.log_probs.new_zeros(batch, t_max, first.log_probs.shape[2])
+    out_lens = first.out_lens.new_zeros(batch)
+    lid = first.lid_logits.new_zeros(batch, first.lid_logits.shape[1])
+    for rows, out in parts:
+        rows = rows.to(log_probs.device)
+        log_probs[rows, : out.log_probs.shape[1]] = out.log_probs
+        out_lens[rows] = out.out_lens
+        lid[rows] = out.lid_logits
+    if lid_of_unknown is not None:
+        lid[unknown.nonzero().squeeze(1).to(lid.device)] = lid_of_unknown
+    return ModelOutput(log_probs, out_lens, lid)
+
+
 class CTCLIDModel(nn.Module):
     """Conv + GLU front end, relative-position transformer, CTC head and utterance LID head."""
 
@@ -234,6 +261,7 @@ class CTCLIDModel(nn.Module):
         activation_checkpointing: bool = False,
         weight_bits: int | None = None,  # quantization-aware training: encoder linear weights fake-quantized
         weight_block: int = 64,  # their sub-channel block (input weights per scale)
+        pathways: int = 0,  # pruned: masks per encoder linear weight (1: language-agnostic, L: one per language)
     ):
         super().__init__()
         if encoder not in ("transformer", "conformer"):
@@ -265,8 +293,13 @@ class CTCLIDModel(nn.Module):
         self.language_embedding = nn.Embedding(num_languages + 1, d_model) if language_conditioning else None
         if self.language_embedding is not None:
             nn.init.zeros_(self.language_embedding.weight)
+        if weight_bits is not None and pathways:
+            raise ValueError("a model is either quantized (weight_bits) or pruned (pathways), not both")
         if weight_bits is not None:
             fake_quantize_model_(self, weight_bits, weight_block)
+        if pathways:  # all-ones masks: the real ones come with the checkpoint (or from the prune stage)
+            apply_masks_(self, {name: torch.ones(pathways, *m.weight.shape, dtype=torch.bool)
+                                for name, m in encoder_linears(self).items()})
 
     def matmul_flops(self, n_frames: int) -> int:
         """FLOPs (2 per multiply-add) of the convolution and every matmul in one forward of one utterance of
@@ -290,7 +323,36 @@ class CTCLIDModel(nn.Module):
 
     def forward(self, feats: Tensor, feat_lens: Tensor, lang_ids: Tensor | None = None) -> ModelOutput:
         """Encode padded fbank features ``(B, T, n_mels)`` with true lengths ``(B,)``; ``lang_ids`` (B,) are the
-        utterances' language indices (−1 or None: unknown), read only by a language-conditioned model."""
+        utterances' language indices (−1 or None: unknown), read by a language-conditioned model and by one with
+        language pathways (each utterance computes with its language's mask)."""
+        if num_pathways(self) > 1:
+            return self._forward_by_pathway(feats, feat_lens, lang_ids)
+        return self._forward(feats, feat_lens, lang_ids)
+
+    def _forward_by_pathway(self, feats: Tensor, feat_lens: Tensor, lang_ids: Tensor | None) -> ModelOutput:
+        """One forward per language of the batch, each with its pathway; an utterance of unknown language first
+        goes through every pathway's weights together (`UNION`) and then takes the pathway its LID head picks."""
+        batch, n_paths = feats.shape[0], num_pathways(self)
+        ids = torch.full((batch,), -1, dtype=torch.long) if lang_ids is None else lang_ids.detach().cpu().long()
+        unknown = (ids < 0) | (ids >= n_paths)
+        lid_of_unknown = None
+        if unknown.any():
+            rows = unknown.nonzero().squeeze(1)
+            set_pathway_(self, UNION)
+            lid_of_unknown = self._forward(*_take(rows, feats, feat_lens, lang_ids)).lid_logits
+            ids[rows] = lid_of_unknown.argmax(dim=-1).cpu()
+        parts = []
+        for path in ids.unique().tolist():
+            rows = (ids == path).nonzero().squeeze(1)
+            set_pathway_(self, path)
+            whole = len(rows) == batch  # a one-language batch (pathway training): no copies
+            parts.append((rows, self._forward(feats, feat_lens, lang_ids) if whole
+                          else self._forward(*_take(rows, feats, feat_lens, lang_ids))))
+        if len(parts) == 1 and lid_of_unknown is None:
+            return parts[0][1]
+        return _scatter(parts, batch, unknown, lid_of_unknown)
+
+    def _forward(self, feats: Tensor, feat_lens: Tensor, lang_ids: Tensor | None = None) -> ModelOutput:
         out_lens = frames_after_subsampling(feat_lens, self.conv_kernel, self.conv_stride)  # (B,)
         x = self._front_end(feats, feat_lens)  # (B, T', C)
         if self.language_embedding is not None:

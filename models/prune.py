@@ -9,11 +9,14 @@ which sparse kernels can skip as a unit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from models.quant import encoder_linears, stored_weight
+from models.quant import encoder_linears, pack_codes, stored_weight, unpack_codes
 
 BLOCK_ROWS = 8
 
@@ -69,17 +72,24 @@ def group_lasso(model: nn.Module, rows: int = BLOCK_ROWS) -> Tensor:
     return torch.stack(terms).sum()
 
 
+UNION = -1  # the pathway index of every pathway's weights together: what identifies an unknown language
+
+
 class PathwayMask(nn.Module):
     """A parametrization: the weight times one of its masks — (P, out, in) bool, one per pathway (language), or
-    one shared mask (P = 1). `active` picks the pathway the next forward computes with."""
+    one shared mask (P = 1). `active` picks the pathway the next forward computes with (`UNION`: any pathway's)."""
 
     def __init__(self, masks: Tensor):
         super().__init__()
         self.register_buffer("masks", masks.bool())
         self.active = 0
 
+    def mask(self) -> Tensor:
+        """The active (out, in) mask."""
+        return self.masks.any(dim=0) if self.active == UNION else self.masks[self.active]
+
     def forward(self, w: Tensor) -> Tensor:
-        return w * self.masks[self.active].to(w.dtype)
+        return w * self.mask().to(w.dtype)
 
 
 def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
@@ -92,23 +102,39 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
         parametrize.register_parametrization(m, "weight", PathwayMask(mask))
 
 
+def pathway_masks(model: nn.Module) -> dict[str, PathwayMask]:
+    """Each masked encoder linear layer's `PathwayMask` (empty for a dense model)."""
+    out = {}
+    for name, m in encoder_linears(model).items():
+        if parametrize.is_parametrized(m, "weight"):
+            for p in m.parametrizations.weight:
+                if isinstance(p, PathwayMask):
+                    out[name] = p
+    return out
+
+
+def num_pathways(model: nn.Module) -> int:
+    """How many masks each prunable weight has (0: not pruned, 1: one language-agnostic mask)."""
+    masks = pathway_masks(model)
+    return next(iter(masks.values())).masks.shape[0] if masks else 0
+
+
 def set_pathway_(model: nn.Module, pathway: int) -> None:
-    """Compute with pathway `pathway` (a language's index) from the next forward on."""
-    for m in encoder_linears(model).values():
-        for p in m.parametrizations.weight:
-            if isinstance(p, PathwayMask):
-                if not 0 <= pathway < p.masks.shape[0]:
-                    raise ValueError(f"pathway {pathway} is not one of the {p.masks.shape[0]} masks")
-                p.active = pathway
+    """Compute with pathway `pathway` (a language's index, or `UNION`) from the next forward on."""
+    for p in pathway_masks(model).values():
+        if not (pathway == UNION or 0 <= pathway < p.masks.shape[0]):
+            raise ValueError(f"pathway {pathway} is not one of the {p.masks.shape[0]} masks")
+        p.active = pathway
 
 
 def current_masks(model: nn.Module) -> dict[str, Tensor]:
     """The active pathway's (out, in) mask of each masked weight."""
-    out = {}
-    for name, m in encoder_linears(model).items():
-        p = m.parametrizations.weight[0]
-        out[name] = p.masks[p.active]
-    return out
+    return {name: p.mask() for name, p in pathway_masks(model).items()}
+
+
+def all_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Every pathway's masks of each masked weight, (P, out, in) bool: what `apply_masks_` takes back."""
+    return {name: p.masks.clone() for name, p in pathway_masks(model).items()}
 
 
 def latent_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -116,17 +142,25 @@ def latent_weights(model: nn.Module) -> dict[str, Tensor]:
     return {name: stored_weight(m) for name, m in encoder_linears(model).items()}
 
 
+@contextmanager
+def outside_pathway_kept(model: nn.Module) -> Iterator[None]:
+    """Put every weight outside the active pathway's mask back as it was when the block ends: an update inside it
+    then changes only the active language's weights, whatever AdamW's momentum or weight decay would do."""
+    masks, weights = current_masks(model), latent_weights(model)
+    kept = {name: w.detach().clone() for name, w in weights.items() if name in masks}
+    yield
+    with torch.no_grad():
+        for name, w in kept.items():
+            weights[name].copy_(torch.where(masks[name], weights[name], w))
+
+
 def pathway_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
     """One update of the active pathway: backward, step, and every weight outside its mask put back as it was, so
     that momentum or weight decay from other languages' batches cannot move another pathway's weights."""
-    masks, weights = current_masks(model), latent_weights(model)
-    kept = {name: w.detach().clone() for name, w in weights.items()}
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        for name, w in weights.items():
-            w.copy_(torch.where(masks[name], w, kept[name]))
+    with outside_pathway_kept(model):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def sparsity_of(mask: Tensor) -> float:
@@ -140,3 +174,33 @@ def rewind_(model: nn.Module, initial: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for name, w in latent_weights(model).items():
             w.copy_(initial[name])
+
+
+def pack_pruned(model: nn.Module, rows: int = BLOCK_ROWS) -> dict[str, Tensor]:
+    """The model's state as tensors to save for serving: each masked weight as the float32 weights of the blocks any
+    pathway keeps, plus every pathway's block mask at one bit per block; everything else as it is."""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for name, p in pathway_masks(model).items():
+        w = stored_weight(encoder_linears(model)[name]).detach().float()
+        block_masks = p.masks[:, ::rows]  # (P, out / rows, in)
+        kept = block_masks.any(dim=0)  # (out / rows, in)
+        blocks = w.reshape(w.shape[0] // rows, rows, w.shape[1]).transpose(1, 2)  # (out / rows, in, rows)
+        state[f"{name}.weight.kept"] = blocks[kept].clone()  # (n kept, rows)
+        state[f"{name}.weight.masks"] = pack_codes(block_masks.to(torch.uint8), 1)
+        state[f"{name}.weight.shape"] = torch.tensor([*block_masks.shape, rows])
+    return state | {"pruned.rows": torch.tensor(rows)}
+
+
+def unpack_pruned_(model: nn.Module, packed: dict[str, Tensor]) -> None:
+    """Load `pack_pruned`'s tensors into a model built with as many pathways: the same masks and masked weights (the
+    weights no pathway keeps are zero, which no forward reads)."""
+    rows = int(packed["pruned.rows"])
+    state = {k: v for k, v in packed.items() if not k.startswith("pruned.") and ".weight." not in k}
+    for name in pathway_masks(model):
+        n_paths, n_rows, n_in, _ = packed[f"{name}.weight.shape"].tolist()
+        block_masks = unpack_codes(packed[f"{name}.weight.masks"], 1, (n_paths, n_rows, n_in)).bool()
+        blocks = torch.zeros(n_rows, n_in, rows)
+        blocks[block_masks.any(dim=0)] = packed[f"{name}.weight.kept"]
+        state[f"{name}.parametrizations.weight.original"] = blocks.transpose(1, 2).reshape(n_rows * rows, n_in)
+        state[f"{name}.parametrizations.weight.0.masks"] = block_masks.repeat_interleave(rows, dim=1)
+    model.load_state_dict(state)

@@ -115,6 +115,12 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     return sorted(with_protocol(p, url) for p in found if not posixpath.basename(p).startswith("."))
 
 
+def size_of(url: str) -> int:
+    """A file's size in bytes."""
+    fs, path = filesystem(url)
+    return int(fs.size(path))
+
+
 def remove(url: str) -> None:
     """Delete a file if it exists."""
     fs, path = _fs(url)

@@ -122,6 +122,9 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                  "student": quick, "labeled_finetune": quick | {"max_updates": 3, "eval_every": 3},
                  "student_modes": ["finetune", "from_scratch"], "student_labeled_finetune": True, "rounds": 2,
                  "slimipl_lm": True,
+                 # The final student shrunk two ways, scored and reported with its size on disk.
+                 "serving_prune": ["pathways"], "serving_bits": [1],
+                 "prune": quick | {"round_updates": 1, "sparsity": 0.5}, "quantize": quick,
                  # models of a few updates may label clips empty: keep every PL so that each round has some
                  "labeling_filter": {"min_tokens": 0}, "student_pl_filter": {"min_tokens": 0}}
     with prefect_test_harness(server_startup_timeout=120):
@@ -147,7 +150,7 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                             "slimipl/sl", "student/finetune", "student/finetune-labeled-ft", "student/from_scratch",
                             "student/from_scratch-labeled-ft", "student/finetune-round2",
                             "student/finetune-round2-labeled-ft", "student/from_scratch-round2",
-                            "student/from_scratch-round2-labeled-ft"]
+                            "student/from_scratch-round2-labeled-ft", "prune/pathways-imp", "quantize/1bit"]
     assert stages["supervised"]["step"] == 30 and stages["student/finetune"]["step"] == 6
     assert stages["student/from_scratch-labeled-ft"]["step"] == 3
     for name, v in stages.items():  # per-language stages are scored on their language, the rest on all
@@ -157,7 +160,8 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                                   "labeling", "student finetune", "student finetune-labeled-ft",
                                   "student from_scratch", "student from_scratch-labeled-ft", "labeling round 2",
                                   "student finetune-round2", "student finetune-round2-labeled-ft",
-                                  "student from_scratch-round2", "student from_scratch-round2-labeled-ft", "report"}
+                                  "student from_scratch-round2", "student from_scratch-round2-labeled-ft",
+                                  "prune/pathways-imp", "quantize/1bit", "report"}
     assert json.loads((tmp_path / "run/report/recipe_run.json").read_text())["stages"] == stages
     # Every unlabeled clip is labeled by its language's slimIPL model, or is a reject with a reason.
     from storage.pl import load_pseudo_labels, load_rejects
@@ -187,6 +191,13 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
         "supervised", "finetune", "slimipl", "student/from_scratch", "student/from_scratch-labeled-ft",
         "student/finetune", "student/finetune-labeled-ft"]
     assert out["report"]["with_unlabeled"] == ["el", "es", "sl"]
+    # The serving models start from the final student (the first mode's last model of the last round) and are rows
+    # of the report with their size on disk.
+    prune_cfg = json.loads((tmp_path / "run/prune/pathways-imp/config.json").read_text())
+    assert prune_cfg["init_checkpoint"] == stages["student/finetune-round2-labeled-ft"]["checkpoint"]
+    serving = {r["stage"]: r for r in out["report"]["rows"] if r.get("serving_bytes")}
+    assert set(serving) == {"prune/pathways-imp", "quantize/1bit"}
+    assert serving["quantize/1bit"]["serving_bytes"] < serving["quantize/1bit"]["float32_bytes"] / 3
     assert (tmp_path / "run/report/dev_cer.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in artifacts["recipe-dev-cer-plot"].data
     assert (tmp_path / "corpus/corpus_card.md").exists()

@@ -141,3 +141,23 @@ def test_the_recipe_form_picks_the_model_preset_and_language_conditioning_for_ev
     assert kept.dropout == 0.2 and kept.d_model == 144
     with pytest.raises(ValidationError, match="model_preset"):
         RecipeConfig(**form, model_preset="huge")
+
+
+def test_the_recipe_form_shrinks_the_final_student_with_the_serving_knobs():
+    from pipeline.config import RecipeConfig
+
+    form = dict(labeled_manifest="l.jsonl", unlabeled_manifest="u.jsonl", preset="tiny")
+    cfg = RecipeConfig(**form, serving_prune=["pathways", "agnostic"], serving_mask_search="lth", serving_sparsity=0.5,
+                       serving_bits=[2], prune={"round_updates": 7}, student_modes=["finetune", "from_scratch"],
+                       rounds=2)
+    assert cfg.final_student_stage() == "student/finetune-round2-labeled-ft"  # the first mode, last round, after ft
+    pruned = cfg.prune_config("pathways", "s.pt")
+    assert (pruned.method, pruned.mask_search, pruned.sparsity, pruned.round_updates) == ("pathways", "lth", 0.5, 7)
+    assert pruned.init_checkpoint == "s.pt" and pruned.stage_name() == "prune/pathways-lth"
+    assert cfg.quantize_config(2, "s.pt").stage_name() == "quantize/2bit"
+    assert RecipeConfig(**form, student_labeled_finetune=False).final_student_stage() == "student/from_scratch"
+    assert RecipeConfig(**form).serving_prune == [] and RecipeConfig(**form).serving_bits == []  # off by default
+    with pytest.raises(ValidationError, match="final student"):
+        RecipeConfig(**form, serving_bits=[1], student_modes=[])
+    with pytest.raises(ValidationError, match="serving_bits"):
+        RecipeConfig(**form, serving_bits=[3])

@@ -63,6 +63,21 @@ def test_rows_are_stages_and_every_average_is_the_mean_of_its_columns(run):
     assert "sl 30.4 → 28.6" in md and "| de | es | sl* |" in md
 
 
+def test_pruned_and_quantized_models_are_rows_with_their_size_on_disk(run):
+    for stage, cer, packed in (("prune/pathways-imp", 30.0, 1_500_000), ("quantize/1bit", 31.0, 1_000_000)):
+        _write(run / f"{stage}/result.json", {"stage": stage})
+        _write(run / f"{stage}/packed.json", {"packed_bytes": packed, "float32_weights_bytes": 4_800_000,
+                                              "packed_checkpoint": f"{stage}/checkpoints/packed.pt"})
+        _write(run / f"eval/{stage}/metrics.json", _metrics({"de": cer, "es": cer - 6, "sl": cer + 3}))
+    rows = {r["stage"]: r for r in build_report(str(run))["rows"]}
+    pruned, quantized = rows["prune/pathways-imp"], rows["quantize/1bit"]
+    assert pruned["cer"] == {"de": 30.0, "es": 24.0, "sl": 33.0} and pruned["serving_bytes"] == 1_500_000
+    assert quantized["float32_bytes"] == 4_800_000 and quantized["cer_all"] == pytest.approx(31.0 - 1)
+    md = report_markdown(build_report(str(run)))
+    assert "| ↪ pruned pathways-imp | 29.0 |" in md
+    assert "| ↪ quantized 1bit | 1.00 MB | 4.80 MB | 4.8× | 30.0 |" in md
+
+
 def test_the_plot_is_a_valid_png_with_one_curve_per_stage(run):
     from PIL import Image
 

@@ -27,6 +27,7 @@ from pipeline.config.base import (
 from pipeline.config.stages import (
     FinetuneConfig,
     LabelConfig,
+    PruneConfig,
     QuantizeConfig,
     SlimIPLConfig,
     StudentConfig,
@@ -89,6 +90,23 @@ def quantize_tiny(init_checkpoint: str, train_manifest: str, dev_manifest: str |
     cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest) | (
         _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300, eval_every=100, save_every=50))
     return QuantizeConfig(**_with_overrides(cfg, overrides))
+
+
+def prune_tiny(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
+               **overrides: Any) -> PruneConfig:
+    """CPU preset: pathways by IMP to the paper's 70.6 %, 40 updates per round and language, then 300 updates."""
+    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest,
+               round_updates=40) | (
+        _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300, eval_every=100, save_every=50))
+    return PruneConfig(**_with_overrides(cfg, overrides))
+
+
+def prune_paper(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
+                **overrides: Any) -> PruneConfig:
+    """Pathways at the paper's fine-tuning settings (Adagrad 0.01): 70.6 % in 8×1 blocks, 10k updates after search."""
+    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest,
+               optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000)
+    return PruneConfig(**(cfg | overrides))
 
 
 def quantize_paper(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
@@ -165,6 +183,7 @@ PRESETS: dict[str, dict[str, Callable[..., Config]]] = {
     "supervised": {"tiny": supervised_tiny, "paper": supervised_paper},
     "finetune": {"tiny": finetune_tiny, "paper": finetune_paper},
     "quantize": {"tiny": quantize_tiny, "paper": quantize_paper},
+    "prune": {"tiny": prune_tiny, "paper": prune_paper},
     "slimipl": {"tiny": slimipl_tiny, "paper": slimipl_paper},
     "label": {"tiny": label_tiny, "paper": label_paper},
     "student": {"tiny": student_tiny, "paper": student_paper},

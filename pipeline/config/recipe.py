@@ -12,7 +12,15 @@ from pydantic import Field, model_validator
 from pipeline.config.base import Config, LanguageMix, PLFilter, deep_merge
 from pipeline.config.decoding import BeamDecoderConfig, DecoderTuning, LMConfig, LMUnit
 from pipeline.config.presets import choose, configured, preset
-from pipeline.config.stages import FinetuneConfig, LabelConfig, SlimIPLConfig, StudentConfig, SupervisedConfig
+from pipeline.config.stages import (
+    FinetuneConfig,
+    LabelConfig,
+    PruneConfig,
+    QuantizeConfig,
+    SlimIPLConfig,
+    StudentConfig,
+    SupervisedConfig,
+)
 from pipeline.corpus.layout import corpus_data
 from storage.files import join, read_json
 
@@ -109,6 +117,18 @@ class RecipeConfig(Config):
         True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
     labeled_finetune_updates: int | None = Field(
         None, ge=1, description="budget of each student's labeled-only fine-tune; None: preset")
+    serving_prune: list[Literal["agnostic", "pathways"]] = Field(
+        default_factory=list, description="after the students: pruned serving models of the final student (the "
+                                          "first student mode's last model), one language-agnostic mask and/or "
+                                          "one sparse pathway per language (8×1 blocks); empty: none")
+    serving_mask_search: Literal["imp", "lth"] = Field(
+        "imp", description="how the pruning masks are found: iterative magnitude pruning, or with lottery-ticket "
+                           "rewinding")
+    serving_sparsity: float | None = Field(None, gt=0.0, lt=1.0,
+                                           description="share of pruned encoder weights; None: preset (70.6 %)")
+    serving_bits: list[Literal[1, 2, 4, 8]] = Field(
+        default_factory=list, description="after the students: quantized serving models of the final student at "
+                                          "these weight bits (QAT, packed checkpoint); empty: none")
     # Any other field of a stage's config, as nested overrides of its preset.
     supervised: dict[str, Any] = Field(default_factory=dict, description="overrides of the supervised config")
     finetune: dict[str, Any] = Field(default_factory=dict, description="overrides of each per-language fine-tune")
@@ -119,6 +139,8 @@ class RecipeConfig(Config):
         default_factory=dict, description="overrides of one student mode's config, after `student`'s")
     labeled_finetune: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the labeled-only fine-tune of the students")
+    prune: dict[str, Any] = Field(default_factory=dict, description="overrides of every pruning config")
+    quantize: dict[str, Any] = Field(default_factory=dict, description="overrides of every quantization config")
 
     @model_validator(mode="before")
     @classmethod
@@ -157,6 +179,12 @@ class RecipeConfig(Config):
                 self.labeled_finetune_config(mode, "student.pt")
         if len(set(self.student_modes)) != len(self.student_modes):
             raise ValueError(f"student_modes has duplicates: {self.student_modes}")
+        for method in self.serving_prune:
+            self.prune_config(method, "student.pt")
+        for bits in self.serving_bits:
+            self.quantize_config(bits, "student.pt")
+        if (self.serving_prune or self.serving_bits) and not self.student_modes:
+            raise ValueError("serving_prune/serving_bits shrink the final student: train one (student_modes)")
         return self
 
     def supervised_config(self) -> SupervisedConfig:
@@ -228,6 +256,27 @@ class RecipeConfig(Config):
                                        "variant": f"{name}-labeled-ft"})
         knobs = _set(max_updates=self.labeled_finetune_updates, language_mix=_dumped(self.language_mix))
         return configured(StudentConfig, base, self.labeled_finetune | knobs)
+
+
+    def prune_config(self, method: str, init_checkpoint: str) -> PruneConfig:
+        """A pruned serving model of `init_checkpoint` (the final student): `method`'s masks, then its training."""
+        base = preset("prune", self.preset, init_checkpoint, self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        knobs = _set(method=method, mask_search=self.serving_mask_search, sparsity=self.serving_sparsity)
+        return configured(PruneConfig, base, self.prune | knobs)
+
+    def quantize_config(self, bits: int, init_checkpoint: str) -> QuantizeConfig:
+        """A quantized serving model of `init_checkpoint` (the final student) at `bits`."""
+        base = preset("quantize", self.preset, init_checkpoint, self.labeled_manifest, self.dev_manifest,
+                      seed=self.seed)
+        return configured(QuantizeConfig, base, self.quantize | {"bits": bits})
+
+    def final_student_stage(self) -> str:
+        """The stage folder of the model the serving stages shrink: the first student mode's last model (after its
+        labeled-only fine-tune when on) in the last round."""
+        mode = self.student_modes[0]
+        last = (self.labeled_finetune_config(mode, "student.pt", self.rounds) if self.student_labeled_finetune
+                else self.student_config(mode, self.rounds))
+        return last.stage_name()
 
 
 # The demo's and bench's beam search (docs/benchmarks.md, "Summing alignments"): summed alignments (log_add), 50

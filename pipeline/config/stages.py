@@ -19,6 +19,7 @@ from pipeline.config.base import (
     BatchConfig,
     Config,
     FeatureConfig,
+    LanguageMix,
     ModelConfig,
     PLFilter,
     TrainingConfig,
@@ -96,6 +97,40 @@ class QuantizeConfig(TrainingConfig):
     def stage_name(self) -> str:
         """The stage's folder under the run directory."""
         return f"quantize/{self.bits}bit"
+
+
+class PruneConfig(TrainingConfig):
+    """Structured pruning of a finished model (Yang et al., "Learning ASR pathways"): masks over 8×1 blocks of the
+    encoder's linear weights at `sparsity` (the same in every layer), found by iterative magnitude pruning (`imp`:
+    `prune_rate` of the remaining blocks per round, `round_updates` updates between rounds, with a group-lasso
+    penalty) or with lottery-ticket rewinding (`lth`: the same rounds, each restarting from the model's weights);
+    one language-agnostic mask (`agnostic`, searched on every language) or one per language (`pathways`, each
+    searched on its language alone). Then `max_updates` updates from the model's weights under the masks, each
+    batch one language that updates only its pathway's weights."""
+
+    init_checkpoint: str  # the float model to prune (e.g. the final student's best.pt)
+    train_manifest: str
+    dev_manifest: str | None = None
+    method: Literal["agnostic", "pathways"] = "pathways"
+    mask_search: Literal["imp", "lth"] = "imp"
+    sparsity: float = Field(0.706, ge=0.0, lt=1.0)  # the paper's 70.6 % (0.2 per round: 6 rounds); 0: no mask
+    prune_rate: float = Field(0.2, gt=0.0, lt=1.0)
+    round_updates: int = Field(500, gt=0)  # per round (and per language for pathways)
+    group_lasso_weight: float = Field(1e-5, ge=0.0)  # λ · Σ over 8×1 blocks of their L2 norms, while searching
+    language_mix: LanguageMix = Field(default_factory=lambda: LanguageMix(kind="temperature"))
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneConfig:
+        errors = self.loop_errors()
+        if self.method == "pathways" and self.language_mix.kind == "natural":
+            errors.append('method="pathways" trains each language\'s mask on batches of that language alone: set '
+                          'language_mix.kind to "temperature" or "weights" (natural pools languages in a batch)')
+        raise_all(errors)
+        return self
+
+    def stage_name(self) -> str:
+        """The stage's folder under the run directory."""
+        return f"prune/{self.method}-{self.mask_search}"
 
 
 class CollapseGuardConfig(Config):

@@ -157,7 +157,7 @@ def decode_dataset(
     rows: list[dict[str, Any]] = []
     for utts, b in _dataset_batches(ds, languages, batch):
         decoded = decode_batch(model, b.feats, b.feat_lens, tokenizer=tokenizer, languages=languages, bf16=bf16,
-                               beam=beam)
+                               beam=beam, lang_ids=b.lang_ids)
         for u, d in zip(utts, decoded, strict=True):
             signals = {k: v for k, v in d.items() if k not in ("tokens", "num_frames")}
             rows.append({"id": u.id, "language": u.language, "audio": u.audio, "reference": u.text} | signals)

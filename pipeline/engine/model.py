@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from models.encoder import CTCLIDModel
+from models.prune import pack_pruned, unpack_pruned_
 from models.quant import pack_model, unpack_model_
 from pipeline.config import AudioPolicy, FeatureConfig
 from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict
@@ -45,6 +46,8 @@ def load_trained(url: str) -> Trained:
         model = CTCLIDModel(**(ckpt["model_kwargs"] | ({"weight_bits": None} if packed else {})))
     if packed:
         unpack_model_(model, ckpt["model"])
+    elif ckpt.get("weights") == "sparse":  # a pruned model for serving: kept blocks and bit masks
+        unpack_pruned_(model, ckpt["model"])
     else:
         model.load_state_dict(ckpt["model"])
     model.eval()
@@ -64,10 +67,19 @@ def load_trained(url: str) -> Trained:
     )
 
 
+_TRAINING_STATE = ("model", "optimizer", "rng", "top", "history", "evals", "stage_state", "rank_states")
+
+
 def packed_checkpoint(ckpt: dict[str, Any], model: CTCLIDModel) -> dict[str, Any]:
     """A checkpoint record for serving: the fake-quantized `model`'s encoder weights packed at their bit width
     (`weights: packed`), everything else as in `ckpt`; `load_trained` rebuilds the model it computes with."""
     bits, block = ckpt["model_kwargs"]["weight_bits"], ckpt["model_kwargs"]["weight_block"]
-    training_state = ("model", "optimizer", "rng", "top", "history", "evals", "stage_state", "rank_states")
-    keep = {k: v for k, v in ckpt.items() if k not in training_state}
+    keep = {k: v for k, v in ckpt.items() if k not in _TRAINING_STATE}
     return keep | {"model": pack_model(model, bits, block), "weights": "packed"}
+
+
+def sparse_checkpoint(ckpt: dict[str, Any], model: CTCLIDModel) -> dict[str, Any]:
+    """A checkpoint record for serving a pruned `model`: the weights of the blocks any pathway keeps and each
+    pathway's block masks at one bit per block (`weights: sparse`); `load_trained` rebuilds the masked model."""
+    keep = {k: v for k, v in ckpt.items() if k not in _TRAINING_STATE}
+    return keep | {"model": pack_pruned(model), "weights": "sparse"}

@@ -90,14 +90,20 @@ def compute_loss(model, batch: Batch, lid_weight: float, bf16: bool) -> tuple[to
 
 
 def train_step(model, optimizer, batch: Batch, *, lid_weight: float, grad_clip_norm: float, bf16: bool,
-               agree: Callable[[bool, dict[str, float]], tuple[bool, dict[str, float]]] | None = None):
-    """One update: loss, backward, grad-norm clip, optimizer step; returns (loss parts, grad norm).
+               agree: Callable[[bool, dict[str, float]], tuple[bool, dict[str, float]]] | None = None,
+               regularizer: Callable[[], torch.Tensor] | None = None):
+    """One update: loss (+ `regularizer()`, e.g. pruning's group lasso), backward, grad-norm clip, optimizer step;
+    returns (loss parts, grad norm).
 
     A non-finite loss skips the update and returns None for the grad norm. With several processes, `agree`
     turns this rank's (finite, loss parts) into every rank's verdict and averages; then backward always runs,
     so that DDP's gradient reduction completes on every rank even when the step is skipped.
     """
     loss, info = compute_loss(model, batch, lid_weight, bf16)
+    if regularizer is not None:
+        penalty = regularizer()
+        value = float(penalty.detach())
+        loss, info = loss + penalty, info | {"loss": info["loss"] + value, "regularizer": value}
     finite = bool(torch.isfinite(loss))
     if agree is not None:
         finite, info = agree(finite, info)

@@ -63,6 +63,15 @@ TABLES = [
 ]
 
 
+def labeled_hours(manifest_url: str) -> dict[str, float]:
+    """Audio per language of a manifest, in hours."""
+    rows, _ = read_manifest(manifest_url)
+    hours: dict[str, float] = {}
+    for r in rows:
+        hours[r["language"]] = hours.get(r["language"], 0.0) + float(r.get("duration_s") or 0.0) / 3600
+    return hours
+
+
 def monolingual_runs(languages: list[str]) -> list[CapacityRun]:
     """One tiny model per language."""
     return [CapacityRun(f"mono_{lang}", language=lang) for lang in languages]
@@ -96,11 +105,7 @@ class CapacityStudy:
 
     def labeled_hours(self) -> dict[str, float]:
         """Labeled audio per language, in hours."""
-        rows, _ = read_manifest(self.manifest("labeled"))
-        hours: dict[str, float] = {}
-        for r in rows:
-            hours[r["language"]] = hours.get(r["language"], 0.0) + float(r.get("duration_s") or 0.0) / 3600
-        return hours
+        return labeled_hours(self.manifest("labeled"))
 
     def config(self, run: CapacityRun, max_updates: int):
         """The run's supervised config: the tiny training preset with the run's model and data."""

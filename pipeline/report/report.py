@@ -91,6 +91,7 @@ REPORT_STAGES = [
     ("finetune", "↪ per-language fine-tune"),
     ("slimipl", "↪ per-language slimIPL"),
 ]
+SERVING_STAGES = [("prune", "↪ pruned"), ("quantize", "↪ quantized")]
 
 
 def _read_json(url: str) -> Any | None:
@@ -149,7 +150,7 @@ def build_report(run_dir: str) -> dict[str, Any]:
     with_unlabeled = sorted(layout.finished("slimipl"))
     rows = []
 
-    def add_row(stage: str, title: str, metrics_of, pl: dict | None = None) -> None:
+    def add_row(stage: str, title: str, metrics_of, pl: dict | None = None, **more: Any) -> None:
         cer, lid = {}, {}
         for lang in languages:
             metrics = metrics_of(lang)
@@ -159,7 +160,7 @@ def build_report(run_dir: str) -> dict[str, Any]:
             "stage": stage, "title": title, "cer": cer, "lid_acc": lid, "pl_cer": pl or {},
             "cer_all": _mean(cer, languages), "cer_unlabeled": _mean(cer, with_unlabeled),
             "lid_acc_mean": _mean(lid, languages),
-        })
+        } | more)
 
     def eval_metrics(name: str) -> dict:
         return (_read_json(join(layout.eval(name), "metrics.json")) or {}).get("metrics", {})
@@ -181,7 +182,29 @@ def build_report(run_dir: str) -> dict[str, Any]:
     for variant in student_variants(run_dir):
         metrics = eval_metrics(f"student/{variant}")
         add_row(f"student/{variant}", _student_title(variant), lambda lang, m=metrics: m)
+    for stage, title in SERVING_STAGES:  # the small serving models made from a finished model (issue 20)
+        for name, stage_dir in sorted(layout.finished(stage).items()):
+            metrics, packed = eval_metrics(f"{stage}/{name}"), _read_json(join(stage_dir.url, "packed.json")) or {}
+            add_row(f"{stage}/{name}", f"{title} {name}", lambda lang, m=metrics: m,
+                    serving_bytes=packed.get("packed_bytes"), float32_bytes=packed.get("float32_weights_bytes"),
+                    serving_checkpoint=packed.get("packed_checkpoint"))
     return {"run_dir": run_dir, "languages": languages, "with_unlabeled": with_unlabeled, "rows": rows}
+
+
+def serving_markdown(report: dict[str, Any]) -> str:
+    """The serving-size rows (pruned, quantized): size on disk of the checkpoint that serves against the float32
+    weights it came from, and the average test CER; empty when the run has none."""
+    rows = [r for r in report["rows"] if r.get("serving_bytes")]
+    if not rows:
+        return ""
+    lines = ["| serving model | checkpoint on disk | float32 weights | smaller | avg CER (all) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        ratio = r["float32_bytes"] / r["serving_bytes"] if r.get("float32_bytes") else None
+        lines.append(f"| {r['title']} | {r['serving_bytes'] / 1e6:.2f} MB | "
+                     f"{_f(r['float32_bytes'] / 1e6 if r.get('float32_bytes') else None, 2)} MB | "
+                     f"{_f(ratio)}× | {_f(r['cer_all'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def _mean(values: dict[str, float], over: list[str]) -> float | None:
@@ -205,7 +228,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                      + f" | {_f(r['lid_acc_mean'])} | {pl} |")
     lines.append(f"\nTest CER %. \\* languages with unlabeled audio ({', '.join(unl) or 'none'}). An average is "
                  "empty when one of its languages has no model at that stage.")
-    return "\n".join(lines) + "\n"
+    serving = serving_markdown(report)
+    return "\n".join(lines) + "\n" + (f"\nServing sizes (pruned and quantized models):\n\n{serving}" if serving else "")
 
 
 def dev_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainingConfig
-from pipeline.data.dataset import Dataset, collate, load_dataset, reject_untrainable
+from pipeline.data.dataset import Batch, Dataset, collate, load_dataset, reject_untrainable
 from pipeline.data.rows import ProgressFn, Reject
 from pipeline.data.samplers import LabeledSampler, labeled_sampler, mix_record
 from pipeline.data.tokenizer import Tokenizer
@@ -181,9 +183,11 @@ def log_mix(trainer: Trainer, what: str, record: dict[str, Any]) -> None:
              share.removesuffix("_share"), realized, record["batches"])
 
 
-def labeled_loop(trainer: Trainer, train: Dataset, sampler: LabeledSampler) -> None:
+def labeled_loop(trainer: Trainer, train: Dataset, sampler: LabeledSampler,
+                 around_update: Callable[[Batch], AbstractContextManager] | None = None) -> None:
     """Labeled batches until the budget: the whole loop of the supervised and fine-tune stages (this rank's share);
-    the language mix is logged with every save of last.pt."""
+    the language mix is logged with every save of last.pt. `around_update(batch)` wraps each update (pruning's
+    pathways: only the batch language's weights may change)."""
     trainer.model.train()
     batches = shard(sampler, trainer.world)
     while not trainer.done:
@@ -191,7 +195,8 @@ def labeled_loop(trainer: Trainer, train: Dataset, sampler: LabeledSampler) -> N
         idx = next(batches)
         batch = collate([train.utterances[i] for i in idx], train.features, tokenizer=trainer.tokenizer,
                         language_ids=trainer.lang_ids, specaugment=trainer.cfg.specaugment)
-        trainer.update(batch, t0=t0)
+        with around_update(batch) if around_update else nullcontext():
+            trainer.update(batch, t0=t0)
         trainer.after_update(lambda: {"sampler": sampler.state_dict()})
         if trainer.last_saved_step == trainer.step:
             log_mix(trainer, "language", mix_record(trainer.cfg.language_mix, sampler))

@@ -45,6 +45,8 @@ def _train(cfg: QuantizeConfig, stage, on_progress: ProgressFn | None, stop_afte
     trained = start_from(cfg.init_checkpoint)
     if trained.checkpoint["model_kwargs"].get("weight_bits") is not None:
         raise ValueError(f"{cfg.init_checkpoint} is quantized already; quantize its float model instead")
+    if trained.checkpoint["model_kwargs"].get("pathways"):
+        raise ValueError(f"{cfg.init_checkpoint} is pruned; quantize the dense float model it was pruned from")
     fake_quantize_model_(trained.model, cfg.bits, cfg.block)
     kwargs = trained.checkpoint["model_kwargs"] | {"weight_bits": cfg.bits, "weight_block": cfg.block}
     train, dev = load_labeled(trained, None, cfg.train_manifest, cfg.dev_manifest, stage.dir, on_progress)

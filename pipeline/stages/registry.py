@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.config import (
     FinetuneConfig,
+    PruneConfig,
     QuantizeConfig,
     SlimIPLConfig,
     StudentConfig,
@@ -19,6 +20,7 @@ from pipeline.config import (
 )
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.finetune import run_finetune
+from pipeline.stages.prune import run_prune
 from pipeline.stages.quantize import run_quantize
 from pipeline.stages.slimipl import run_slimipl
 from pipeline.stages.student import run_student
@@ -30,6 +32,7 @@ TRAINING_STAGES: dict[type[TrainingConfig], Callable[..., StageResult]] = {
     SlimIPLConfig: run_slimipl,
     StudentConfig: run_student,
     QuantizeConfig: run_quantize,
+    PruneConfig: run_prune,
 }
 
 
