@@ -46,7 +46,8 @@ def stage_flow(cfg: RecipeConfig, stage: StepName, language: str | None = None,
 
     Args:
         cfg: the recipe config (data, preset, budgets, overrides); this deployment runs one of its steps.
-        stage: which step: supervised, finetune and slimipl (per language), label, or student.
+        stage: which step: supervised, finetune and slimipl (per language), label, student, or serving (the final
+            student pruned and quantized as `serving_prune` and `serving_bits` say).
         language: the language of a per-language step (a language of the labeled manifest).
         student_mode: the student to train with stage=student: from_scratch or finetune.
         labeled_finetune: with stage=student, fine-tune the student on labeled data only afterwards.
