@@ -224,7 +224,7 @@ def test_the_prune_stage_finds_a_pathway_per_language_trains_under_them_and_serv
 
     with pytest.raises(ValueError, match="is pruned"):  # one or the other, not both
         run_quantize(QuantizeConfig(init_checkpoint=result.best_checkpoint, train_manifest=cfg.train_manifest,
-                                    max_updates=2, eval_every=2, save_every=2), str(tmp_path / "q"))
+                                    max_updates=2, eval_every=2, save_every=2, optim=cfg.optim), str(tmp_path / "q"))
     root = str(tmp_path / "labels")
     manifests = f"{smoke_corpus}/manifests"
     run_label(label_tiny(f"{manifests}/unlabeled.jsonl", {lang: extra["packed_checkpoint"]

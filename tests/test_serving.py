@@ -9,7 +9,6 @@ from pipeline.report.serving import PRUNE_RUNS, QUANT_BITS, ServingStudy, publis
 from storage.files import read_json
 
 
-@pytest.mark.slow
 def test_the_serving_study_scores_every_variant_and_writes_both_tables(smoke_corpus, teacher, tmp_path):
     study = ServingStudy(smoke_corpus, str(tmp_path / "study"), init_checkpoint=teacher, sparsity=0.5, updates=2,
                          round_updates=1)
