@@ -472,9 +472,9 @@ def cmd_serving(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(publish_serving(study, args.results, args.results_command or "mlpl serving", cpu_name()))
+    print(publish_serving(study, args.results, args.results_command or "mlpl serving", cpu_name(), args.section))
     if args.results:
-        print(f"results → {args.results} (Serving-size students)")
+        print(f"results → {args.results} ({args.section})")
     return 0
 
 
@@ -654,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--updates", type=int, default=None, help="updates per variant (default: the presets' 300)")
     sv.add_argument("--round-updates", type=int, default=None, help="updates per IMP/LTH round (default: preset's)")
     sv.add_argument("--results", default=None, help="write the tables into this results page's section")
+    sv.add_argument("--section", default="Serving-size students",
+                    choices=["Serving-size students", "Serving-size students: the final student"],
+                    help="the results page's section (default: Serving-size students)")
     sv.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
     sv.set_defaults(func=cmd_serving)
 

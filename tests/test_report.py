@@ -170,17 +170,19 @@ def test_the_self_training_targets_are_read_off_the_report_with_their_numbers():
     assert not recipe_targets({"rows": rows}, min_gain=0.20)[0]["holds"]
 
 
-def test_the_results_page_says_what_a_rerun_reused_and_keeps_the_ablations_written_into_it(run, tmp_path):
+def test_the_results_page_says_what_a_rerun_reused_and_keeps_the_studies_written_into_it(run, tmp_path):
     from pipeline.report.report import write_results
 
     out = {"run_dir": str(run), "report": write_report(str(run)), "wall_s": {"supervised": 1.0, "student": 300.0},
            "stages": {"supervised": {"cached": True, "stage_wall_s": 600.0}, "student": {"cached": False}}}
     page = tmp_path / "docs/results.md"
     page.parent.mkdir()
-    page.write_text("# old page\n\n## Ablations\n\n| ablation | ... |\n\n## Wall time per stage\n\nold\n")
+    page.write_text("# old page\n\n## Ablations\n\n| ablation | ... |\n\n## Wall time per stage\n\nold\n\n"
+                    "## Capacity study\n\n### a. depth\n\ncap\n\n## Serving-size students\n\nserve\n")
     text = write_results(str(page), out, wall_s=301.0, command="make reproduce", machine="cpu", roles={})
     assert "— 5.0 min on cpu, 2 cores (+ 10.0 min of reused stages, below)." in text
     assert "Reused from an earlier run of the same config (the stage cache): supervised; training them took " \
            "10.0 min then." in text
-    assert text.endswith("## Ablations\n\n| ablation | ... |\n") and "old page" not in text
+    assert text.endswith("## Ablations\n\n| ablation | ... |\n\n## Capacity study\n\n### a. depth\n\ncap\n\n"
+                         "## Serving-size students\n\nserve\n") and "old page" not in text
     assert (tmp_path / "docs/results_dev_cer.png").read_bytes()[:4] == b"\x89PNG"

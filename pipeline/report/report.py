@@ -411,6 +411,11 @@ def labels_quality_markdown(run_dir: str, reference_manifest: str | None) -> str
     return "\n".join(lines) + "\n"
 
 
+# The results page's sections that studies write into it on their own (`replace_section`); a new recipe page keeps
+# them.
+STUDY_SECTIONS = ("Ablations", "Capacity study", "Serving-size students", "Serving-size students: the final student")
+
+
 def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str, machine: str,
                   roles: dict[str, str], reference_manifest: str | None = None) -> str:
     """The results page of a recipe run (table, plot beside it, orderings, targets, PL quality, wall times,
@@ -437,10 +442,12 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
         f"## Validation CER per stage\n\n![validation CER per stage]({plot_name})\n\n"
         f"## Wall time per stage\n\n| stage | wall s |\n|---|---:|\n{walls}\n"
     )
-    if exists(path):  # the ablation study (`mlpl ablate`) is written into the page separately: keep it
-        ablations = section(read_text(path), "Ablations")
-        if ablations is not None:
-            text = replace_section(text, "Ablations", ablations)
+    if exists(path):  # the studies (`mlpl ablate`, `capacity`, `serving`) write their sections separately: keep them
+        old = read_text(path)
+        for title in STUDY_SECTIONS:
+            kept = section(old, title)
+            if kept is not None:
+                text = replace_section(text, title, kept)
     atomic_write_text(path, text)
     return text
 

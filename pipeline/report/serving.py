@@ -226,12 +226,13 @@ def serving_markdown(record: dict[str, Any], hours: dict[str, float], command: s
     return "\n".join(out) + "\n"
 
 
-def publish_serving(study: ServingStudy, results: str | None, command: str, machine: str) -> str:
-    """The study's tables from its record, written into the results page's "Serving-size students" section."""
+def publish_serving(study: ServingStudy, results: str | None, command: str, machine: str,
+                    title: str = "Serving-size students") -> str:
+    """The study's tables from its record, written into the results page's section `title`."""
     record = join(study.out_dir, "serving.json")
     table = serving_markdown(read_json(record) if exists(record) else {"pruning": [], "quantization": []},
                              labeled_hours(study.manifest("labeled")), command, machine)
     if results is not None:
         page = read_text(results) if exists(results) else "# Results\n"
-        atomic_write_text(results, replace_section(page, "Serving-size students", table))
+        atomic_write_text(results, replace_section(page, title, table))
     return table
