@@ -10,6 +10,7 @@ batch sampler from `last.pt` through the same object.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -32,7 +33,8 @@ from pipeline.engine.model import Trained, load_trained
 from pipeline.engine.stage_cache import StageResult, input_identity, reuse_or_resume
 from pipeline.engine.trainer import Trainer
 from pipeline.layout import RunLayout, StageDir
-from storage.files import write_json
+from storage.checkpoint import save_checkpoint, serialized_bytes
+from storage.files import exists, join, read_json, write_json
 from storage.manifest import write_rejects
 
 log = logging.getLogger("mlpl.stage")
@@ -109,6 +111,29 @@ def open_stage(cfg: TrainingConfig, run_dir: str, inputs: dict[str, str | None],
             torch.set_num_threads(cfg.num_threads)
         seed_everything(cfg.seed)
     return OpenStage(name, stage_dir, cfg, identity, resume, started_at, current_world(), cached)
+
+
+def train_then_pack(cfg: TrainingConfig, run_dir: str, *, resume: bool, train: Callable[[OpenStage], StageResult],
+                    pack: Callable[[Trained], tuple[dict[str, Any], dict[str, Any]]]) -> StageResult:
+    """A serving-size stage (quantize, prune): train it (or reuse its finished result), then write its best model's
+    serving checkpoint once (`checkpoints/packed.pt` + `packed.json`); the result's `extra` gains its sizes.
+
+    `pack` turns the best model into (serving checkpoint, the dense float32 weights it stands for).
+    """
+    stage = open_stage(cfg, run_dir, {"init": cfg.init_checkpoint, "train": cfg.train_manifest,
+                                      "dev": cfg.dev_manifest}, resume=resume)
+    result = stage.cached or train(stage)
+    if result.step < cfg.max_updates:  # a `stop_after` stop: nothing to pack yet
+        return result
+    url, record = join(stage.dir.url, "checkpoints", "packed.pt"), join(stage.dir.url, "packed.json")
+    if not (exists(url) and exists(record)):
+        best = load_trained(result.best_checkpoint)  # its record is `best.checkpoint`: read once
+        packed, float32_weights = pack(best)
+        save_checkpoint(url, packed)
+        write_json(record, {"packed_checkpoint": url, "packed_bytes": serialized_bytes(packed),
+                            "float32_weights_bytes": serialized_bytes(float32_weights),
+                            "from_checkpoint": result.best_checkpoint})
+    return dataclasses.replace(result, extra=result.extra | read_json(record))
 
 
 def start_from(url: str, language: str | None = None, dropout: float | None = None,

@@ -18,7 +18,6 @@ Output: `<run>/prune/<method>-<mask_search>/`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from contextlib import AbstractContextManager
@@ -41,12 +40,12 @@ from pipeline.config import PruneConfig
 from pipeline.data.dataset import Batch, Dataset, collate
 from pipeline.data.rows import ProgressFn
 from pipeline.data.samplers import batch_sampler
-from pipeline.engine.model import Trained, load_trained, sparse_checkpoint
+from pipeline.engine.model import Trained, sparse_checkpoint
 from pipeline.engine.stage_cache import StageResult
 from pipeline.engine.trainer import lr_at, make_optimizer, train_step
-from pipeline.stages.common import OpenStage, labeled_loop, load_labeled, open_stage, stage_meta, start_from
-from storage.checkpoint import load_checkpoint, save_checkpoint, serialized_bytes
-from storage.files import exists, join, read_json, remove_tree, write_json
+from pipeline.stages.common import OpenStage, labeled_loop, load_labeled, stage_meta, start_from, train_then_pack
+from storage.checkpoint import load_checkpoint, save_checkpoint
+from storage.files import exists, remove_tree
 
 log = logging.getLogger("mlpl.prune")
 
@@ -64,12 +63,8 @@ def run_prune(cfg: PruneConfig, run_dir: str, *, resume: bool = True, on_progres
             pathways under torchrun.
         FileNotFoundError: when the starting checkpoint is missing.
     """
-    stage = open_stage(cfg, run_dir, {"init": cfg.init_checkpoint, "train": cfg.train_manifest,
-                                      "dev": cfg.dev_manifest}, resume=resume)
-    result = stage.cached or _train(cfg, stage, on_progress, stop_after)
-    if result.step < cfg.max_updates:  # a `stop_after` stop: nothing to pack yet
-        return result
-    return dataclasses.replace(result, extra=result.extra | _packed(result, stage.dir.url))
+    return train_then_pack(cfg, run_dir, resume=resume, train=lambda stage: _train(cfg, stage, on_progress, stop_after),
+                           pack=_sparse)
 
 
 def _train(cfg: PruneConfig, stage: OpenStage, on_progress: ProgressFn | None, stop_after: int | None) -> StageResult:
@@ -192,18 +187,9 @@ def _search(cfg: PruneConfig, trained: Trained, train: Dataset, rows: list[int],
     return {name: m[0] for name, m in all_masks(model).items()}
 
 
-def _packed(result: StageResult, stage_dir: str) -> dict[str, object]:
-    """The sparse serving checkpoint of the best model once (`checkpoints/packed.pt` + `packed.json`), its size
-    against the dense float32 weights."""
-    url, record = join(stage_dir, "checkpoints", "packed.pt"), join(stage_dir, "packed.json")
-    if not (exists(url) and exists(record)):
-        best = load_trained(result.best_checkpoint)
-        packed = sparse_checkpoint(best.checkpoint, best.model)
-        save_checkpoint(url, packed)
-        dense = {k.replace(".parametrizations.weight.original", ".weight"): v
-                 for k, v in best.checkpoint["model"].items() if not k.endswith(".masks")}
-        write_json(record, {"packed_checkpoint": url, "packed_bytes": serialized_bytes(packed),
-                            "float32_weights_bytes": serialized_bytes(dense),
-                            "from_checkpoint": result.best_checkpoint})
-    return read_json(record)
+def _sparse(best: Trained) -> tuple[dict[str, object], dict[str, object]]:
+    """The sparse serving checkpoint of the best model and the dense float32 weights it stands for."""
+    dense = {k.replace(".parametrizations.weight.original", ".weight"): v
+             for k, v in best.checkpoint["model"].items() if not k.endswith(".masks")}
+    return sparse_checkpoint(best.checkpoint, best.model), dense
 

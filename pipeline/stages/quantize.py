@@ -9,17 +9,14 @@ Output: `<run>/quantize/<bits>bit/`, with the checkpoints, resume, metrics and r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from models.quant import fake_quantize_model_
 from pipeline.config import QuantizeConfig
 from pipeline.data.rows import ProgressFn
-from pipeline.engine.model import load_trained, packed_checkpoint
+from pipeline.engine.model import packed_checkpoint
 from pipeline.engine.stage_cache import StageResult
-from pipeline.stages.common import labeled_loop, load_labeled, open_stage, stage_meta, start_from
-from storage.checkpoint import save_checkpoint, serialized_bytes
-from storage.files import exists, join, read_json, write_json
+from pipeline.stages.common import labeled_loop, load_labeled, stage_meta, start_from, train_then_pack
 
 log = logging.getLogger("mlpl.quantize")
 
@@ -33,12 +30,8 @@ def run_quantize(cfg: QuantizeConfig, run_dir: str, *, resume: bool = True, on_p
         ValueError: no usable rows, a checkpoint made with another config or data, or one already quantized.
         FileNotFoundError: when the starting checkpoint is missing.
     """
-    stage = open_stage(cfg, run_dir, {"init": cfg.init_checkpoint, "train": cfg.train_manifest,
-                                      "dev": cfg.dev_manifest}, resume=resume)
-    result = stage.cached or _train(cfg, stage, on_progress, stop_after)
-    if result.step < cfg.max_updates:  # a `stop_after` stop: nothing to pack yet
-        return result
-    return dataclasses.replace(result, extra=result.extra | _packed(result, stage.dir.url))
+    return train_then_pack(cfg, run_dir, resume=resume, train=lambda stage: _train(cfg, stage, on_progress, stop_after),
+                           pack=lambda best: (packed_checkpoint(best.checkpoint, best.model), best.checkpoint["model"]))
 
 
 def _train(cfg: QuantizeConfig, stage, on_progress: ProgressFn | None, stop_after: int | None) -> StageResult:
@@ -62,16 +55,3 @@ def _train(cfg: QuantizeConfig, stage, on_progress: ProgressFn | None, stop_afte
     labeled_loop(trainer, train, sampler)
     return trainer.finish({"sampler": sampler.state_dict()}, num_train_utterances=len(train.utterances),
                           num_rejects=len(rejects))
-
-
-def _packed(result: StageResult, stage_dir: str) -> dict[str, object]:
-    """Pack the best checkpoint once (`checkpoints/packed.pt` + `packed.json`); its sizes against float32."""
-    url, record = join(stage_dir, "checkpoints", "packed.pt"), join(stage_dir, "packed.json")
-    if not (exists(url) and exists(record)):
-        best = load_trained(result.best_checkpoint)  # its record is `best.checkpoint`: read once
-        packed = packed_checkpoint(best.checkpoint, best.model)
-        save_checkpoint(url, packed)
-        write_json(record, {"packed_checkpoint": url, "packed_bytes": serialized_bytes(packed),
-                            "float32_weights_bytes": serialized_bytes(best.checkpoint["model"]),
-                            "from_checkpoint": result.best_checkpoint})
-    return read_json(record)
