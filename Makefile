@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations capacity serving server serve screenshot clean
+.PHONY: install demo test test-fast lint bench gpu-check reproduce ablations capacity serving serving-student server serve screenshot clean
 
 $(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,16 @@ serving: $(STAMP)
 	@mkdir -p runs/bench-serving
 	bash -o pipefail -c '$(BIN)/mlpl serving --corpus-dir data/bench --out runs/bench-serving \
 		--results docs/results.md --results-command "make serving" 2>&1 | tee -a runs/bench-serving/serving.log'
+
+# The same study on the best student of `make reproduce` (fine-tuned, then labeled-only fine-tuned; run that first):
+# the model a user would deploy (≈ 20 min on the AVX-512 Xeon); docs/results.md ("Serving-size students: the final
+# student").
+serving-student: $(STAMP)
+	@test -f runs/bench/student/finetune-labeled-ft/checkpoints/best.pt || (echo "run make reproduce first" >&2; exit 2)
+	@mkdir -p runs/bench-serving-student
+	bash -o pipefail -c '$(BIN)/mlpl serving --corpus-dir data/bench --init runs/bench/student/finetune-labeled-ft/checkpoints/best.pt \
+		--out runs/bench-serving-student --results docs/results.md --section "Serving-size students: the final student" \
+		--results-command "make serving-student" 2>&1 | tee -a runs/bench-serving-student/serving.log'
 
 # Operators: a local Prefect server (SQLite under ~/.prefect) and every flow served against it; UI on PREFECT_PORT.
 PREFECT_PORT ?= 4200
