@@ -88,12 +88,13 @@ serving: $(STAMP)
 		--results docs/results.md --results-command "make serving" 2>&1 | tee -a runs/bench-serving/serving.log'
 
 # The same study on the best student of `make reproduce` (fine-tuned, then labeled-only fine-tuned; run that first):
-# the model a user would deploy (≈ 20 min on the AVX-512 Xeon); docs/results.md ("Serving-size students: the final
+# the model a user would deploy (≈ 18 min on the AVX-512 Xeon); docs/results.md ("Serving-size students: the final
 # student").
+BEST_STUDENT := runs/bench/student/finetune-labeled-ft/checkpoints/best.pt
 serving-student: $(STAMP)
-	@test -f runs/bench/student/finetune-labeled-ft/checkpoints/best.pt || (echo "run make reproduce first" >&2; exit 2)
+	@test -f $(BEST_STUDENT) || (echo "$(BEST_STUDENT) is missing: run make reproduce first" >&2; exit 2)
 	@mkdir -p runs/bench-serving-student
-	bash -o pipefail -c '$(BIN)/mlpl serving --corpus-dir data/bench --init runs/bench/student/finetune-labeled-ft/checkpoints/best.pt \
+	bash -o pipefail -c '$(BIN)/mlpl serving --corpus-dir data/bench --init $(BEST_STUDENT) \
 		--out runs/bench-serving-student --results docs/results.md --section "Serving-size students: the final student" \
 		--results-command "make serving-student" 2>&1 | tee -a runs/bench-serving-student/serving.log'
 
