@@ -40,6 +40,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -72,7 +73,7 @@ PL_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("text", pa.string()),
         ("num_tokens", pa.int32()),
-        ("confidence", pa.float32()),  # mean over frames of the top CTC posterior (models/decode.py)
+        ("confidence", pa.float32()),  # mean over frames of the top CTC posterior; compared as stored (below)
         ("lid_pred", pa.string()),
         ("lid_prob", pa.float32()),
         ("blank_ratio", pa.float32()),
@@ -85,6 +86,23 @@ PL_SCHEMA = pa.schema(
     ],
     metadata={"mlpl.table": "pseudo_labels", "mlpl.schema_version": str(SCHEMA_VERSION)},
 )
+
+
+
+# The one rule for every confidence comparison (labeling's filters, per-language thresholds, the dev audit's
+# buckets, read-time filters, exporters, the student's read): the row's confidence and the threshold are both taken
+# as this float32 column stores them, as pandas, polars and duckdb compare a float32 column with a number. A
+# threshold read off the table (`df.confidence.min()`, an audit bucket edge) then keeps exactly the rows the table
+# shows at or above it, whatever the CPU's rounding of the float64 value the model computed.
+def stored_confidence(value: float) -> float:
+    """A confidence as the PL table stores it (rounded to float32), as a Python float."""
+    return float(np.float32(value))
+
+
+def confidence_passes(value: float, threshold: float) -> bool:
+    """Whether a confidence is at or above `threshold`, both as the PL table stores them."""
+    return stored_confidence(value) >= stored_confidence(threshold)
+
 
 PL_REJECT_SCHEMA = pa.schema(
     [
@@ -445,7 +463,8 @@ def load_pseudo_labels(
     if languages is not None:
         expr = both(ds.field("language").isin(list(languages)))
     if min_confidence is not None:
-        expr = both(ds.field("confidence") >= min_confidence)
+        # `confidence_passes` at read time: arrow alone would compare in float64.
+        expr = both(ds.field("confidence") >= pa.scalar(stored_confidence(min_confidence), pa.float32()))
     if min_tokens is not None:
         expr = both(ds.field("num_tokens") >= min_tokens)
     if max_tokens is not None:

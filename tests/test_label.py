@@ -299,6 +299,45 @@ def test_filters_drop_empty_overlong_unconfident_and_wrong_language_pls_with_rea
     assert filter_reason(ok | {"confidence": 0.5}, "sl", label_tiny("m", {"sl": "t"})) is None
 
 
+def test_a_threshold_read_off_the_table_keeps_its_row_at_write_and_read_time(tmp_path):
+    """Confidence is compared as the float32 the table stores, so the rule does not depend on the CPU's rounding."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from storage.pl import LabelStore, load_pseudo_labels
+
+    computed = 0.81234567  # what the model gives (float64); float32 rounds it *up*
+    stored = float(np.float32(computed))
+    assert stored > computed
+    row = {"num_tokens": 10, "confidence": computed, "lid_pred": "sl", "lid_prob": 0.99}
+    # Write time: the stored value taken as a threshold, corpus-wide or for the language, rejects nothing.
+    assert filter_reason(row, "sl", label_tiny("m", {"sl": "t"}, filters={"min_confidence": stored})) is None
+    assert filter_reason(row, "sl", label_tiny("m", {"sl": "t"}, min_confidence_by_language={"sl": stored})) is None
+    # Just above it (the next float32 up) rejects the row.
+    above = float(np.nextafter(np.float32(stored), np.float32(1)))
+    assert filter_reason(row, "sl", label_tiny("m", {"sl": "t"}, min_confidence_by_language={"sl": above}))[0] == (
+        "low_confidence")
+    # A number that prints like the stored one compares as stored too, as pandas, polars and duckdb do.
+    printed = label_tiny("m", {"sl": "t"}, filters={"min_confidence": 0.7})
+    assert filter_reason(row | {"confidence": 0.70000}, "sl", printed) is None
+    # Read time: the row as the table stores it, read back with the same thresholds.
+    store = LabelStore(str(tmp_path / "labels"))
+    shard = store.open_shard("sl", 0)
+    shard.write("a", b"fLaC", {"id": "a"})
+    now = datetime.now(UTC)
+    store.commit_unit("sl", 0, shard=shard, rejects=[], record={"unit": 0, "language": "sl", "keys": {}},
+                      rows=[{"id": "a", "text": "x", "confidence": computed, "created_at": now, "key": "a"},
+                            {"id": "b", "text": "y", "confidence": 0.70000, "created_at": now, "key": "b"}])
+    table = load_pseudo_labels(str(tmp_path / "labels"))
+    assert float(table.set_index("id").confidence["a"]) == stored
+    assert set(load_pseudo_labels(str(tmp_path / "labels"), min_confidence=float(table.confidence.max()))["id"]) == {
+        "a"}
+    assert set(load_pseudo_labels(str(tmp_path / "labels"), min_confidence=stored)["id"]) == {"a"}
+    assert set(load_pseudo_labels(str(tmp_path / "labels"), min_confidence=0.7)["id"]) == {"a", "b"}
+    assert load_pseudo_labels(str(tmp_path / "labels"), min_confidence=above).empty
+
+
 def test_a_confidence_threshold_moves_rows_to_the_rejects_with_their_numbers(smoke_corpus, teacher, labeled_root,
                                                                               tmp_path):
     threshold = float(pd.read_parquet(f"{labeled_root}/pl")["confidence"].median())

@@ -50,7 +50,7 @@ from pipeline.engine.model import Trained, load_trained
 from pipeline.stages.label_summary import reject_category, summary_markdown
 from pipeline.stages.lm import lm_identity, open_decoder
 from storage.files import atomic_write_text, exists, join, read_text, sha256_of
-from storage.pl import LabelStore, ShardWriter, sample_key
+from storage.pl import LabelStore, ShardWriter, confidence_passes, sample_key
 
 log = logging.getLogger("mlpl.label")
 
@@ -293,11 +293,11 @@ def filter_reason(decoded: dict[str, Any], language: str, cfg: LabelConfig,
         return "empty_pl", f"pseudo-label has {n} tokens, below filters.min_tokens={f.min_tokens}"
     if n > f.max_tokens:
         return "too_long_pl", f"pseudo-label has {n} tokens, above filters.max_tokens={f.max_tokens}"
-    if f.min_confidence is not None and decoded["confidence"] < f.min_confidence:
+    if f.min_confidence is not None and not confidence_passes(decoded["confidence"], f.min_confidence):
         return ("low_confidence",
                 f"confidence {decoded['confidence']:.3f} is below filters.min_confidence={f.min_confidence}")
     threshold = cfg.min_confidence_by_language.get(language)
-    if threshold is not None and decoded["confidence"] < threshold:
+    if threshold is not None and not confidence_passes(decoded["confidence"], threshold):
         return ("low_confidence", f"confidence {decoded['confidence']:.3f} is below {language!r}'s threshold "
                 f"min_confidence_by_language[{language!r}]={threshold} ({threshold_note or 'set in the config'})")
     if f.require_lid_agreement and decoded["lid_pred"] != language:

@@ -28,6 +28,7 @@ from pipeline.data.text import normalize_text
 from pipeline.stages.label import LabelPlan, decode_clips, filter_reason
 from storage.files import exists, join, read_json, sha256_of, write_json
 from storage.manifest import read_manifest, write_manifest
+from storage.pl import confidence_passes, stored_confidence
 
 log = logging.getLogger("mlpl.label")
 
@@ -148,8 +149,10 @@ def confidence_buckets(kept: Sequence[dict[str, Any]], edges: Sequence[float]) -
     """Per bucket [lo, hi) (the last one closed): its kept rows scored, and those at or above `lo` scored (what a
     query `confidence >= lo` keeps)."""
     groups: list[list[dict[str, Any]]] = [[] for _ in edges[:-1]]
+    stored_edges = [stored_confidence(e) for e in edges]  # a row lands where `confidence_passes` puts it
     for r in kept:
-        groups[min(bisect.bisect_right(edges, r["confidence"]) - 1, len(groups) - 1)].append(r)
+        bucket = bisect.bisect_right(stored_edges, stored_confidence(r["confidence"])) - 1
+        groups[min(bucket, len(groups) - 1)].append(r)
     return [{"lo": lo, "hi": hi} | scored(group, len(kept))
             | {"at_or_above": scored([r for g in groups[i:] for r in g], len(kept))}
             for i, (lo, hi, group) in enumerate(zip(edges[:-1], edges[1:], groups, strict=True))]
@@ -205,7 +208,7 @@ def audit_view(root: str, entry: dict[str, Any], threshold: float | None, from_a
     if threshold is not None and entry["dev_rows"]:
         rows, _ = read_manifest(join(root, entry["rows_file"]))
         kept = [r for r in rows if r["category"] is None]
-        at_threshold = _brief(scored([r for r in kept if r["confidence"] >= threshold], len(kept)))
+        at_threshold = _brief(scored([r for r in kept if confidence_passes(r["confidence"], threshold)], len(kept)))
     return {"file": AUDIT_FILE, "rows_file": entry["rows_file"], "decoder": entry["decoder"],
             "dev_rows": entry["dev_rows"], "all": _brief(entry["all"]), "kept": _brief(entry["kept"]),
             "buckets": [{"lo": b["lo"], "hi": b["hi"]} | _brief(b) | {"at_or_above": _brief(b["at_or_above"])}
