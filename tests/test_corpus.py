@@ -56,6 +56,8 @@ def _tiny(**update) -> CorpusConfig:
         unlabeled_clips_low=0,
         dev_clips=1,
         test_clips=1,
+        ood_short_clips=0,
+        ood_long_clips=0,
     )
     base.update(update)
     return CorpusConfig(**base)
@@ -149,20 +151,23 @@ def test_changed_config_does_not_reuse_stale_clips(tmp_path):
 
 
 def test_splits_have_disjoint_sentences_and_speakers(manifests):
-    sentences = {s: {r["text_normalized"] for r in manifests[s]} for s in ("labeled", "dev", "test")}
+    sentences = {s: {r["text_normalized"] for r in manifests[s]} for s in ("labeled", "dev", "test", "ood_short")}
     sentences["unlabeled"] = {normalize_text(t) for r in manifests["reference"] for t in r["sentences"]}
+    sentences["ood_long"] = {r["text_normalized"] for r in manifests["ood_long"]}  # whole clips: several sentences
     speakers = {s: {r["speaker"] for r in manifests[s]} for s in SPLITS}
+    assert manifests["ood_short"] and manifests["ood_long"]
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1 :]:
             assert not sentences[a] & sentences[b], (a, b)
-            assert not speakers[a] & speakers[b], (a, b)
+            if {a, b} != {"ood_short", "ood_long"}:  # the out-of-domain clips share their own speakers
+                assert not speakers[a] & speakers[b], (a, b)
     for split in ("labeled", "dev", "test"):
         assert len(sentences[split]) == len(manifests[split])  # no sentence twice within a split
 
 
 def test_clips_decode_as_16k_mono_with_stated_duration(manifests):
     for split in SPLITS:
-        low, high = (20.0, 30.0) if split == "unlabeled" else (2.0, 6.0)
+        low, high = (20.0, 30.0) if split in ("unlabeled", "ood_long") else (2.0, 6.0)
         for row in manifests[split]:
             assert low <= row["duration_s"] <= high, row
             assert "." not in row["id"] and row["audio"].endswith(f"/{split}/{row['language']}/{row['id']}.flac")
@@ -300,7 +305,8 @@ def test_text_dir_missing_language_is_a_clear_error(tmp_path):
 def test_too_few_sentences_is_a_clear_error(tmp_path):
     (tmp_path / "es.txt").write_text(SPANISH, encoding="utf-8")
     cfg = _tiny(high_resource=["es"], low_resource=[], labeled_clips_high=20)
-    with pytest.raises(ValueError, match="'es' has 23 usable sentences but this config needs"):
+    with pytest.raises(ValueError, match="'es' has 23 usable sentences for test, dev, labeled, unlabeled but this "
+                                         "config needs 110"):
         build_corpus(cfg, str(tmp_path / "out"), text_dir=str(tmp_path))
 
 
@@ -346,14 +352,16 @@ def test_demo_has_at_least_4x_as_much_unlabeled_as_labeled_audio_for_its_low_res
 
 def test_unlabeled_budget_leaves_eval_and_labeled_sentences_in_place():
     sentences = [f"sentence number {i}" for i in range(3000)]
+    other = [f"other sentence {i}" for i in range(500)]
     small = corpus_preset("demo").model_copy(update={"unlabeled_clips_low": 10})
     large = corpus_preset("demo").model_copy(update={"unlabeled_clips_low": 100})
-    a, b = allocate_sentences(small, "sl", sentences), allocate_sentences(large, "sl", sentences)
-    for split in ("test", "dev", "labeled"):
+    a, b = (allocate_sentences(cfg, "sl", sentences, ood_sentences=other) for cfg in (small, large))
+    for split in ("test", "dev", "labeled", "ood_short", "ood_long"):
         assert a[split] == b[split], split
+    assert len(a["ood_short"]) == 16 and len(a["ood_long"]) == 6
     assert len(a["unlabeled"]) == 10 and len(b["unlabeled"]) == 100
     assert b["unlabeled"][:10] == a["unlabeled"]
-    none = allocate_sentences(large, "es", sentences)  # a high-resource language: no unlabeled clips
+    none = allocate_sentences(large, "es", sentences, ood_sentences=other)  # high-resource: no unlabeled clips
     assert none["unlabeled"] == [] and len(none["labeled"]) == large.labeled_clips_high
 
 
@@ -375,3 +383,83 @@ def test_languages_without_unlabeled_audio_have_none_anywhere(tmp_path):
     calls = []
     assert build_corpus(cfg, str(out), on_progress=lambda *a: calls.append(a)) == card
     assert calls == []  # complete as it is: empty per-language splits do not make it look unfinished
+
+
+def _split_digest(root: Path, splits: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of every file of these splits: manifests and audio (paths in manifests are relative)."""
+    files = [root / "manifests" / f"{s}.jsonl" for s in splits]
+    files += sorted(p for s in splits for p in (root / "audio" / s).rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_eval_and_labeled_sets_are_byte_identical_whatever_the_unlabeled_settings(tmp_path):
+    ood = {"ood_short_clips": 2, "ood_long_clips": 1}
+    few = _tiny(unlabeled_clips_low=1, unlabeled_speakers=1, **ood)
+    many = _tiny(unlabeled_clips_high=1, unlabeled_clips_low=1, unlabeled_speakers=7, unlabeled_ratio=2.0, **ood)
+    build_corpus(few, str(tmp_path / "few"))
+    build_corpus(many, str(tmp_path / "many"))
+    kept = ("labeled", "dev", "test", "ood_short", "ood_long")
+    a, b = _split_digest(tmp_path / "few", kept), _split_digest(tmp_path / "many", kept)
+    assert len(a) == 5 + 2 * (5 + 3 + 3 + 2 * 3 + 3) and a == b  # manifests, flacs and sidecars, byte for byte
+    assert _split_digest(tmp_path / "few", ("unlabeled",)) != _split_digest(tmp_path / "many", ("unlabeled",))
+    # Speakers too: each split draws its own, so adding unlabeled speakers moves no other split's voices.
+    for lang in many.languages:
+        drawn_few, drawn_many = draw_speakers(few, lang), draw_speakers(many, lang)
+        assert all(drawn_few[g] == drawn_many[g] for g in ("labeled", "dev", "test", "ood"))
+        assert len(drawn_many["unlabeled"]) == 7 and drawn_many["unlabeled"][:1] == drawn_few["unlabeled"]
+
+
+def test_the_unlabeled_ratio_builds_the_hours_asked_for(tmp_path):
+    cfg = _tiny(unlabeled_clips_high=1, unlabeled_clips_low=1, unlabeled_speakers=3, unlabeled_ratio=3.0)
+    card = build_corpus(cfg, str(tmp_path / "c"))
+    seconds = {split: Counter() for split in ("labeled", "unlabeled")}
+    for split in seconds:
+        for r in _read_jsonl(tmp_path / "c" / "manifests" / f"{split}.jsonl"):
+            seconds[split][r["language"]] += r["duration_s"]
+    mean_high = sum(seconds["labeled"][lang] for lang in cfg.high_resource) / len(cfg.high_resource)
+    for lang in cfg.languages:
+        target = 3.0 * max(seconds["labeled"][lang], mean_high)
+        # At least the target, and not a whole clip's worth more than it needs (clips are added by the deficit).
+        assert target <= seconds["unlabeled"][lang] < target + 2 * cfg.long_clip_s[1], lang
+        assert card["splits"]["unlabeled"][lang]["clips"] == card["unlabeled_clips_planned"][lang] >= 1
+    # The low-resource language gets the high-resource languages' unlabeled hours: far more than 3× its own.
+    assert seconds["unlabeled"]["sl"] >= 3.0 * mean_high > 3.0 * seconds["labeled"]["sl"]
+    assert build_corpus(cfg, str(tmp_path / "c"), on_progress=lambda *a: pytest.fail("rebuilt")) == card
+
+
+def test_the_out_of_domain_splits_share_no_sentence_with_any_other_split(tmp_path):
+    """Other text (a sentence also in the in-domain pool is never spoken out of domain), other voices, short and
+    long clips."""
+    text_dir = tmp_path / "text"
+    (text_dir / "ood").mkdir(parents=True)
+    words = {"es": "casa perro gato luna sol mar uno dos", "el": "σπίτι σκύλος γάτα φεγγάρι ήλιος θάλασσα ένα δύο",
+             "sl": "hiša pes mačka luna sonce morje ena dva"}
+    for lang, vocab in words.items():
+        w = vocab.split()
+        # Nine words each (long enough for a 2-6 s clip), distinct for every i.
+        in_domain = [" ".join(w[(i // 6 ** (k % 4)) % 6] for k in range(8)).capitalize() + f" {w[6]}."
+                     for i in range(1296)]
+        (text_dir / f"{lang}.txt").write_text("\n".join(in_domain) + "\n", encoding="utf-8")
+        # Out of domain: other sentences (ending in the eighth word), plus 40 in-domain ones (shouted) to be left out.
+        other = [s.replace(f" {w[6]}.", f" {w[7]}.") for s in in_domain[:300]] + [s.upper() for s in in_domain[:40]]
+        (text_dir / "ood" / f"{lang}.txt").write_text("\n".join(other) + "\n", encoding="utf-8")
+    cfg = _tiny(ood_short_clips=3, ood_long_clips=1, ood_speakers=2, long_clip_s=(6.0, 12.0),
+                sentences_per_long_clip=(2, 3))
+    card = build_corpus(cfg, str(tmp_path / "c"), text_dir=str(text_dir))
+    rows = {split: _read_jsonl(tmp_path / "c" / "manifests" / f"{split}.jsonl") for split in SPLITS}
+    assert Counter(r["language"] for r in rows["ood_short"]) == {"es": 3, "el": 3, "sl": 3}
+    assert Counter(r["language"] for r in rows["ood_long"]) == {"es": 1, "el": 1, "sl": 1}
+    assert all(6.0 <= r["duration_s"] <= 12.0 for r in rows["ood_long"])
+    in_domain = {lang: {normalize_text(s) for s in (text_dir / f"{lang}.txt").read_text().splitlines()}
+                 for lang in words}
+    spoken_elsewhere = {normalize_text(r["text"]) for split in ("labeled", "dev", "test") for r in rows[split]}
+    for r in rows["ood_short"] + rows["ood_long"]:
+        assert normalize_text(r["text"]) not in spoken_elsewhere
+        assert words[r["language"]].split()[6] not in r["text"]  # none of the in-domain ones the file also listed
+        for sentence in r["text"].split(". "):
+            assert normalize_text(sentence) not in in_domain[r["language"]]
+    # Voices: the out-of-domain speakers are their own, shared by the short and the long clips.
+    ood_speakers = {r["speaker"] for r in rows["ood_short"] + rows["ood_long"]}
+    others = {r["speaker"] for split in ("labeled", "unlabeled", "dev", "test") for r in rows[split]}
+    assert ood_speakers and not ood_speakers & others and all("-spk-ood" in s for s in ood_speakers)
+    assert card["languages"]["sl"]["text_source"]["ood"]["source"] == "text_dir"

@@ -3,13 +3,21 @@
 - labeled: short single-sentence clips (2-6 s), like Common Voice, with transcripts;
 - unlabeled: long clips (20-30 s, 4-8 sentences spoken as one), like VoxPopuli; their true transcripts go
   to a hidden reference file that is only used to measure pseudo-label quality;
-- dev / test: short clips from held-out speakers.
+- dev / test: short clips from held-out speakers;
+- ood_short / ood_long: the out-of-domain test (the paper's LibriSpeech table): sentences from another domain
+  (`text.load_ood_sentences`, never one that the in-domain text holds), spoken by other held-out speakers, as
+  short clips and as 20-30 s ones; never trained or tuned on.
 
 Speech is espeak-ng (pipeline/corpus/speech.py) over real sentences from Debian (pipeline/corpus/text.py),
 passed through a random channel (pipeline/corpus/augment.py). Speakers of every language are drawn from one
 shared distribution and each speaker belongs to exactly one split, so a model cannot tell the language
-from the voice, and dev/test measure held-out speakers. Each clip has its own RNG seeded from
-(seed, language, split, index): the output is byte-identical for a seed, whatever the worker count.
+from the voice, and dev/test measure held-out speakers. Each split draws its speakers from its own RNG stream
+and each clip has its own RNG seeded from (seed, language, split, index): the output is byte-identical for a
+seed, whatever the worker count, and the eval sets do not change when another split's counts do.
+
+`unlabeled_ratio` sets the unlabeled audio as a multiple of the labeled audio (the paper's regime: unlabeled hours
+dwarf labeled ones): the labeled clips are made first, then long clips are added until each language reaches its
+target.
 
 Each finished clip leaves a JSON sidecar beside its flac (its manifest row and a key hashing everything
 the clip depends on), written after the flac. A build that was killed mid-way resumes clip by clip: a
@@ -24,9 +32,11 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config.presets import choose
 from pipeline.corpus import augment, speech
-from pipeline.corpus.layout import SPLITS, hidden_file, split_manifest, text_only_file
-from pipeline.corpus.text import LANGUAGE_LETTERS, default_cache_dir, load_sentences
+from pipeline.corpus.layout import OOD_SPLITS, SPLITS, hidden_file, split_manifest, text_only_file
+from pipeline.corpus.text import LANGUAGE_LETTERS, default_cache_dir, load_ood_sentences, load_sentences
 from pipeline.data.text import normalize_text
 from storage.files import (
     atomic_write_bytes,
@@ -53,13 +63,18 @@ from storage.files import (
 from storage.manifest import read_manifest, write_manifest
 
 # Bump when the audio recipe changes, so an existing corpus with the same config is rebuilt.
-BUILD_VERSION = 2  # 2: manifests hold audio paths relative to their folder
+# 2: manifests hold audio paths relative to their folder; 3: speakers drawn per split, out-of-domain splits
+BUILD_VERSION = 3
 # Sentences reserved per clip: a short clip tries the next one when a sentence falls outside 2-6 s;
 # a long clip skips sentences that would overshoot 30 s.
 SHORT_CANDIDATES = 5
 LONG_CANDIDATES = 16
 # Purpose tags that keep the RNG streams of text shuffling, speakers and clips apart.
-_RNG_TEXT, _RNG_SPEAKER, _RNG_CLIP, _RNG_DEAL = 1, 2, 3, 4
+_RNG_TEXT, _RNG_SPEAKER, _RNG_CLIP, _RNG_DEAL, _RNG_OOD_TEXT = 1, 2, 3, 4, 5
+# Speaker groups: one per split, the two out-of-domain splits share theirs (short and long clips differ only in
+# length and text, not in voices).
+SPEAKER_GROUPS = ("labeled", "unlabeled", "dev", "test", "ood")
+LONG_SPLITS = ("unlabeled", "ood_long")
 
 Range = tuple[float, float]
 
@@ -82,11 +97,20 @@ class CorpusConfig(BaseModel):
     unlabeled_clips_low: int = 8
     dev_clips: int = 24
     test_clips: int = 40
+    # Unlabeled audio as a multiple of labeled audio. When set, every language whose role has unlabeled clips gets
+    # long clips until it holds `unlabeled_ratio` × the larger of its own labeled seconds and the high-resource
+    # languages' mean: the low-resource language gets the unlabeled hours of the others, as VoxPopuli's hours do
+    # not follow Common Voice's labeled ones. None: unlabeled_clips_high/low clips.
+    unlabeled_ratio: float | None = Field(None, gt=0.0)
+    # The out-of-domain test per language: short clips and long (20-30 s) ones of other text, other speakers.
+    ood_short_clips: int = 0
+    ood_long_clips: int = 0
     # Speakers per language and split; every speaker is in exactly one split.
     labeled_speakers: int = 16
     unlabeled_speakers: int = 4
     dev_speakers: int = 4
     test_speakers: int = 6
+    ood_speakers: int = 0
     # Clip shapes (seconds): Common Voice-like short clips, VoxPopuli-like long ones.
     short_clip_s: Range = (2.0, 6.0)
     long_clip_s: Range = (20.0, 30.0)
@@ -128,13 +152,15 @@ class CorpusConfig(BaseModel):
             "unlabeled_clips_low",
             "dev_clips",
             "test_clips",
+            "ood_short_clips",
+            "ood_long_clips",
         ):
             if getattr(self, field) < 0:
                 errors.append(f"{field} must be >= 0, got {getattr(self, field)}")
         for split in SPLITS:
             clips = self.clips(split, "high") + self.clips(split, "low")
-            if clips and getattr(self, f"{split}_speakers") < 1:
-                errors.append(f"{split}_speakers must be >= 1 when the split has clips")
+            if clips and getattr(self, f"{speaker_group(split)}_speakers") < 1:
+                errors.append(f"{speaker_group(split)}_speakers must be >= 1 when the split {split} has clips")
         for field in (
             "short_clip_s",
             "long_clip_s",
@@ -181,16 +207,22 @@ class CorpusConfig(BaseModel):
         return "high" if language in self.high_resource else "low"
 
     def clips(self, split: str, role: str) -> int:
-        """Clips per language of a split for a resource role."""
+        """Clips per language of a split for a resource role (unlabeled: before `unlabeled_ratio` adds any)."""
         if split == "labeled":
             return self.labeled_clips_high if role == "high" else self.labeled_clips_low
         if split == "unlabeled":
             return self.unlabeled_clips_high if role == "high" else self.unlabeled_clips_low
-        return {"dev": self.dev_clips, "test": self.test_clips}[split]
+        return {"dev": self.dev_clips, "test": self.test_clips, "ood_short": self.ood_short_clips,
+                "ood_long": self.ood_long_clips}[split]
+
+
+def speaker_group(split: str) -> str:
+    """The speaker group a split's clips are spoken by (the out-of-domain splits share one)."""
+    return "ood" if split in OOD_SPLITS else split
 
 
 def smoke() -> CorpusConfig:
-    """Tiny 3-language corpus (es, el high; sl low) for tests: builds in seconds."""
+    """Tiny 3-language corpus (es, el high; sl low) for tests, with out-of-domain clips: builds in seconds."""
     return CorpusConfig(
         name="smoke",
         high_resource=["es", "el"],
@@ -201,16 +233,20 @@ def smoke() -> CorpusConfig:
         unlabeled_clips_low=6,  # enough for a tiny slimIPL run on sl in the tests
         dev_clips=6,
         test_clips=4,
+        ood_short_clips=2,
+        ood_long_clips=1,
         labeled_speakers=15,  # enough voices that LID generalizes to held-out speakers
         unlabeled_speakers=2,
         dev_speakers=3,
         test_speakers=2,
+        ood_speakers=2,
         num_workers=1,  # a second worker's torch import costs more than it saves on ~70 clips
     )
 
 
 def demo() -> CorpusConfig:
-    """`make demo` corpus: es, de, el high (240 labeled), sl low (40 labeled, 160 x 20-30 s unlabeled)."""
+    """`make demo` corpus: es, de, el high (240 labeled), sl low (40 labeled, 160 x 20-30 s unlabeled); a small
+    out-of-domain test (16 short, 6 long clips per language)."""
     return CorpusConfig(
         name="demo",
         high_resource=["es", "de", "el"],
@@ -218,34 +254,43 @@ def demo() -> CorpusConfig:
         labeled_clips_high=240,
         labeled_clips_low=40,
         # Only sl has unlabeled audio: ≈ 4000 s against its ≈ 160 s labeled (25×); a calibration probe found
-        # no self-training gain at 6× and some at 30×. Speaker counts stay, so dev/test voices do not move.
+        # no self-training gain at 6× and some at 30×.
         unlabeled_clips_high=0,
         unlabeled_clips_low=160,
         dev_clips=24,
         test_clips=40,
+        ood_short_clips=16,
+        ood_long_clips=6,
         labeled_speakers=16,
         unlabeled_speakers=4,
         dev_speakers=4,
         test_speakers=6,
+        ood_speakers=4,
     )
 
 
 def bench() -> CorpusConfig:
-    """Benchmark corpus: es, de, el, it, fr high (150 labeled), sl low (30); 40 x 25 s unlabeled each."""
+    """Benchmark corpus in the paper's regime: es, de, el, it, fr high (150 labeled clips, ≈ 0.17 h), sl low (30);
+    every language 10× a high-resource language's labeled hours of 20-30 s unlabeled clips from 40 speakers; an
+    out-of-domain test of 40 short and 20 long clips per language."""
     return CorpusConfig(
         name="bench",
         high_resource=["es", "de", "el", "it", "fr"],
         low_resource=["sl"],
         labeled_clips_high=150,
         labeled_clips_low=30,
-        unlabeled_clips_high=40,
+        unlabeled_clips_high=40,  # at least; unlabeled_ratio adds clips until each language has 10×
         unlabeled_clips_low=40,
+        unlabeled_ratio=10.0,
         dev_clips=20,
         test_clips=50,
+        ood_short_clips=40,
+        ood_long_clips=20,
         labeled_speakers=16,
-        unlabeled_speakers=8,
+        unlabeled_speakers=40,
         dev_speakers=4,
         test_speakers=8,
+        ood_speakers=8,
     )
 
 
@@ -292,82 +337,110 @@ class ClipJob:
     channel: augment.ChannelSettings
 
 
+@dataclass(frozen=True)
+class Text:
+    """The sentences a build speaks, per language: the in-domain pool, the out-of-domain one (languages of a config
+    with out-of-domain clips), and where each came from (the card and the corpus identity record it)."""
+
+    sentences: dict[str, list[str]]
+    ood: dict[str, list[str]]
+    sources: dict[str, dict]
+
+
 def _rng(seed: int, purpose: int, language: str, *ints: int) -> np.random.Generator:
     return np.random.default_rng([seed, purpose, *ints, *language.encode("utf-8")])
 
 
 def draw_speakers(cfg: CorpusConfig, language: str) -> dict[str, list[Speaker]]:
-    """The language's speakers per split, all drawn from the one distribution the config defines.
+    """The language's speakers per group (SPEAKER_GROUPS), all drawn from the one distribution the config defines,
+    each group from its own RNG stream: a group's voices do not depend on any other group's size.
 
     Voice variants are dealt like cards, from a fresh shuffle of all variants per round, rather than drawn
-    independently: each language then uses every variant about equally (the labeled speakers first), so
-    no variant is more common in one language than another and a voice never hints at the language.
+    independently: each group of each language then uses every variant about equally, so no variant is more
+    common in one language than another and a voice never hints at the language.
     """
     variants = speech.VOICE_VARIANTS
     out: dict[str, list[Speaker]] = {}
-    index = 0
-    for split in SPLITS:
-        out[split] = []
-        for _ in range(getattr(cfg, f"{split}_speakers")):
-            deal = _rng(cfg.seed, _RNG_DEAL, language, index // len(variants)).permutation(len(variants))
-            rng = _rng(cfg.seed, _RNG_SPEAKER, language, index)
+    for g, group in enumerate(SPEAKER_GROUPS):
+        out[group] = []
+        for i in range(getattr(cfg, f"{group}_speakers")):
+            deal = _rng(cfg.seed, _RNG_DEAL, language, g, i // len(variants)).permutation(len(variants))
+            rng = _rng(cfg.seed, _RNG_SPEAKER, language, g, i)
             voice = speech.VoiceSettings(
-                variant=variants[int(deal[index % len(variants)])],
+                variant=variants[int(deal[i % len(variants)])],
                 pitch=int(rng.integers(cfg.pitch[0], cfg.pitch[1] + 1)),
                 pitch_range=int(rng.integers(cfg.pitch_range[0], cfg.pitch_range[1] + 1)),
                 rate_wpm=int(rng.integers(cfg.rate_wpm[0], cfg.rate_wpm[1] + 1)),
             )
             tilt = round(float(rng.uniform(*cfg.tilt)), 3)
-            out[split].append(Speaker(f"{language}-spk{index:03d}", language, split, voice, tilt))
-            index += 1
+            out[group].append(Speaker(f"{language}-spk-{group}{i:03d}", language, group, voice, tilt))
     return out
 
 
-def allocate_sentences(cfg: CorpusConfig, language: str, sentences: list[str]) -> dict[str, list[tuple[str, ...]]]:
+def _cut(pool: list[str], counts: dict[str, int], language: str) -> tuple[dict[str, list[tuple[str, ...]]], int]:
+    """Consecutive candidate blocks of `pool` per split, in the order of `counts` (clips per split); where they end.
+
+    Raises:
+        ValueError: too few sentences for the requested clips.
+    """
+    size = {split: LONG_CANDIDATES if split in LONG_SPLITS else SHORT_CANDIDATES for split in counts}
+    need = sum(counts[split] * size[split] for split in counts)
+    if len(pool) < need:
+        raise ValueError(
+            f"language {language!r} has {len(pool)} usable sentences for {', '.join(counts)} but this config needs "
+            f"{need} ({SHORT_CANDIDATES} per short clip, {LONG_CANDIDATES} per long clip): add sentences or lower "
+            "the clip counts"
+        )
+    blocks, start = {}, 0
+    for split, n in counts.items():
+        k = size[split]
+        blocks[split] = [tuple(pool[start + i * k : start + (i + 1) * k]) for i in range(n)]
+        start += k * n
+    return blocks, start
+
+
+def allocate_sentences(cfg: CorpusConfig, language: str, sentences: list[str], *, unlabeled_clips: int | None = None,
+                       ood_sentences: list[str] | None = None) -> dict[str, list[tuple[str, ...]]]:
     """Disjoint candidate blocks per clip: shuffled once per (seed, language), then cut as test, dev, labeled,
     unlabeled, so the eval sets stay put when any count changes and the labeled data stays put when the
-    unlabeled budget changes.
+    unlabeled budget (`unlabeled_clips`, default the config's) changes. The out-of-domain splits are cut the same
+    way from `ood_sentences` less every sentence of the in-domain pool (compared normalized).
 
     Raises:
         ValueError: too few sentences for the requested clips.
     """
     role = cfg.role(language)
-    sizes = {  # in cutting order
-        "test": SHORT_CANDIDATES,
-        "dev": SHORT_CANDIDATES,
-        "labeled": SHORT_CANDIDATES,
-        "unlabeled": LONG_CANDIDATES,
-    }
-    need = sum(cfg.clips(split, role) * k for split, k in sizes.items())
-    if len(sentences) < need:
-        raise ValueError(
-            f"language {language!r} has {len(sentences)} usable sentences but this config needs {need} "
-            f"({SHORT_CANDIDATES} per short clip, {LONG_CANDIDATES} per long clip): add sentences or lower "
-            "the clip counts"
-        )
+    counts = {split: cfg.clips(split, role) for split in ("test", "dev", "labeled", "unlabeled")}  # cutting order
+    counts["unlabeled"] = counts["unlabeled"] if unlabeled_clips is None else unlabeled_clips
     order = _rng(cfg.seed, _RNG_TEXT, language).permutation(len(sentences))
     pool = [sentences[i] for i in order]
-    blocks: dict[str, list[tuple[str, ...]]] = {}
-    start = 0
-    for split, k in sizes.items():
-        blocks[split] = [tuple(pool[start + i * k : start + (i + 1) * k]) for i in range(cfg.clips(split, role))]
-        start += k * cfg.clips(split, role)
+    blocks, end = _cut(pool, counts, language)
     # The text-only split: what no clip's candidates reserved (never a clip's sentence, of any split), for LMs.
     used = {sentence for split_blocks in blocks.values() for block in split_blocks for sentence in block}
-    blocks["text"] = [tuple(s for s in pool[start:] if s not in used)]
-    return blocks
+    blocks["text"] = [tuple(s for s in pool[end:] if s not in used)]
+    ood_counts = {split: cfg.clips(split, role) for split in OOD_SPLITS}
+    if not any(ood_counts.values()):
+        return blocks | {split: [] for split in OOD_SPLITS}
+    in_domain = {normalize_text(s) for s in sentences}
+    other = [s for s in ood_sentences or [] if normalize_text(s) not in in_domain]
+    order = _rng(cfg.seed, _RNG_OOD_TEXT, language).permutation(len(other))
+    ood, _ = _cut([other[i] for i in order], ood_counts, language)
+    return blocks | ood
 
 
-def _write_text_only(cfg: CorpusConfig, out_dir: str, sentences: dict[str, list[str]]) -> None:
+def _write_text_only(cfg: CorpusConfig, out_dir: str, text: Text, unlabeled: dict[str, int]) -> None:
     # Written on every build, also of a finished corpus: it is cheap, and corpora built before it existed get it.
     for language in cfg.languages:
-        text = "\n".join(allocate_sentences(cfg, language, sentences[language])["text"][0]) + "\n"
+        blocks = allocate_sentences(cfg, language, text.sentences[language], unlabeled_clips=unlabeled[language],
+                                    ood_sentences=text.ood.get(language))
+        lines = "\n".join(blocks["text"][0]) + "\n"
         url = text_only_file(out_dir, language)
-        if not exists(url) or read_text(url) != text:
-            atomic_write_text(url, text)
+        if not exists(url) or read_text(url) != lines:
+            atomic_write_text(url, lines)
 
 
-def _plan(cfg: CorpusConfig, out_dir: str, sentences: dict[str, list[str]]) -> tuple[list[ClipJob], list[Speaker]]:
+def _plan(cfg: CorpusConfig, out_dir: str, text: Text,
+          unlabeled: dict[str, int]) -> tuple[list[ClipJob], list[Speaker]]:
     channel = augment.ChannelSettings(
         snr_db=cfg.snr_db,
         reverb_prob=cfg.reverb_prob,
@@ -378,11 +451,13 @@ def _plan(cfg: CorpusConfig, out_dir: str, sentences: dict[str, list[str]]) -> t
     jobs: list[ClipJob] = []
     speakers: list[Speaker] = []
     for language in cfg.languages:
-        by_split = draw_speakers(cfg, language)
-        speakers += [s for split in SPLITS for s in by_split[split]]
-        blocks = allocate_sentences(cfg, language, sentences[language])
+        by_group = draw_speakers(cfg, language)
+        speakers += [s for group in SPEAKER_GROUPS for s in by_group[group]]
+        blocks = allocate_sentences(cfg, language, text.sentences[language], unlabeled_clips=unlabeled[language],
+                                    ood_sentences=text.ood.get(language))
         for split_index, split in enumerate(SPLITS):
-            long = split == "unlabeled"
+            long = split in LONG_SPLITS
+            voices = by_group[speaker_group(split)]
             for index, candidates in enumerate(blocks[split]):
                 clip_id = f"{language}-{split}-{index:06d}"
                 jobs.append(
@@ -391,7 +466,7 @@ def _plan(cfg: CorpusConfig, out_dir: str, sentences: dict[str, list[str]]) -> t
                         split=split,
                         language=language,
                         index=index,
-                        speaker=by_split[split][index % len(by_split[split])],
+                        speaker=voices[index % len(voices)],
                         candidates=candidates,
                         audio_url=join(out_dir, "audio", split, language, f"{clip_id}.flac"),
                         rng_key=(cfg.seed, _RNG_CLIP, split_index, index, *language.encode("utf-8")),
@@ -578,35 +653,90 @@ def build_corpus(
     """
     if "://" not in out_dir:
         out_dir = os.path.abspath(out_dir)
-    cache_dir = cache_dir or default_cache_dir()
-    sentences: dict[str, list[str]] = {}
-    text_sources: dict[str, dict] = {}
-    for language in cfg.languages:
-        sentences[language], text_sources[language] = load_sentences(language, cache_dir=cache_dir, text_dir=text_dir)
-    identity = _identity(cfg, text_sources)
-    _write_text_only(cfg, out_dir, sentences)
+    text = _load_text(cfg, cache_dir or default_cache_dir(), text_dir)
+    identity = _identity(cfg, text.sources)
     card_url = join(out_dir, "corpus_card.json")
     if exists(card_url):
         card = read_json(card_url)
         if card.get("identity") == identity and _complete(out_dir):
+            _write_text_only(cfg, out_dir, text, card["unlabeled_clips_planned"])
             return card
-    jobs, speakers = _plan(cfg, out_dir, sentences)
-    reused = _reusable(jobs, out_dir)
     # The card marks a finished corpus: drop it before touching any clip, so that an interrupted build
     # is never taken for a complete one.
     remove(card_url)
     remove(join(out_dir, "corpus_card.md"))
-    if reused:
-        log.info("corpus %s: reusing %d of %d clips from an earlier build", out_dir, len(reused), len(jobs))
-    results = _run_jobs(jobs, cfg.num_workers, on_progress, reused)
+
+    def run(jobs: list[ClipJob]) -> dict[str, dict]:
+        reused = _reusable(jobs, out_dir)
+        if reused:
+            log.info("corpus %s: reusing %d of %d clips from an earlier build", out_dir, len(reused), len(jobs))
+        return _run_jobs(jobs, cfg.num_workers, on_progress, reused)
+
+    unlabeled = _unlabeled_clips(cfg, out_dir, text, run)
+    _write_text_only(cfg, out_dir, text, unlabeled)
+    jobs, speakers = _plan(cfg, out_dir, text, unlabeled)
+    results = run(jobs)
     rows = [results[job.id] for job in jobs]  # plan order: split, language, index
     _write_manifests(out_dir, rows)
     ok = [r["audio"] for r in rows if "reject" not in r]
     _remove_stale_audio(out_dir, set(ok) | {_sidecar_url(a) for a in ok})
-    card = _card(cfg, out_dir, identity, rows, speakers, text_sources)
+    card = _card(cfg, out_dir, identity, rows, speakers, text.sources) | {"unlabeled_clips_planned": unlabeled}
     write_json(card_url, card)
     atomic_write_text(join(out_dir, "corpus_card.md"), card_markdown(card))
     return card
+
+
+def _load_text(cfg: CorpusConfig, cache_dir: str, text_dir: str | None) -> Text:
+    """Every language's sentence pools (the out-of-domain one only when the config has out-of-domain clips)."""
+    sentences, ood, sources = {}, {}, {}
+    wants_ood = cfg.ood_short_clips + cfg.ood_long_clips > 0
+    for language in cfg.languages:
+        sentences[language], sources[language] = load_sentences(language, cache_dir=cache_dir, text_dir=text_dir)
+        if wants_ood:
+            ood[language], sources[language]["ood"] = load_ood_sentences(language, cache_dir=cache_dir,
+                                                                          text_dir=text_dir)
+    return Text(sentences, ood, sources)
+
+
+def _seconds(rows: Iterable[dict], split: str) -> Counter[str]:
+    """Audio seconds per language of a split's made clips."""
+    out: Counter[str] = Counter()
+    for r in rows:
+        if r["split"] == split and "reject" not in r:
+            out[r["language"]] += r["duration_s"]
+    return out
+
+
+def _unlabeled_clips(cfg: CorpusConfig, out_dir: str, text: Text,
+                     run: Callable[[list[ClipJob]], dict[str, dict]]) -> dict[str, int]:
+    """Long unlabeled clips per language: the config's counts, or with `unlabeled_ratio` as many as it takes to
+    reach the ratio (the labeled clips are made first to measure their seconds, then unlabeled ones until every
+    language has its target; clips only ever get added, so the ones made stay valid).
+
+    Raises:
+        RuntimeError: when added clips add no audio (every one rejected).
+    """
+    counts = {lang: cfg.clips("unlabeled", cfg.role(lang)) for lang in cfg.languages}
+    if cfg.unlabeled_ratio is None:
+        return counts
+    jobs, _ = _plan(cfg, out_dir, text, counts)
+    labeled = _seconds(run([j for j in jobs if j.split == "labeled"]).values(), "labeled")
+    high = [labeled[lang] for lang in cfg.high_resource]
+    mean_high = sum(high) / len(high) if high else 0.0
+    target = {lang: cfg.unlabeled_ratio * max(labeled[lang], mean_high) for lang, n in counts.items() if n}
+    mean_long_s = sum(cfg.long_clip_s) / 2
+    counts |= {lang: max(counts[lang], math.ceil(t / mean_long_s)) for lang, t in target.items()}
+    made: Counter[str] = Counter()
+    while True:
+        jobs, _ = _plan(cfg, out_dir, text, counts)
+        before, made = made, _seconds(run([j for j in jobs if j.split == "unlabeled"]).values(), "unlabeled")
+        short = {lang: t - made[lang] for lang, t in target.items() if made[lang] < t}
+        if not short:
+            log.info("corpus %s: unlabeled clips for %gx the labeled audio: %s", out_dir, cfg.unlabeled_ratio, counts)
+            return counts
+        if made == before:
+            raise RuntimeError(f"unlabeled clips added for {sorted(short)} hold no audio (every one rejected)")
+        counts |= {lang: counts[lang] + math.ceil(deficit / mean_long_s) for lang, deficit in short.items()}
 
 
 def _identity(cfg: CorpusConfig, text_sources: dict[str, dict]) -> dict:

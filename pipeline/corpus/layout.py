@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from storage.files import exists, join
 
-SPLITS = ("labeled", "unlabeled", "dev", "test")
+SPLITS = ("labeled", "unlabeled", "dev", "test", "ood_short", "ood_long")
+# The out-of-domain test (paper Table 4's role, LibriSpeech): other text, other voices, short and long clips; scored
+# for every model, never trained or tuned on.
+OOD_SPLITS = ("ood_short", "ood_long")
 
 
 def split_manifest(corpus_dir: str, split: str) -> str:
-    """The manifest of one split: labeled, unlabeled, dev or test."""
+    """The manifest of one split: labeled, unlabeled, dev, test, ood_short or ood_long."""
     return join(corpus_dir, "manifests", f"{split}.jsonl")
 
 
