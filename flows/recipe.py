@@ -2,8 +2,9 @@
 
 supervised → per language with unlabeled audio: fine-tune → slimIPL (the per-language subflow a task runner
 would fan out; on 2 cores the languages run one after another) → labeling of every unlabeled row by its
-language's best model → student(s) on labeled + PL data (→ labeled-only fine-tune) → optional serving-size models
-of the final student (pruned, quantized) → report. Every stage is
+language's best model → student(s) on labeled + PL data (→ labeled-only fine-tune) → the same-compute control
+(stage 1's config on labeled data alone for the best student's whole path) → optional serving-size models of the
+final student (pruned, quantized) → report. Every stage is
 scored on the test set. What passes between stages are small records (URIs, metrics, wall times); each
 stage reads its inputs from the run directory.
 
@@ -25,17 +26,24 @@ from flows.artifacts import stage_run_name
 from flows.label import label_flow
 from flows.report import report_task
 from flows.stages import train_flow
-from pipeline.config import RecipeConfig
+from pipeline.config import RecipeConfig, TrainingConfig
 from pipeline.config.decoding import BeamDecoderConfig
 from pipeline.data.rows import read_utterances
 from pipeline.layout import RunLayout, teachers_for_run
 from pipeline.report.report import write_recipe_record
+from pipeline.stages.control import best_student
 from pipeline.stages.lm import labeling_decoders
+
+
+def scored(cfg: RecipeConfig, stage: TrainingConfig, run_dir: str | None = None, name: str | None = None) -> dict:
+    """One stage trained (`train_flow`) and scored on the recipe's test sets, in the run (or another run directory,
+    its artifacts called `name`)."""
+    return train_flow(stage, run_dir or cfg.run_dir, cfg.test_manifest, cfg.extra_test_manifests, name)
 
 
 def supervised_step(cfg: RecipeConfig) -> dict:
     """Stage 1: supervised multilingual training, scored on every language."""
-    return train_flow(cfg.supervised_config(), cfg.run_dir, cfg.test_manifest)
+    return scored(cfg, cfg.supervised_config())
 
 
 def slimipl_step(cfg: RecipeConfig, language: str) -> dict:
@@ -46,13 +54,13 @@ def slimipl_step(cfg: RecipeConfig, language: str) -> dict:
         teacher = RunLayout(cfg.run_dir).finetune(language).teacher().url
         found = decoders_task(cfg, {language: teacher})["decoders"].get(language)
         decoder = None if found is None else BeamDecoderConfig(**found)
-    return train_flow(cfg.slimipl_config(language, decoder), cfg.run_dir, cfg.test_manifest)
+    return scored(cfg, cfg.slimipl_config(language, decoder))
 
 
 @flow(name="mlpl-language", log_prints=True, flow_run_name="selftrain-{language}")
 def language_flow(cfg: RecipeConfig, language: str) -> dict:
     """The per-language sub-pipeline: fine-tune the multilingual model, then slimIPL from the fine-tuned one."""
-    return {"finetune": train_flow(cfg.finetune_config(language), cfg.run_dir, cfg.test_manifest),
+    return {"finetune": scored(cfg, cfg.finetune_config(language)),
             "slimipl": slimipl_step(cfg, language)}
 
 
@@ -98,12 +106,20 @@ def student_step(cfg: RecipeConfig, mode: str, labeled_finetune: bool, timed: Ca
     """Stage 5: one student of a round (and, with `labeled_finetune`, its labeled-only fine-tune after it);
     `timed(name, fn, *args)` runs each training flow (the recipe times them)."""
     st = cfg.student_config(mode, round_, RunLayout(cfg.run_dir).round_labels(round_))
-    out = {"student": timed(f"student {st.variant_name()}", train_flow, st, cfg.run_dir, cfg.test_manifest)}
+    out = {"student": timed(f"student {st.variant_name()}", scored, cfg, st)}
     if labeled_finetune:
         ft = cfg.labeled_finetune_config(mode, out["student"]["training"]["best_checkpoint"], round_)
-        out["labeled_finetune"] = timed(f"student {ft.variant_name()}", train_flow, ft, cfg.run_dir,
-                                        cfg.test_manifest)
+        out["labeled_finetune"] = timed(f"student {ft.variant_name()}", scored, cfg, ft)
     return out
+
+
+def control_step(cfg: RecipeConfig) -> dict:
+    """The same-compute control (needs the students): stage 1's config on labeled data alone for the best student's
+    whole path, in `<run>/control/<updates>/`, scored like every model."""
+    stage, updates = best_student(cfg)
+    get_run_logger().info("same-compute control: %d updates, the path of %s", updates, stage)
+    return scored(cfg, cfg.control_config(updates), RunLayout(cfg.run_dir).control(updates).run_dir,
+                  f"control-{updates}")
 
 
 def serving_step(cfg: RecipeConfig, timed: Callable = _untimed) -> dict:
@@ -112,18 +128,18 @@ def serving_step(cfg: RecipeConfig, timed: Callable = _untimed) -> dict:
     final = RunLayout(cfg.run_dir).stage(cfg.final_student_stage()).best
     configs = [cfg.prune_config(m, final) for m in cfg.serving_prune] + [cfg.quantize_config(b, final)
                                                                           for b in cfg.serving_bits]
-    return {c.stage_name(): timed(c.stage_name(), train_flow, c, cfg.run_dir, cfg.test_manifest) for c in configs}
+    return {c.stage_name(): timed(c.stage_name(), scored, cfg, c) for c in configs}
 
 
 # The steps an operator can run alone from a recipe form (`mlpl-stage`), each given (cfg, language, student mode,
 # labeled-only fine-tune or not).
 RECIPE_STEPS: dict[str, Callable[[RecipeConfig, str | None, str, bool], dict]] = {
     "supervised": lambda cfg, language, mode, labeled_ft: supervised_step(cfg),
-    "finetune": lambda cfg, language, mode, labeled_ft: train_flow(cfg.finetune_config(language), cfg.run_dir,
-                                                                   cfg.test_manifest),
+    "finetune": lambda cfg, language, mode, labeled_ft: scored(cfg, cfg.finetune_config(language)),
     "slimipl": lambda cfg, language, mode, labeled_ft: slimipl_step(cfg, language),
     "label": lambda cfg, language, mode, labeled_ft: label_step(cfg),
     "student": lambda cfg, language, mode, labeled_ft: student_step(cfg, mode, labeled_ft),
+    "control": lambda cfg, language, mode, labeled_ft: control_step(cfg),
     "serving": lambda cfg, language, mode, labeled_ft: serving_step(cfg),
 }
 StepName = Literal[tuple(RECIPE_STEPS)]  # the form's dropdown: exactly the keys of RECIPE_STEPS
@@ -181,6 +197,9 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
                 stages[out["training"]["stage"]] = _stage(out)
             if i == 0:
                 teacher = _stage(chain[-1])["checkpoint"]
+    if cfg.same_compute_control and cfg.student_modes:
+        out = timed("supervised, same compute", control_step, cfg)
+        stages[f"control/{out['training']['step']}"] = _stage(out)
     for name, out in serving_step(cfg, timed).items():
         stages[name] = _stage(out)
     report = timed("report", report_task, cfg.run_dir)

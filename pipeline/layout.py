@@ -8,6 +8,9 @@
 <run>/labels/                the PL corpus (its own layout: storage.pl.LabelStore)
 <run>/rounds/<k>/labels/     round k ≥ 2's PL corpus, labeled by round k-1's student
 <run>/eval/<stage name>/     test scores of a stage's best model (metrics.json/.md, hypotheses.jsonl)
+<run>/eval/<stage name>/<test set>/   its scores on another test set (e.g. ood_short, ood_long: out of domain)
+<run>/control/<updates>/     the same-compute control: a run directory holding stage 1's config trained on
+                               labeled data alone for that many updates (its supervised/ and eval/)
 <run>/report/                report.{md,json}, dev_cer.png, recipe_run.json
 ```
 
@@ -159,9 +162,19 @@ class RunLayout:
         """The PL corpus of a round: step 4's for round 1, else the one round k-1's student labeled."""
         return self.labels if round_ == 1 else join(self.run_dir, "rounds", str(round_), "labels")
 
-    def eval(self, name: str) -> str:
-        """Where a stage's best model is scored on the test set."""
-        return join(self.run_dir, "eval", name)
+    def eval(self, name: str, test_set: str | None = None) -> str:
+        """Where a stage's best model is scored on the test set (or on another named test set)."""
+        return join(self.run_dir, "eval", name) if test_set is None else join(self.run_dir, "eval", name, test_set)
+
+    def control(self, updates: int) -> RunLayout:
+        """The run directory of the same-compute control trained for `updates` updates."""
+        return RunLayout(join(self.run_dir, "control", str(updates)))
+
+    def controls(self) -> dict[int, RunLayout]:
+        """The finished controls of the run by their updates."""
+        found = list_files(join(self.run_dir, "control"), "*/supervised/result.json")
+        names = [url.rsplit("/", 3)[-3] for url in found]
+        return {int(name): self.control(int(name)) for name in names if name.isdigit()}
 
     @property
     def report(self) -> str:

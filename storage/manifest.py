@@ -59,6 +59,15 @@ def read_manifest(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return rows, rejects
 
 
+def manifest_has_rows(url: str) -> bool:
+    """Whether a manifest exists and holds at least one row or line (an optional test set may be absent or empty)."""
+    try:
+        rows, rejects = read_manifest(url)
+    except FileNotFoundError:
+        return False
+    return bool(rows or rejects)
+
+
 def _resolved(row: dict[str, Any], url: str) -> dict[str, Any]:
     audio = row.get("audio")
     return row | {"audio": resolve_relative(audio, url)} if isinstance(audio, str) and audio else row

@@ -120,7 +120,8 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                     "pl_eval_max_utterances": 2}
     overrides = {"supervised": {"max_updates": 30, "eval_every": 15}, "finetune": quick, "slimipl": slim,
                  "student": quick, "labeled_finetune": quick | {"max_updates": 3, "eval_every": 3},
-                 "student_modes": ["finetune", "from_scratch"], "student_labeled_finetune": True, "rounds": 2,
+                 "student_modes": ["finetune", "from_scratch", "from_scratch_large"], "student_labeled_finetune": True,
+                 "rounds": 2,
                  "slimipl_lm": True,
                  # The final student shrunk two ways, scored and reported with its size on disk.
                  "serving_prune": ["pathways"], "serving_bits": [1],
@@ -131,7 +132,11 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
                         overrides=overrides)
         with get_client(sync_client=True) as client:
-            artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+            found, page = [], [None]
+            while page:  # the API hands out at most 200 a call: every stage now also has out-of-domain scores
+                page = client.read_artifacts(offset=len(found), limit=200)
+                found += page
+            artifacts = {a.key: a for a in found if a.key}
             flows = {f.name for f in client.read_flows()}
     assert {"mlpl-demo", "mlpl-recipe", "mlpl-train", "mlpl-language", "mlpl-label"} <= flows
     # Ops see progress and the per-language tables of every stage in the UI.
@@ -146,22 +151,26 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     assert {row["language"] for row in table} >= {"es", "el", "sl"}
     # Stages hand on small records: URIs, updates, wall times, metrics.
     stages = out["stages"]
+    students = [f"student/{mode}{r}{ft}" for r in ("", "-round2") for mode in ("finetune", "from_scratch",
+                                                                              "from_scratch_large")
+                for ft in ("", "-labeled-ft")]
+    # The same-compute control walks the best student's path: 30 (base) + 6 + 3 (round 1's first student) + 6 + 3.
     assert list(stages) == ["supervised", "finetune/el", "slimipl/el", "finetune/es", "slimipl/es", "finetune/sl",
-                            "slimipl/sl", "student/finetune", "student/finetune-labeled-ft", "student/from_scratch",
-                            "student/from_scratch-labeled-ft", "student/finetune-round2",
-                            "student/finetune-round2-labeled-ft", "student/from_scratch-round2",
-                            "student/from_scratch-round2-labeled-ft", "prune/pathways-imp", "quantize/1bit"]
+                            "slimipl/sl", *students, "control/48", "prune/pathways-imp", "quantize/1bit"]
+    assert stages["control/48"]["step"] == 48 and (tmp_path / "run/control/48/supervised/checkpoints/best.pt").exists()
     assert stages["supervised"]["step"] == 30 and stages["student/finetune"]["step"] == 6
     assert stages["student/from_scratch-labeled-ft"]["step"] == 3
     for name, v in stages.items():  # per-language stages are scored on their language, the rest on all
         langs = {name.split("/")[1]} if name.startswith(("finetune/", "slimipl/")) else {"es", "el", "sl"}
         assert set(v["test"]) == langs | {"all", "macro"}, name
     assert set(out["wall_s"]) == {"supervised", "finetune+slimipl el", "finetune+slimipl es", "finetune+slimipl sl",
-                                  "labeling", "student finetune", "student finetune-labeled-ft",
-                                  "student from_scratch", "student from_scratch-labeled-ft", "labeling round 2",
-                                  "student finetune-round2", "student finetune-round2-labeled-ft",
-                                  "student from_scratch-round2", "student from_scratch-round2-labeled-ft",
-                                  "prune/pathways-imp", "quantize/1bit", "report"}
+                                  "labeling", "labeling round 2", "supervised, same compute", "prune/pathways-imp",
+                                  "quantize/1bit", "report"} | {f"student {s.split('/')[1]}" for s in students}
+    # Every model is also scored out of domain (the corpus's short and long out-of-domain clips).
+    for name in stages:
+        run = tmp_path / ("run/control/48" if name.startswith("control/") else "run")
+        where = "supervised" if name.startswith("control/") else name
+        assert (run / "eval" / where / "ood_long" / "metrics.json").exists(), name
     assert json.loads((tmp_path / "run/report/recipe_run.json").read_text())["stages"] == stages
     # Every unlabeled clip is labeled by its language's slimIPL model, or is a reject with a reason.
     from storage.pl import load_pseudo_labels, load_rejects
@@ -187,10 +196,11 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     student = json.loads((tmp_path / "run/student/finetune/result.json").read_text())
     assert student["extra"]["sources"]["pl"]["rows_read"] == len(pl)
     # The run report: a row per stage and student, the plot as a file and artifact.
-    assert [r["stage"] for r in out["report"]["rows"]][:7] == [
-        "supervised", "finetune", "slimipl", "student/from_scratch", "student/from_scratch-labeled-ft",
-        "student/finetune", "student/finetune-labeled-ft"]
+    assert [r["stage"] for r in out["report"]["rows"]][:8] == [
+        "supervised", "control/48", "finetune", "slimipl", "student/finetune", "student/finetune-labeled-ft",
+        "student/from_scratch", "student/from_scratch-labeled-ft"]
     assert out["report"]["with_unlabeled"] == ["el", "es", "sl"]
+    assert out["report"]["test_sets"] == ["ood_long", "ood_short"] and "Out of domain" in out["report"]["markdown"]
     # The serving models start from the final student (the first mode's last model of the last round) and are rows
     # of the report with their size on disk.
     prune_cfg = json.loads((tmp_path / "run/prune/pathways-imp/config.json").read_text())

@@ -354,3 +354,54 @@ def test_the_recipe_config_builds_every_stage_and_refuses_a_bad_override_before_
             recipe_demo("d", "r", **bad)
     schema = RecipeConfig.model_json_schema()
     assert all(field.get("description") for field in schema["properties"].values())
+
+
+def test_the_bench_students_all_walk_twice_the_base_budget_and_the_control_walks_the_same():
+    from pipeline.config import MODEL_PRESET_PARAMS, model_kwargs, recipe_bench
+    from pipeline.config.recipe import BENCH_BASE_UPDATES
+    from pipeline.stages.control import best_student
+
+    cfg = recipe_bench("data/bench", "runs/bench")
+    assert cfg.student_modes == ["finetune", "from_scratch", "from_scratch_large"] and cfg.same_compute_control
+    base = cfg.supervised_config()
+    assert base.max_updates == BENCH_BASE_UPDATES and base.model.encoder == "conformer"
+    for mode in cfg.student_modes:  # every student's whole path: base + its own + its labeled-only fine-tune
+        st, ft = cfg.student_config(mode), cfg.labeled_finetune_config(mode, "s.pt")
+        assert base.max_updates + st.max_updates + ft.max_updates == cfg.path_updates(mode) == 2 * BENCH_BASE_UPDATES
+    # Without finished students the first mode is the best; the control trains that path on labeled data alone.
+    stage, updates = best_student(cfg)
+    assert stage == "student/finetune-labeled-ft" and updates == 2 * BENCH_BASE_UPDATES
+    control = cfg.control_config(updates)
+    assert control.max_updates == updates and control.stage_name() == "supervised"
+    assert control.model_dump(exclude={"max_updates"}) == base.model_dump(exclude={"max_updates"})
+    # The large student: the paper's large, i.e. FFN and attention width doubled, depth kept, ≈ 4× the parameters.
+    large = cfg.student_config("from_scratch_large")
+    assert large.mode == "from_scratch" and large.variant_name() == "from_scratch_large"
+    assert (large.model.d_model, large.model.ffn_dim, large.model.n_layers) == (288, 1216, 2)
+    assert cfg.labeled_finetune_config("from_scratch_large", "s.pt").variant_name() == "from_scratch_large-labeled-ft"
+    from models.encoder import CTCLIDModel, count_parameters
+
+    def params(model: ModelConfig) -> int:
+        return count_parameters(CTCLIDModel(**model_kwargs(model, 256, 6, 80)))
+
+    small, big = params(base.model), params(large.model)
+    assert small == pytest.approx(MODEL_PRESET_PARAMS["tiny_conformer"], rel=0.02)
+    assert big == 4_389_678 and 3.6 < big / small < 3.8
+
+
+def test_the_control_follows_the_student_with_the_lowest_dev_cer(tmp_path):
+    import json
+
+    from pipeline.config import recipe_bench
+    from pipeline.stages.control import best_student
+
+    cfg = recipe_bench("data/bench", str(tmp_path), student_by_mode={"from_scratch": {"max_updates": 500}})
+    for stage, dev in (("finetune-labeled-ft", 30.0), ("from_scratch-labeled-ft", 28.5),
+                       ("from_scratch_large-labeled-ft", None)):
+        (tmp_path / "student" / stage).mkdir(parents=True)
+        (tmp_path / "student" / stage / "result.json").write_text(json.dumps({"best": {"metric": dev}}))
+    stage, updates = best_student(cfg)
+    assert stage == "student/from_scratch-labeled-ft" and updates == cfg.path_updates("from_scratch")
+    assert updates == cfg.supervised_config().max_updates + 500 + 50
+    with pytest.raises(ValueError, match="trains none"):
+        best_student(cfg.model_copy(update={"student_modes": []}))

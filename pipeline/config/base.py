@@ -127,6 +127,11 @@ def large_model() -> ModelConfig:
     return ModelConfig(d_model=1536, ffn_dim=6144, activation_checkpointing=True)
 
 
+def doubled_width(model: ModelConfig) -> ModelConfig:
+    """The paper's "large" of a model: feed-forward and attention width doubled, depth and heads kept."""
+    return model.model_copy(update=dict(d_model=2 * model.d_model, ffn_dim=2 * model.ffn_dim))
+
+
 # Each preset's parameter count as stated (and tested to within 2 %), for a 256-token vocabulary and 6 languages.
 # The paper's 275 M / 1.06 B for base / large count parts it does not list (we count 256.2 M / 1022 M for its
 # stated shapes); ours are kept so that earlier checkpoints and results stay comparable.
@@ -201,6 +206,9 @@ class OptimConfig(Config):
 # Budget, cadence and where it runs: a run may be extended, or resumed with other threads or on another device,
 # so the resume key leaves them out.
 # average_top_n only chooses which dev-scored weights are kept and averaged at the end, never what an update computes.
+# Fields added to stage configs after runs were made, with their defaults: left out of the resume key at those
+# defaults, so that older runs resume.
+_ADDED_FIELDS: dict[str, Any] = {"pl_max_hours_per_language": None}
 _NOT_IN_RESUME_KEY = {"max_updates", "eval_every", "save_every", "log_every", "num_threads", "device", "average_top_n"}
 
 
@@ -278,6 +286,7 @@ class TrainingConfig(Config):
     def resume_key(self) -> str:
         """Hash of the fields that change what an update computes (not budget, cadence or threads)."""
         fields = self.model_dump(mode="json", exclude=_NOT_IN_RESUME_KEY)
+        fields = {k: v for k, v in fields.items() if not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
         if isinstance(fields.get("model"), dict):
             fields["model"] = _model_key_fields(fields["model"])
         blob = json.dumps(fields, sort_keys=True).encode()

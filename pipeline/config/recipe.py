@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Config, LanguageMix, PLFilter, deep_merge
+from pipeline.config.base import Config, LanguageMix, PLFilter, deep_merge, doubled_width
 from pipeline.config.decoding import BeamDecoderConfig, DecoderTuning, LMConfig, LMUnit
 from pipeline.config.presets import choose, configured, preset
 from pipeline.config.stages import (
@@ -24,7 +24,8 @@ from pipeline.config.stages import (
 from pipeline.corpus.layout import corpus_data
 from storage.files import join, read_json
 
-StudentMode = Literal["from_scratch", "finetune"]
+# from_scratch_large: from scratch with the teacher's feed-forward and attention width doubled (the paper's large).
+StudentMode = Literal["from_scratch", "from_scratch_large", "finetune"]
 
 _RECIPE_LANGUAGE_PLACEHOLDER = "xx"  # validates per-language configs before the languages are known
 
@@ -51,6 +52,9 @@ class RecipeConfig(Config):
     labeled_manifest: str = Field("", description="labeled rows of every language (JSONL or Parquet)")
     dev_manifest: str | None = Field(None, description="dev rows for validation and best-checkpoint choice")
     test_manifest: str | None = Field(None, description="test rows: every stage's model is scored on them")
+    extra_test_manifests: dict[str, str] = Field(
+        default_factory=dict, description="more test sets by name, every model scored on each too (a synthetic "
+                                          "corpus's out-of-domain ood_short and ood_long); an empty one is skipped")
     unlabeled_manifest: str = Field("", description="unlabeled rows; languages with rows here get self-training")
     reference_manifest: str | None = Field(
         None, description="hidden true transcripts of unlabeled clips: PL CER only, never training")
@@ -101,7 +105,9 @@ class RecipeConfig(Config):
         None, description="which pseudo-labels labeling writes (the rest become rejects with the reason); None: "
                           "preset (paper: 1-630 tokens)")
     student_modes: list[StudentMode] = Field(
-        default_factory=lambda: ["from_scratch"], description="students to train: from_scratch and/or finetune")
+        default_factory=lambda: ["from_scratch"], description="students to train: from_scratch (the teacher's size), "
+                                                              "from_scratch_large (its FFN and attention width "
+                                                              "doubled, the paper's large) and/or finetune")
     student_updates: int | None = Field(
         None, ge=1, description="budget of each student (not of its labeled-only fine-tune); None: preset")
     student_pl_filter: PLFilter | None = Field(
@@ -117,6 +123,10 @@ class RecipeConfig(Config):
         True, description="fine-tune each student on labeled data only afterwards (paper Table 2's last row)")
     labeled_finetune_updates: int | None = Field(
         None, ge=1, description="budget of each student's labeled-only fine-tune; None: preset")
+    same_compute_control: bool = Field(
+        True, description="after the students, stage 1's config trained on labeled data alone for as many updates "
+                          "as the best student's whole path (stage 1 + its own updates): the control that 'did "
+                          "self-training pay?' compares the students with (<run>/control/<updates>/)")
     serving_prune: list[Literal["agnostic", "pathways"]] = Field(
         default_factory=list, description="after the students: pruned serving models of the final student (the "
                                           "first student mode's last model), one language-agnostic mask and/or "
@@ -238,7 +248,11 @@ class RecipeConfig(Config):
     def student_config(self, mode: str, round_: int = 1, labels_root: str | None = None) -> StudentConfig:
         """Stage 5's config for one student mode; a later round's student reads that round's PL corpus and has
         its own folder (`student/<mode>-round<k>`)."""
-        base = preset("student", self.preset, mode, self.labeled_manifest, self.dev_manifest, seed=self.seed)
+        large = mode == "from_scratch_large"
+        base = preset("student", self.preset, "from_scratch" if large else mode, self.labeled_manifest,
+                      self.dev_manifest, seed=self.seed)
+        if large:
+            base = base.model_copy(update={"variant": mode, "model": doubled_width(self.supervised_config().model)})
         if round_ > 1:
             base = base.model_copy(update={"variant": f"{mode}-round{round_}", "labels_root": labels_root})
         overrides = deep_merge(self.student, self.student_by_mode.get(mode, {}))
@@ -258,6 +272,24 @@ class RecipeConfig(Config):
         return configured(StudentConfig, base, self.labeled_finetune | knobs)
 
 
+    def path_updates(self, mode: str, round_: int = 1) -> int:
+        """Updates on the way to a student's final model: stage 1's, each earlier round's first student (which labels
+        the next round) and this one, each with its labeled-only fine-tune when on. Per-language fine-tunes and
+        slimIPL train the teachers of single languages and are not counted."""
+
+        def chain(m: str, r: int) -> int:
+            st = self.student_config(m, r).max_updates
+            return st + (self.labeled_finetune_config(m, "student.pt", r).max_updates
+                         if self.student_labeled_finetune else 0)
+
+        first = self.student_modes[0] if self.student_modes else mode
+        return (self.supervised_config().max_updates + sum(chain(first, r) for r in range(1, round_))
+                + chain(mode, round_))
+
+    def control_config(self, updates: int) -> SupervisedConfig:
+        """The same-compute control: stage 1's config for `updates` updates (labeled data alone)."""
+        return self.supervised_config().model_copy(update={"max_updates": updates})
+
     def prune_config(self, method: str, init_checkpoint: str) -> PruneConfig:
         """A pruned serving model of `init_checkpoint` (the final student): `method`'s masks, then its training."""
         base = preset("prune", self.preset, init_checkpoint, self.labeled_manifest, self.dev_manifest, seed=self.seed)
@@ -270,10 +302,10 @@ class RecipeConfig(Config):
                       seed=self.seed)
         return configured(QuantizeConfig, base, self.quantize | {"bits": bits})
 
-    def final_student_stage(self) -> str:
-        """The stage folder of the model the serving stages shrink: the first student mode's last model (after its
-        labeled-only fine-tune when on) in the last round."""
-        mode = self.student_modes[0]
+    def final_student_stage(self, mode: str | None = None) -> str:
+        """The stage folder of a student mode's last model (after its labeled-only fine-tune when on) in the last
+        round; by default the first mode's, the model the serving stages shrink."""
+        mode = mode or self.student_modes[0]
         last = (self.labeled_finetune_config(mode, "student.pt", self.rounds) if self.student_labeled_finetune
                 else self.student_config(mode, self.rounds))
         return last.stage_name()
@@ -287,11 +319,13 @@ LABELING_GRID = {"lm_weights": [1.0, 1.5, 2.0, 2.5, 3.0], "sil_scores": [1.0, 2.
 
 
 def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
-    """`make demo`: the tiny presets on budgets that fit the whole recipe in ≤ 15 min on 2 slow CPU cores, spent
-    where it pays (docs/benchmarks.md, "Pseudo-labels that pay"): the supervised model, slimIPL anchored by one
-    labeled batch per PL batch, LM-fused labeling, and a fine-tuned student long enough to carry every language."""
+    """`make demo`: the tiny presets with the Conformer on budgets that fit the whole recipe in ≤ 7 min on 2 AVX-512
+    CPU cores, spent where it pays (docs/benchmarks.md, "Pseudo-labels that pay"): the supervised model, slimIPL
+    anchored by one labeled batch per PL batch, LM-fused labeling, a fine-tuned student long enough to carry every
+    language, and the same-compute control it is judged against."""
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
+        model_preset="tiny_conformer",
         supervised={"max_updates": 450, "eval_every": 225},
         finetune={"max_updates": 100, "eval_every": 50},
         # λ 1: with 40 labeled sl clips, one labeled batch per PL batch keeps slimIPL from drifting (λ 4 ended
@@ -309,23 +343,38 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     return RecipeConfig(**deep_merge(cfg, fields))
 
 
+# The bench base's budget, set by the stopping rule (docs/results.md, "Does more PL audio pay?", convergence table):
+# the smallest budget of a doubling sequence whose doubling improves the avg dev CER by less than 2 % relative.
+# Every student's whole path (the base's updates, its own, its labeled-only fine-tune's) is twice this, so the
+# same-compute control is also the base's "×2 updates" check.
+BENCH_BASE_UPDATES = 4000
+BENCH_LABELED_FT_UPDATES = 50
+
+
 def recipe_bench(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
-    """`make reproduce` (≈ 1.5 h on 2 slow CPU cores): the tiny presets on the bench corpus, six languages with
-    unlabeled audio, LM-fused labeling, both students (from scratch on the supervised stage's budget: 1000 updates;
-    fine-tuned: 1500); short per-language stages, as six of them run one after another."""
+    """`make reproduce`: the paper's regime on the bench corpus (six languages, every one with 10× a high-resource
+    language's labeled hours of unlabeled audio) with the Conformer: a converged base (`BENCH_BASE_UPDATES`),
+    short per-language fine-tunes and slimIPL, LM-fused labeling, the paper's three students (fine-tuned from stage
+    1, from scratch at the teacher's size, from scratch with doubled width), each with a labeled-only fine-tune and
+    each on the base's budget, and the same-compute control."""
+    own = BENCH_BASE_UPDATES - BENCH_LABELED_FT_UPDATES
+    every = BENCH_BASE_UPDATES // 8
+    scratch = {"max_updates": own, "eval_every": every, "specaugment_start_updates": 100}
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
-        supervised={"max_updates": 1000, "eval_every": 250},
+        model_preset="tiny_conformer",
+        supervised={"max_updates": BENCH_BASE_UPDATES, "eval_every": every},
         finetune={"max_updates": 100, "eval_every": 50},
-        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "unlabeled_ratio": 1},
+        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "unlabeled_ratio": 1,
+                 "pl_eval_max_utterances": 40},
         labeling_lm="char",
         labeling_decoder=LABELING_BEAM,
         decoder_tuning=LABELING_GRID,
-        student_modes=["from_scratch", "finetune"],
-        student_pl_share=0.35,
-        student_by_mode={"from_scratch": {"max_updates": 1000, "eval_every": 250, "specaugment_start_updates": 100},
-                         "finetune": {"max_updates": 1500, "eval_every": 250, "optim": {"lr": 1.5e-3}}},
-        labeled_finetune={"max_updates": 50, "eval_every": 25},
+        student_modes=["finetune", "from_scratch", "from_scratch_large"],
+        student_pl_share=0.5,
+        student_by_mode={"from_scratch": scratch, "from_scratch_large": scratch,
+                         "finetune": {"max_updates": own, "eval_every": every, "optim": {"lr": 1.5e-3}}},
+        labeled_finetune={"max_updates": BENCH_LABELED_FT_UPDATES, "eval_every": 25},
     )
     return RecipeConfig(**deep_merge(cfg, fields))
 

@@ -271,6 +271,9 @@ class StudentConfig(TrainingConfig):
     source_weights: dict[str, float] | None = None  # {"labeled": w, "pl": w}; None: natural (audio seconds)
     pl_filter: PLFilter = Field(default_factory=PLFilter)  # applied when the PL table is read
     pl_teacher: str | None = None  # read only this teacher's PLs: exact, "<stage>@<step>" or a sha256 prefix
+    # Read at most this many hours of PL audio per language, the rows of the lowest ids first (the same prefix for
+    # every student: a data-size study's smaller shares nest in its larger ones); None: every row.
+    pl_max_hours_per_language: float | None = Field(None, gt=0.0)
     pl_batch: BatchConfig = Field(default_factory=BatchConfig)  # batches of PL clips (long: few per batch)
     pl_window_shards: int = Field(4, gt=0)  # shards whose audio is held at once: the shuffle window
     specaugment_start_updates: int = Field(0, ge=0)  # paper, from scratch: SpecAugment only after a delay

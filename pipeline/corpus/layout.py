@@ -7,7 +7,7 @@ from __future__ import annotations
 from storage.files import exists, join
 
 SPLITS = ("labeled", "unlabeled", "dev", "test", "ood_short", "ood_long")
-# The out-of-domain test (paper Table 4's role, LibriSpeech): other text, other voices, short and long clips; scored
+# The out-of-domain test (the role of LibriSpeech in the paper): other text, other voices, short and long clips; scored
 # for every model, never trained or tuned on.
 OOD_SPLITS = ("ood_short", "ood_long")
 
@@ -45,8 +45,10 @@ def corpus_data(corpus_dir: str, run_dir: str) -> dict[str, str]:
                   dev_manifest=split_manifest(corpus_dir, "dev"), test_manifest=split_manifest(corpus_dir, "test"),
                   unlabeled_manifest=split_manifest(corpus_dir, "unlabeled"),
                   reference_manifest=hidden_file(corpus_dir, "unlabeled_reference.jsonl"),
-                  lm_text_dir=join(corpus_dir, "text"))
+                  lm_text_dir=join(corpus_dir, "text"),
+                  extra_test_manifests={split: split_manifest(corpus_dir, split) for split in OOD_SPLITS})
     if not is_imported(corpus_dir):
         return fields
     required = ("run_dir", "labeled_manifest", "unlabeled_manifest")
-    return {k: v for k, v in fields.items() if k in required or exists(v)}
+    fields["extra_test_manifests"] = {k: v for k, v in fields["extra_test_manifests"].items() if exists(v)}
+    return {k: v for k, v in fields.items() if k in required or k == "extra_test_manifests" or exists(v)}

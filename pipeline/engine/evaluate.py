@@ -19,7 +19,7 @@ from pipeline.engine.decode import decode_features
 from pipeline.engine.device import resolve_device
 from pipeline.engine.model import load_trained
 from storage.files import atomic_write_text, exists, join, read_json, read_text, sha256_of, write_json
-from storage.manifest import write_manifest, write_rejects
+from storage.manifest import manifest_has_rows, write_manifest, write_rejects
 
 
 def score(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -62,6 +62,11 @@ def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
     for lang, v in table.items():
         lines.append(f"| {lang} | {int(v['n'])} | {v['cer']:.1f} | {v['wer']:.1f} | {v['lid_acc']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def has_rows(manifest_url: str) -> bool:
+    """Whether a test manifest exists and holds a row (an optional test set may be absent or empty)."""
+    return manifest_has_rows(manifest_url)
 
 
 def run_evaluate(

@@ -67,9 +67,14 @@ class SourceMixer:
 def pl_rows(cfg: StudentConfig, root: str, languages: list[str]):
     """The PL table's rows this student reads: committed units, the student's languages, its filter and teacher."""
     f = cfg.pl_filter
-    return load_pseudo_labels(root, languages=languages, min_confidence=f.min_confidence, teacher=cfg.pl_teacher,
+    rows = load_pseudo_labels(root, languages=languages, min_confidence=f.min_confidence, teacher=cfg.pl_teacher,
                               min_tokens=f.min_tokens, max_tokens=f.max_tokens, lid_agreement=f.require_lid_agreement,
                               columns=PL_COLUMNS)
+    if cfg.pl_max_hours_per_language is None:
+        return rows
+    rows = rows.sort_values("id", kind="stable")
+    within = rows.groupby("language", sort=False)["duration_s"].cumsum() <= 3600 * cfg.pl_max_hours_per_language
+    return rows[within].reset_index(drop=True)
 
 
 def rows_identity(rows) -> str:
