@@ -21,4 +21,4 @@ def report_task(run_dir: str) -> dict:
     png = base64.b64encode(report["plot_png"]).decode()
     create_markdown_artifact(markdown=f"![validation CER per stage](data:image/png;base64,{png})",
                              key="recipe-dev-cer-plot", description="validation CER against updates per stage")
-    return {k: report[k] for k in ("markdown", "plot", "rows", "languages", "with_unlabeled")}
+    return {k: report[k] for k in ("markdown", "plot", "rows", "languages", "with_unlabeled", "test_sets")}

@@ -63,11 +63,12 @@ def test_train_and_evaluate_via_cli(smoke_corpus, teacher, tmp_path, capsys):
     assert result["extra"]["pl_updates"] + result["extra"]["labeled_updates"] == 4
     assert main(["slimipl", *common, "--unlabeled", str(m / "unlabeled.jsonl"), "--set", "pl_cache_size=0"]) == 2
     assert "pl_cache_size" in capsys.readouterr().err
-    # ...then labeling with each language's best model: after 4 updates every PL is empty, so the student
-    # says what to do; with a trained teacher's labels it trains on labeled + PL data.
+    # ...then labeling with each language's best model; a student whose filter no PL passes (629 tokens) says what to do
+    # (rather than training on labeled data alone); with a trained teacher's labels it trains on labeled + PL data.
     assert main(["label", "--manifest", str(m / "unlabeled.jsonl"), "--run-dir", str(run)]) == 0
     assert "units labeled" in capsys.readouterr().out
-    assert main(["student", "--train", str(m / "labeled.jsonl"), "--run-dir", str(run)]) == 2
+    assert main(["student", "--train", str(m / "labeled.jsonl"), "--run-dir", str(run),
+                 "--set", "pl_filter.min_tokens=629"]) == 2
     assert "no pseudo-labels" in capsys.readouterr().err
     assert main(["label", "--manifest", str(m / "unlabeled.jsonl"), "--out", str(run / "labels"),
                  *[x for lang in ("es", "el", "sl") for x in ("--teacher", f"{lang}={teacher}")]]) == 0

@@ -79,8 +79,9 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
             first = _run(client, deployment.id, good, serve_log)
             record = json.loads((run / "report/recipe_run.json").read_text())
             assert not any(s["cached"] for s in record["stages"].values())
+            # the same-compute control walks the student's whole path: 4 (base) + 3 (student) + 2 (labeled fine-tune)
             assert set(record["stages"]) == {"supervised", "finetune/sl", "slimipl/sl", "student/finetune",
-                                             "student/finetune-labeled-ft"}
+                                             "student/finetune-labeled-ft", "control/9"}
             artifacts = {a.key: a for a in client.read_artifacts() if a.key}
             assert {"supervised-test-metrics", "finetune-sl-test-metrics", "slimipl-sl-pl-quality", "label-summary",
                     "student-finetune-test-metrics", "recipe-report", "recipe-dev-cer-plot",
