@@ -337,7 +337,7 @@ def test_a_student_without_any_pl_after_its_filters_says_what_to_do(smoke_corpus
 
 def test_the_recipe_config_builds_every_stage_and_refuses_a_bad_override_before_any_runs():
     cfg = recipe_demo("data/demo", "runs/demo")
-    assert cfg.supervised_config().max_updates == 450 and cfg.supervised_config().optim.warmup_updates == 45
+    assert cfg.supervised_config().max_updates == 400 and cfg.supervised_config().optim.warmup_updates == 40
     assert cfg.slimipl_config("sl").reference_manifest == "data/demo/hidden/unlabeled_reference.jsonl"
     ft = cfg.labeled_finetune_config("finetune", "runs/demo/student/finetune/checkpoints/best.pt")
     assert ft.labeled_only and ft.variant_name() == "finetune-labeled-ft" and ft.mode == "finetune"

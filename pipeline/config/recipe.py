@@ -326,18 +326,19 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
     cfg = corpus_data(corpus_dir, run_dir) | dict(
         preset="tiny",
         model_preset="tiny_conformer",
-        supervised={"max_updates": 450, "eval_every": 225},
-        finetune={"max_updates": 100, "eval_every": 50},
+        supervised={"max_updates": 400, "eval_every": 200},
+        finetune={"max_updates": 80, "eval_every": 40},
         # λ 1: with 40 labeled sl clips, one labeled batch per PL batch keeps slimIPL from drifting (λ 4 ended
         # above its fine-tuned start).
-        slimipl={"max_updates": 100, "cropping_warmup_updates": 30, "eval_every": 50, "pl_eval_max_utterances": 60,
+        slimipl={"max_updates": 80, "cropping_warmup_updates": 24, "eval_every": 40, "pl_eval_max_utterances": 60,
                  "unlabeled_ratio": 1},
         labeling_lm="char",
         labeling_decoder=LABELING_BEAM,
         decoder_tuning=LABELING_GRID,
         student_modes=["finetune"],
         student_pl_share=0.3,
-        student={"max_updates": 350, "eval_every": 175, "optim": {"lr": 1.5e-3}},
+        # The student's path (400 + 250 updates) is what the same-compute control trains: 650 updates.
+        student={"max_updates": 250, "eval_every": 125, "optim": {"lr": 1.5e-3}},
         student_labeled_finetune=False,
     )
     return RecipeConfig(**deep_merge(cfg, fields))
