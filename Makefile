@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench gpu-check reproduce datasize ablations capacity serving serving-student server serve screenshot clean
+.PHONY: install demo test test-fast lint bench gpu-check reproduce datasize levers ablations capacity serving serving-student server serve screenshot clean
 
 $(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,14 +64,15 @@ reproduce: $(STAMP)
 		--recipe bench --results docs/results.md --results-command "make reproduce" 2>&1 | tee -a runs/bench/reproduce.log'
 
 # Does more PL audio pay? From-scratch students at 1x and 3x a high-resource language's labeled hours of PLs (10x is
-# make reproduce's own), the student's levers (PL share, twice the budget against a control as long, greedy PLs) and
-# the base's budget at N/2; branched off make reproduce's finished run (run that first); docs/results.md ("Does more
-# PL audio pay?").
-datasize: $(STAMP)
+# make reproduce's own) and the base's budget at N/2, branched off make reproduce's finished run (run that first);
+# `make levers`: the same student with the natural PL share, twice its budget (against a control as long) and greedy
+# PLs. Both write docs/results.md ("Does more PL audio pay?").
+datasize levers: $(STAMP)
 	@test -f runs/bench/report/report.json || (echo "runs/bench has no finished recipe: run make reproduce first" >&2; exit 2)
 	@mkdir -p runs/bench-datasize
 	bash -o pipefail -c '$(BIN)/mlpl datasize --corpus-dir data/bench --run-dir runs/bench --out runs/bench-datasize \
-		--results docs/results.md --results-command "make datasize" 2>&1 | tee -a runs/bench-datasize/datasize.log'
+		$(if $(filter levers,$@),--levers) --results docs/results.md --results-command "make $@" 2>&1 \
+		| tee -a runs/bench-datasize/$@.log'
 
 # Each lever of the recipe switched, one run each, branched off `make reproduce`'s finished run (only what a
 # lever touches trains again; ≈ 2 h on the AVX-512 Xeon); the table goes into docs/results.md ("Ablations").

@@ -307,6 +307,10 @@ def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
     if targets:
         print("### Did self-training pay? (against the better of the base and the same-compute control)\n")
         print(orderings_markdown(targets, "target"))
+        paid = next(t for t in targets if t["check"].startswith("best student below the better of"))
+        verdict = "paid" if paid["holds"] else "did **not** pay"
+        print(f"Self-training {verdict}: {paid['student']} against the better of the base and the same-compute "
+              f"control, on the languages with unlabeled audio: {paid['detail']}.\n")
     print("### Wall time per stage (training, dev evaluation and test scoring)\n")
     print("| stage | wall s |\n|---|---:|")
     for name, seconds in out["wall_s"].items():
@@ -490,7 +494,7 @@ def cmd_datasize(args: argparse.Namespace) -> int:
                           ratios=tuple(args.ratio or (1.0, 3.0)))
     try:
         build_report(args.run_dir)  # the study branches off a finished recipe run
-        run_datasize_study(study, args.only)
+        run_datasize_study(study, args.levers, args.only)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}; the study branches off a finished recipe run: run it first (make reproduce)",
               file=sys.stderr)
@@ -675,6 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", default="runs/bench-datasize", help="where the study's runs go")
     ds.add_argument("--ratio", type=float, action="append", metavar="R",
                     help="a PL amount to train at, in high-resource labeled hours (repeatable; default 1 and 3)")
+    ds.add_argument("--levers", action="store_true",
+                    help="the from-scratch student's levers instead (natural PL share, twice the budget against a "
+                         "control as long, greedy PLs)")
     ds.add_argument("--only", action="append", metavar="NAME", help="run only these variants (repeatable)")
     ds.add_argument("--results", default=None, help="write the section into this results page")
     ds.add_argument("--results-command", default=None, help=argparse.SUPPRESS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +71,11 @@ class DataSizeStudy:
     out_dir: str
     recipe: str = "bench"
     ratios: tuple[float, ...] = (1.0, 3.0)
-    pl_share: float = 0.6  # the PL-share lever's value
+    overrides: dict[str, Any] = field(default_factory=dict)  # fields of the recipe form the run was made with
 
     def config(self) -> RecipeConfig:
         """The recipe run's config (its students' budgets, presets and manifests)."""
-        return recipe_preset(self.recipe, self.corpus_dir, self.run_dir)
+        return recipe_preset(self.recipe, self.corpus_dir, self.run_dir, **self.overrides)
 
     def reference_hours(self) -> float:
         """Labeled hours of a high-resource language (their mean): the unit of a PL ratio."""
@@ -83,15 +84,17 @@ class DataSizeStudy:
         high = [h for lang, h in hours.items() if roles.get(lang) == "high"] or list(hours.values())
         return sum(high) / len(high)
 
-    def variants(self) -> list[Variant]:
-        """The data sizes, then the levers."""
+    def variants(self, levers: bool = False) -> list[Variant]:
+        """The data sizes, or the levers (`make datasize` and `make levers`: each fits in 2 h on 2 cores)."""
+        if not levers:
+            return [Variant(f"pl{r:g}x".replace(".", "p"),  # a folder name: 0.5 → pl0p5x
+                            f"{r:g}× a high-resource language's labeled hours of PL audio per language",
+                            {"pl_max_hours_per_language": r * self.reference_hours()}, ratio=r) for r in self.ratios]
         cfg = self.config()
         student, share = cfg.student_config("from_scratch"), cfg.student_pl_share
-        out = [Variant(f"pl{r:g}x", f"{r:g}× a high-resource language's labeled hours of PL audio per language",
-                       {"pl_max_hours_per_language": r * self.reference_hours()}, ratio=r) for r in self.ratios]
-        return out + [
-            Variant("pl-share", f"PL share of updates {share} → {self.pl_share}",
-                    {"source_weights": {"labeled": 1 - self.pl_share, "pl": self.pl_share}}),
+        return [
+            Variant("pl-natural", f"PL share of updates {share} → natural (each source's share of audio seconds, "
+                                  "the paper's pooling)", {"source_weights": None}),
             Variant("budget2x", f"own budget {student.max_updates} → {2 * student.max_updates} updates",
                     {"max_updates": 2 * student.max_updates, "eval_every": 2 * student.eval_every}),
             Variant("greedy-pls", "PLs by greedy CTC instead of LM-fused beam search (same teachers)",
@@ -175,20 +178,30 @@ def pl_quality_ratio(study: DataSizeStudy) -> dict[str, dict[str, float]]:
     return {lang: {"lm": lm[lang]["cer"], "greedy": gr[lang]["cer"]} for lang in sorted(lm) if lang in gr}
 
 
-def run_datasize_study(study: DataSizeStudy, only: list[str] | None = None) -> dict[str, Any]:
-    """Train (or reuse) the half-budget base, every variant and the controls of paths the recipe run lacks; save the
-    record after each and return it."""
+def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    """Train (or reuse) the data sizes with the half-budget base, or the levers, and the controls of paths the
+    recipe run lacks; save the record after each and return it."""
     url = join(study.out_dir, "datasize.json")
     record: dict[str, Any] = read_json(url) if exists(url) else {"variants": {}, "controls": {}}
-    record["half_base"] = half_base(study)
-    write_json(url, record)
-    for variant in study.variants():
+    walls = record.setdefault("wall_s", {})
+
+    def timed(name: str, fn, *args) -> Any:
+        # A part reused from an earlier run of the study keeps the time it took when it trained.
+        t0 = time.perf_counter()
+        out = fn(*args)
+        walls[name] = max(walls.get(name, 0.0), round(time.perf_counter() - t0, 1))
+        return out
+
+    if not levers:
+        record["half_base"] = timed("base at N/2", half_base, study)
+        write_json(url, record)
+    for variant in study.variants(levers):
         if only and variant.name not in only:
             continue
-        record["variants"][variant.name] = run_variant(study, variant)
+        record["variants"][variant.name] = timed(variant.name, run_variant, study, variant)
         path = record["variants"][variant.name]["path"]
         if str(path) not in record["controls"]:
-            record["controls"][str(path)] = control(study, path)
+            record["controls"][str(path)] = timed(f"control {path}", control, study, path)
         write_json(url, record)
     record["pl_quality"] = pl_quality_ratio(study)
     write_json(url, record)
@@ -253,10 +266,13 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
     path = rows["report"]["rows"][0]["updates"]
     header = "| model | PL audio per language | whole path (updates) | " + " | ".join(
         f"{t}: avg CER | vs base | vs its control" for t in sets) + " |"
-    lines = [f"Command: `{command}` on {machine}, 2 cores; branched off `{study.run_dir}` (its base, teachers, PLs and "
-             f"control); every student is the recipe's from-scratch one at the teacher's size, followed by its "
-             f"labeled-only fine-tune (the one with the lower dev CER reports). CER % averaged over "
-             f"{', '.join(rows['languages'])}.", "", "### The base's budget", "",
+    walls = ", ".join(f"{k} {v / 60:.1f} min" for k, v in record.get("wall_s", {}).items())
+    lines = [f"Commands: `make datasize` (the data sizes and the base at N/2) and `make levers` (the levers); this "
+             f"section last written by `{command}` on {machine}, 2 cores. Branched off `{study.run_dir}` (its base, "
+             f"teachers, PLs and control); every student is the recipe's from-scratch one at the teacher's size, "
+             f"followed by its labeled-only fine-tune (the one with the lower dev CER reports). CER % averaged over "
+             f"{', '.join(rows['languages'])}. Wall time of each part: {walls or '—'}.", "",
+             "### The base's budget", "",
              *_convergence_lines(rows, record), "", "### PL audio: 0× to the corpus's all", "", header,
              "|---|---:|---:|" + "---:|---:|---:|" * len(sets)]
 

@@ -1,0 +1,72 @@
+"""The data-size study (`make datasize`, `make levers`) on a small finished run: students that read nested shares of
+the PL corpus, the levers, the controls of their paths, and the results page's section."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.engine.evaluate import run_evaluate
+from pipeline.layout import RunLayout
+from pipeline.report.datasize import PLOT, SECTION, DataSizeStudy, publish_datasize, run_datasize_study
+from pipeline.report.report import write_report
+
+QUICK = {"max_updates": 4, "eval_every": 4, "save_every": 4, "log_every": 2,
+         "optim": {"name": "adamw", "lr": 1e-3, "warmup_updates": 1, "schedule": "constant"}}
+
+
+@pytest.fixture(scope="module")
+def finished_run(smoke_corpus, teacher, labeled_root, tmp_path_factory) -> tuple[str, dict]:
+    """A recipe run reduced to what the study reads: its base (the smoke teacher, scored), its PL corpus and its
+    report; the recipe form's budgets are a few updates."""
+    run = tmp_path_factory.mktemp("finished")
+    layout = RunLayout(str(run))
+    (run / "supervised/checkpoints").mkdir(parents=True)
+    shutil.copy(teacher, layout.supervised.best)
+    (run / "supervised/result.json").write_text(json.dumps({"stage": "supervised", "step": 8,
+                                                             "best": {"metric": 90.0, "step": 8}}))
+    shutil.copytree(labeled_root, layout.labels)
+    tests = {None: "test", "ood_short": "ood_short", "ood_long": "ood_long"}
+    for name, split in tests.items():
+        run_evaluate(layout.supervised.best, f"{smoke_corpus}/manifests/{split}.jsonl", layout.eval("supervised", name))
+    write_report(str(run))
+    overrides = {"supervised": QUICK | {"max_updates": 8}, "student_by_mode": {"from_scratch": QUICK},
+                 "labeled_finetune": QUICK | {"max_updates": 2}, "student_pl_filter": {"min_tokens": 0}}
+    return str(run), overrides
+
+
+@pytest.mark.slow
+def test_students_read_nested_pl_shares_and_each_path_gets_its_control(smoke_corpus, finished_run, tmp_path):
+    run, overrides = finished_run
+    study = DataSizeStudy(smoke_corpus, run, str(tmp_path / "study"), recipe="demo", ratios=(0.5, 2.0),
+                          overrides=overrides)
+    record = run_datasize_study(study)
+    small, large = record["variants"]["pl0p5x"], record["variants"]["pl2x"]
+    # Each reads at most its share of every language's PL hours, the smaller share inside the larger one.
+    per_language_s = 3600 * study.reference_hours()
+    assert 0 < small["pl_audio_s"] <= 0.5 * per_language_s * 3 and small["pl_audio_s"] < large["pl_audio_s"]
+    assert [c["stage"] for c in small["chain"]] == ["student/pl0p5x", "student/pl0p5x-labeled-ft"]
+    assert small["path"] == 8 + 4 + 2 and small["model"] in small["chain"]
+    assert set(small["model"]["cer"]) == {"test", "ood_short", "ood_long"}
+    # Its control: the base's config on labeled data for the whole path, trained in the study's folder.
+    assert record["controls"]["14"]["updates"] == 14
+    assert (tmp_path / "study/control/14/supervised/checkpoints/best.pt").exists()
+    assert record["half_base"]["updates"] == 4
+    # A rerun trains nothing again and gives the same record.
+    again = run_datasize_study(study)
+    assert again["variants"] == record["variants"] and again["controls"] == record["controls"]
+    # The levers: greedy PLs relabel the corpus with the run's teachers into the study's own PL corpus.
+    levers = run_datasize_study(study, levers=True, only=["greedy-pls"])
+    greedy = levers["variants"]["greedy-pls"]
+    assert greedy["labels"].endswith("labels-greedy") and greedy["path"] == 14
+    assert set(levers["pl_quality"]) == {"es", "el", "sl"}
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\n## Test CER\n\ntable\n")
+    text = publish_datasize(study, str(page), "make datasize", "cpu")
+    written = page.read_text()
+    assert f"## {SECTION}" in written and "## Test CER\n\ntable" in written and text.strip() in written
+    assert (tmp_path / PLOT).read_bytes()[:4] == b"\x89PNG"
+    assert "| from scratch, pl0p5x |" in text and "| greedy-pls |" in text and "N/2 (this study)" in text
+    assert "PL CER of the corpus" in text and "| same-compute control (14 updates, labeled only) |" in text
