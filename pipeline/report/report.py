@@ -518,6 +518,7 @@ def labels_quality_markdown(run_dir: str, reference_manifest: str | None) -> str
     quality = pl_quality(df, hidden_references(reference_manifest))
     lines = ["| language | decoder | dev CER greedy → LM | PL CER: slimIPL greedy (end) → labels | PL WER |",
              "|---|---|---|---|---:|"]
+    pairs: list[tuple[float | None, float | None]] = []
     for lang in sorted(set(df["language"])):
         decoder = sorted(set(df[df["language"] == lang]["decode"]))[0].split(" #")[0]
         tunings = [read_json(u) for u in list_files(join(run_dir, "lm", lang), "tuning-*.json")]
@@ -529,6 +530,11 @@ def labels_quality_markdown(run_dir: str, reference_manifest: str | None) -> str
         ratio = f" ({cer / greedy:.2f}×)" if greedy and cer is not None else ""
         lines.append(f"| {lang} | {decoder} | {dev} | {_f(greedy)} → {_f(cer)}{ratio} | "
                      f"{_f(quality.get(lang, {}).get('wer'))} |")
+        pairs.append((greedy, cer))
+    pairs = [(g, c) for g, c in pairs if g and c is not None]
+    if pairs:
+        g, c = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+        lines.append(f"| mean | | | {g:.1f} → {c:.1f} ({c / g:.2f}×) | |")
     return "\n".join(lines) + "\n"
 
 
