@@ -308,7 +308,7 @@ def print_recipe(out: dict[str, Any], run_dir: str, wall_s: float) -> None:
         print("### Did self-training pay? (against the better of the base and the same-compute control)\n")
         print(orderings_markdown(targets, "target"))
         paid = next(t for t in targets if t["check"].startswith("best student below the better of"))
-        verdict = "paid" if paid["holds"] else "did **not** pay"
+        verdict = {True: "paid", False: "did **not** pay", None: "cannot be judged (no figures)"}[paid["holds"]]
         print(f"Self-training {verdict}: {paid['student']} against the better of the base and the same-compute "
               f"control, on the languages with unlabeled audio: {paid['detail']}.\n")
     print("### Wall time per stage (training, dev evaluation and test scoring)\n")

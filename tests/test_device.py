@@ -91,6 +91,9 @@ def test_training_on_the_cpu_flushes_denormals_to_zero():
     from pipeline.engine.device import flush_denormals
 
     assert torch.set_flush_denormal(False)  # every x86 CPU (SSE3) can flush
-    assert (torch.tensor([1e-39]) * 1.0).item() > 0  # a float32 denormal survives
-    flush_denormals(torch.device("cpu"))
-    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0 and (torch.tensor([1e-30]) * 1.0).item() > 0
+    try:
+        assert (torch.tensor([1e-39]) * 1.0).item() > 0  # a float32 denormal survives
+        flush_denormals(torch.device("cpu"))
+        assert (torch.tensor([1e-39]) * 1.0).item() == 0.0 and (torch.tensor([1e-30]) * 1.0).item() > 0
+    finally:
+        torch.set_flush_denormal(False)  # leave the process as the test found it (a Trainer sets it again)

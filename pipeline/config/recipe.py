@@ -125,8 +125,9 @@ class RecipeConfig(Config):
         None, ge=1, description="budget of each student's labeled-only fine-tune; None: preset")
     same_compute_control: bool = Field(
         True, description="after the students, stage 1's config trained on labeled data alone for as many updates "
-                          "as the best student's whole path (stage 1 + its own updates): the control that 'did "
-                          "self-training pay?' compares the students with (<run>/control/<updates>/)")
+                          "as the best student's whole path (stage 1 + its own updates + its labeled-only fine-tune): "
+                          "the control that 'did self-training pay?' compares the students with "
+                          "(<run>/control/<updates>/)")
     serving_prune: list[Literal["agnostic", "pathways"]] = Field(
         default_factory=list, description="after the students: pruned serving models of the final student (the "
                                           "first student mode's last model), one language-agnostic mask and/or "

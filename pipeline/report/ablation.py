@@ -69,10 +69,13 @@ def ablation_named(names: list[str] | None) -> list[Ablation]:
 
 
 def final_student(report: dict[str, Any]) -> dict[str, Any] | None:
-    """The report row of the student a run ends with: the last round's, after its labeled-only fine-tune when
-    there is one."""
+    """The report row of the student a run ends with (the model the serving stages shrink): the first mode's last
+    round's, after its labeled-only fine-tune when there is one."""
     students = [r for r in report["rows"] if r["stage"].startswith("student/")]
-    return students[-1] if students else None
+    if not students:
+        return None
+    mode = students[0]["stage"].removeprefix("student/").split("-")[0]  # "from_scratch" is not "from_scratch_large"
+    return [r for r in students if r["stage"].removeprefix("student/").split("-")[0] == mode][-1]
 
 
 def _labels_of(run_dir: str, stage: str) -> str:

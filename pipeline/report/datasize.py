@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,16 @@ from pipeline.report.report import (
 from pipeline.stages.label import run_label
 from pipeline.stages.student import run_student
 from pipeline.stages.supervised import run_supervised
-from storage.files import atomic_write_bytes, atomic_write_text, exists, join, read_json, read_text, write_json
+from storage.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    copy_tree,
+    exists,
+    join,
+    read_json,
+    read_text,
+    write_json,
+)
 from storage.pl import load_pseudo_labels
 
 log = logging.getLogger("mlpl.datasize")
@@ -148,12 +158,15 @@ def run_variant(study: DataSizeStudy, variant: Variant) -> dict[str, Any]:
     base = study.config().supervised_config().max_updates
     return {"name": variant.name, "what": variant.what, "ratio": variant.ratio, "labels": labels,
             "pl_audio_s": chain[0]["pl_audio_s"], "path": base + sum(c["updates"] for c in chain), "chain": chain,
-            "model": min(chain, key=lambda c: c["dev_cer"])}
+            "model": min(chain, key=lambda c: math.inf if c["dev_cer"] is None else c["dev_cer"])}
 
 
 def control(study: DataSizeStudy, updates: int) -> dict[str, Any]:
-    """The same-compute control for a path: the recipe run's when it has one, else trained in the study folder."""
-    at = RunLayout(study.run_dir).controls().get(updates) or RunLayout(study.out_dir).control(updates)
+    """The same-compute control for a path, trained in the study folder; a copy of the recipe run's when it has one
+    (the stage cache reuses the copy when its config matches, and never retrains the recipe run's own)."""
+    at, recipe = RunLayout(study.out_dir).control(updates), RunLayout(study.run_dir).controls().get(updates)
+    if recipe is not None and not exists(at.run_dir):
+        copy_tree(recipe.run_dir, at.run_dir)
     result = run_supervised(study.config().control_config(updates), at.run_dir)
     return scored(study, at, "supervised", result)
 
@@ -251,7 +264,8 @@ def _convergence_lines(rows: dict[str, Any], record: dict[str, Any]) -> list[str
     longer = [r for r in rows["report"]["rows"] if r["kind"] == "control" and r["updates"] >= 2 * base["updates"]]
     steps += [(f"{r['updates'] / base['updates']:.2f} N (the control)", r["updates"], r["dev_cer"]) for r in longer]
     for i, (what, updates, cer) in enumerate(steps):
-        lines.append(f"| {what} | {updates} | {cer:.2f} | {_vs(cer, steps[i - 1][2]) if i else '—'} |")
+        shown = "—" if cer is None else f"{cer:.2f}"
+        lines.append(f"| {what} | {updates} | {shown} | {_vs(cer, steps[i - 1][2]) if i else '—'} |")
     lines.append("")
     lines.append("Stopping rule: the base trains N updates, the smallest budget of a doubling sequence whose doubling "
                  "improves the avg dev CER by less than 2 % relative (cosine schedule to the budget each time). "
@@ -276,15 +290,15 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
              *_convergence_lines(rows, record), "", "### PL audio: 0× to the corpus's all", "", header,
              "|---|---:|---:|" + "---:|---:|---:|" * len(sets)]
 
-    def row(title: str, pl: str, updates: int | None, cells: dict[str, float | None]) -> str:
-        ctl = rows["controls"].get(updates) or {}
+    def row(title: str, pl: str, updates: int | None, cells: dict[str, float | None], own: bool = False) -> str:
+        ctl = {} if own else rows["controls"].get(updates) or {}  # a control is not compared with itself
         return (f"| {title} | {pl} | {updates or '—'} | " + " | ".join(
             f"{cells[t]:.1f} | {_vs(cells[t], base_cells[t])} | {_vs(cells[t], ctl.get(t))}" if cells[t] is not None
             else "— | — | —" for t in sets) + " |")
 
     lines.append(row("supervised base (labeled only)", "0×", path, base_cells))
     for updates, cells in sorted(rows["controls"].items()):
-        lines.append(row(f"same-compute control ({updates} updates, labeled only)", "0×", updates, cells))
+        lines.append(row(f"same-compute control ({updates} updates, labeled only)", "0×", updates, cells, own=True))
     # The PL audio a student read per language, as a multiple of a high-resource language's labeled hours.
     per_language = 3600 * study.reference_hours() * len(rows["languages"])
     points = []

@@ -372,11 +372,18 @@ def student_models(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for stage, rs in chains.items()}
 
 
-def fair_baseline(report: dict[str, Any]) -> dict[str, Any]:
-    """The better (lower avg test CER over the languages with unlabeled audio) of the supervised base and its
-    same-compute controls: what a student must beat for self-training to have paid."""
-    rows = [r for r in report["rows"] if r["kind"] in ("base", "control") and r["cer_unlabeled"] is not None]
-    return min(rows, key=lambda r: r["cer_unlabeled"])
+def same_compute_control(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's same-compute control row (the longest, where a study added others), or None."""
+    controls = [r for r in report["rows"] if r["kind"] == "control"]
+    return max(controls, key=lambda r: r["updates"] or 0) if controls else None
+
+
+def fair_baseline(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The better (lower avg test CER over the languages with unlabeled audio) of the supervised base and the
+    same-compute control: what a student must beat for self-training to have paid; None without figures."""
+    base = next((r for r in report["rows"] if r["kind"] == "base"), None)
+    rows = [r for r in (base, same_compute_control(report)) if r is not None and r["cer_unlabeled"] is not None]
+    return min(rows, key=lambda r: r["cer_unlabeled"]) if rows else None
 
 
 def _below(name: str, check: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
@@ -394,8 +401,7 @@ def orderings(report: dict[str, Any], roles: dict[str, str]) -> list[dict[str, A
     and the same-compute control, and whether a low-resource language gains the most."""
     rows = {r["stage"]: r for r in report["rows"]}
     base, unl, models = rows.get("supervised"), report["with_unlabeled"], student_models(report)
-    controls = [r for r in report["rows"] if r["kind"] == "control"]
-    control = max(controls, key=lambda r: r["updates"] or 0) if controls else None
+    control = same_compute_control(report)
     out = []
     chain = [("supervised", base), *((m, models.get(m)) for m in ("finetune", "from_scratch", "from_scratch_large"))]
     present = [(name, r) for name, r in chain if r is not None]
@@ -431,15 +437,15 @@ def recipe_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     at or below its fine-tune per language (on all languages but one)."""
     rows = {r["stage"]: r for r in report["rows"]}
     base, ft, slim, models = rows.get("supervised"), rows.get("finetune"), rows.get("slimipl"), student_models(report)
-    if base is None or not models:
-        return []
     fair = fair_baseline(report)
+    if base is None or not models or fair is None:  # no language self-trained: nothing to pay for
+        return []
     out = [c for c in [convergence(report)] if c is not None]
     best = min(models.values(), key=lambda r: math.inf if r["dev_cer"] is None else r["dev_cer"])
     out.append(_below(best["stage"], f"best student below the better of base and control ({fair['title']})", fair,
                       best))
     for name, share in SCRATCH_TARGETS.items():
-        if name in models:
+        if name in models and models[name]["cer_unlabeled"] is not None:
             r = models[name]
             gain = (fair["cer_unlabeled"] - r["cer_unlabeled"]) / fair["cer_unlabeled"]
             out.append({"student": r["stage"], "check": f"≥ {100 * share:.0f} % below the better of base and control",

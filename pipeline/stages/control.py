@@ -17,8 +17,8 @@ from storage.files import read_json
 
 
 def best_student(cfg: RecipeConfig) -> tuple[str, int]:
-    """The last round's student whose final model has the lowest dev CER (the first mode without dev figures), and
-    its whole path in updates.
+    """The last round's student whose model (the student or its labeled-only fine-tune, as the report chooses) has the
+    lowest dev CER (the first mode without dev figures), and its whole path in updates.
 
     Raises:
         ValueError: when the recipe trains no student.
@@ -27,12 +27,16 @@ def best_student(cfg: RecipeConfig) -> tuple[str, int]:
         raise ValueError("the same-compute control follows a student's path: the recipe trains none (student_modes)")
     layout = RunLayout(cfg.run_dir)
 
-    def dev_cer(mode: str) -> float:
+    def stage_cer(stage: str) -> float:
         try:
-            metric = read_json(layout.stage(cfg.final_student_stage(mode)).result)["best"]["metric"]
+            metric = read_json(layout.stage(stage).result)["best"]["metric"]
         except FileNotFoundError:
             return math.inf
         return math.inf if metric is None else metric
+
+    def dev_cer(mode: str) -> float:
+        return min(stage_cer(cfg.student_config(mode, cfg.rounds).stage_name()),
+                   stage_cer(cfg.final_student_stage(mode)))
 
     mode = min(cfg.student_modes, key=dev_cer)
     return cfg.final_student_stage(mode), cfg.path_updates(mode, cfg.rounds)
