@@ -225,7 +225,9 @@ def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[st
 
 
 def _avg(cer: dict[str, float], languages: list[str]) -> float | None:
-    return sum(cer[lang] for lang in languages) / len(languages) if all(lang in cer for lang in languages) else None
+    if not languages or any(cer.get(lang) is None for lang in languages):
+        return None
+    return sum(cer[lang] for lang in languages) / len(languages)
 
 
 def _vs(value: float | None, ref: float | None) -> str:
@@ -240,10 +242,11 @@ def study_rows(study: DataSizeStudy, record: dict[str, Any]) -> dict[str, Any]:
     """Every model the section shows, with its avg CER over the languages with unlabeled audio per test set: the
     recipe run's base, its controls and its from-scratch student, the study's controls and variants."""
     report = build_report(study.run_dir)
-    langs, sets = report["with_unlabeled"], ["test", *report["test_sets"]]
+    # the languages with unlabeled audio (the slimIPL ones), else every language (a run without slimIPL)
+    langs, sets = report["with_unlabeled"] or report["languages"], ["test", *report["test_sets"]]
 
     def of_report(r: dict[str, Any]) -> dict[str, float | None]:
-        return {"test": r["cer_unlabeled"]} | {t: r["ood"][t]["cer_unlabeled"] for t in report["test_sets"]}
+        return {"test": _avg(r["cer"], langs)} | {t: _avg(r["ood"][t]["cer"], langs) for t in report["test_sets"]}
 
     controls = {r["updates"]: of_report(r) for r in report["rows"] if r["kind"] == "control"}
     controls |= {int(u): _cells(c["cer"], langs, sets) for u, c in record["controls"].items()}
