@@ -53,3 +53,11 @@ def stop(proc: subprocess.Popen) -> None:
         pass
     if proc.poll() is None:
         proc.wait(10)
+
+
+def all_artifacts(client: Any) -> list[Any]:
+    """Every artifact a Prefect server holds: the API hands out at most 200 a call, and a recipe run makes more."""
+    found: list[Any] = []
+    while page := client.read_artifacts(offset=len(found), limit=200):
+        found += page
+    return found

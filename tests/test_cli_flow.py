@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from tests.servers import all_artifacts
 
 
 def test_every_command_has_help():
@@ -133,11 +134,7 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
                         overrides=overrides)
         with get_client(sync_client=True) as client:
-            found, page = [], [None]
-            while page:  # the API hands out at most 200 a call: every stage now also has out-of-domain scores
-                page = client.read_artifacts(offset=len(found), limit=200)
-                found += page
-            artifacts = {a.key: a for a in found if a.key}
+            artifacts = {a.key: a for a in all_artifacts(client) if a.key}
             flows = {f.name for f in client.read_flows()}
     assert {"mlpl-demo", "mlpl-recipe", "mlpl-train", "mlpl-language", "mlpl-label"} <= flows
     # Ops see progress and the per-language tables of every stage in the UI.

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import RecipeConfig, corpus_data
-from tests.servers import free_port, stop, wait_for
+from tests.servers import all_artifacts, free_port, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,7 +82,7 @@ def test_deployments_on_a_real_server_cache_stages_and_relabel(smoke_corpus, tmp
             # the same-compute control walks the student's whole path: 4 (base) + 3 (student) + 2 (labeled fine-tune)
             assert set(record["stages"]) == {"supervised", "finetune/sl", "slimipl/sl", "student/finetune",
                                              "student/finetune-labeled-ft", "control/9"}
-            artifacts = {a.key: a for a in client.read_artifacts() if a.key}
+            artifacts = {a.key: a for a in all_artifacts(client) if a.key}
             assert {"supervised-test-metrics", "finetune-sl-test-metrics", "slimipl-sl-pl-quality", "label-summary",
                     "student-finetune-test-metrics", "recipe-report", "recipe-dev-cer-plot",
                     "recipe-summary"} <= set(artifacts)
@@ -170,7 +170,7 @@ def _relabel(client, smoke: str, run: Path, tmp_path: Path, log: Path) -> None:
     assert after - before == {f"sl/new-{c.name}" for c in clips} and before <= after
     _run(client, deployment.id, cfg, log)
     assert set(load_pseudo_labels(str(root))["id"]) == after
-    summaries = [a for a in client.read_artifacts() if a.key == "relabel-summary"]
+    summaries = [a for a in all_artifacts(client) if a.key == "relabel-summary"]
     assert len(summaries) == 2 and "| 2 | 2 | 0" in summaries[0].data + summaries[1].data
 
 
