@@ -33,16 +33,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def flush_denormals(device: torch.device) -> None:
-    """On the CPU, treat denormal floats as zero (process-wide) for training.
-
-    Values below 1.2e-38 change no result, but each costs x86 cores a microcode assist: the from-scratch large student
-    trained at 14-18 against 29-34 audio-s/s with them flushed, resumed from the same checkpoint (update 800).
-    """
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-
-
 def _bf16_native(device_type: str) -> bool:
     return torch.cuda.is_bf16_supported() if device_type == "cuda" else bf16_supported()
 

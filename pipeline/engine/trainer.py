@@ -40,7 +40,7 @@ from pipeline.data.rows import ProgressFn
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.engine.average import TopCheckpoints, average_checkpoints, save_top_checkpoint, write_averaged
 from pipeline.engine.decode import decode_dataset
-from pipeline.engine.device import autocast, flush_denormals, precision_used, resolve_device
+from pipeline.engine.device import autocast, precision_used, resolve_device
 from pipeline.engine.distributed import World, all_reduce_floats, gather, wrap_model
 from pipeline.engine.distributed import world as current_world
 from pipeline.engine.evaluate import format_table, score
@@ -170,7 +170,6 @@ class Trainer:
         self.meta = meta or {}  # features, audio policy, init checkpoint: what a later reader needs
         self.on_progress = on_progress
         self.device = resolve_device(cfg.device)
-        flush_denormals(self.device)
         model.to(self.device)  # before the optimizer, whose state follows the parameters' device
         self.world: World = current_world()
         self.train_model = wrap_model(model, self.world, self.device)  # DDP under torchrun, else `model`
