@@ -35,6 +35,7 @@ from pipeline.report.report import (
     build_report,
     convergence,
     hidden_references,
+    mean_over,
     pl_quality,
     replace_section,
     student_models,
@@ -224,18 +225,12 @@ def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[st
 # --- the results page section ------------------------------------------------------------------------------------
 
 
-def _avg(cer: dict[str, float], languages: list[str]) -> float | None:
-    if not languages or any(cer.get(lang) is None for lang in languages):
-        return None
-    return sum(cer[lang] for lang in languages) / len(languages)
-
-
 def _vs(value: float | None, ref: float | None) -> str:
     return f"{100 * (value - ref) / ref:+.1f} %" if value is not None and ref else "—"
 
 
 def _cells(cer: dict[str, dict[str, float]], langs: list[str], sets: list[str]) -> dict[str, float | None]:
-    return {t: _avg(cer.get(t, {}), langs) for t in sets}
+    return {t: mean_over(cer.get(t, {}), langs) for t in sets}
 
 
 def study_rows(study: DataSizeStudy, record: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +241,8 @@ def study_rows(study: DataSizeStudy, record: dict[str, Any]) -> dict[str, Any]:
     langs, sets = report["with_unlabeled"] or report["languages"], ["test", *report["test_sets"]]
 
     def of_report(r: dict[str, Any]) -> dict[str, float | None]:
-        return {"test": _avg(r["cer"], langs)} | {t: _avg(r["ood"][t]["cer"], langs) for t in report["test_sets"]}
+        return {"test": mean_over(r["cer"], langs)} | {t: mean_over(r["ood"][t]["cer"], langs)
+                                                       for t in report["test_sets"]}
 
     controls = {r["updates"]: of_report(r) for r in report["rows"] if r["kind"] == "control"}
     controls |= {int(u): _cells(c["cer"], langs, sets) for u, c in record["controls"].items()}

@@ -166,8 +166,8 @@ def build_report(run_dir: str) -> dict[str, Any]:
             metrics = metrics_of(lang)
             if metrics and lang in metrics:
                 cer[lang], lid[lang] = metrics[lang]["cer"], metrics[lang]["lid_acc"]
-        return {"cer": cer, "lid_acc": lid, "cer_all": _mean(cer, languages),
-                "cer_unlabeled": _mean(cer, with_unlabeled), "lid_acc_mean": _mean(lid, languages)}
+        return {"cer": cer, "lid_acc": lid, "cer_all": mean_over(cer, languages),
+                "cer_unlabeled": mean_over(cer, with_unlabeled), "lid_acc_mean": mean_over(lid, languages)}
 
     def add_row(stage: str, title: str, kind: str, metrics_of, results: list[str], pl: dict | None = None,
                 **more: Any) -> None:
@@ -228,7 +228,8 @@ def serving_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _mean(values: dict[str, float], over: list[str]) -> float | None:
+def mean_over(values: dict[str, float], over: list[str]) -> float | None:
+    """The mean of `values` over the languages `over`; None when one of them has no figure (or there are none)."""
     if not over or any(values.get(lang) is None for lang in over):
         return None
     return sum(values[lang] for lang in over) / len(over)
