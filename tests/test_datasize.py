@@ -70,3 +70,25 @@ def test_students_read_nested_pl_shares_and_each_path_gets_its_control(smoke_cor
     assert (tmp_path / PLOT).read_bytes()[:4] == b"\x89PNG"
     assert "| from scratch, pl0p5x |" in text and "| greedy-pls |" in text and "N/2 (this study)" in text
     assert "PL CER of the corpus" in text and "| same-compute control (14 updates, labeled only) |" in text
+
+
+def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two_percent():
+    from pipeline.report.datasize import _convergence_lines
+
+    report = {"rows": [{"kind": "base", "updates": 4000, "dev_cer": 22.36},
+                       {"kind": "control", "updates": 8000, "dev_cer": 20.52}]}
+    rows = {"base": report["rows"][0], "report": report}
+    half = {"half_base": {"updates": 2000, "dev_cer": 25.05}}
+    # Every doubling measured still gains ≥ 2 %: the page says so, with the last one's gain.
+    text = "\n".join(_convergence_lines(rows, half))
+    assert "| 2.00 N (the recipe's control) | 8000 | 20.52 | -8.2 % |" in text
+    assert "**Not converged at any budget measured**: the last doubling (4000 → 8000 updates) still gains 8.2 %." \
+           in text
+    # The study's 4 N run gains 1.5 % over 2 N: the rule picks 2 N (8000), not the base's N.
+    record = half | {"controls": {"16000": {"updates": 16000, "dev_cer": 20.21}}}
+    text = "\n".join(_convergence_lines(rows, record))
+    assert "| 4.00 N (this study) | 16000 | 20.21 | -1.5 % |" in text
+    assert "The rule picks 8000 updates: doubling it gains 1.5 %." in text
+    # Without a doubling there is nothing to check.
+    text = "\n".join(_convergence_lines({"base": report["rows"][0], "report": {"rows": report["rows"][:1]}}, {}))
+    assert "No doubling of the base's budget measured" in text

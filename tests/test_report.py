@@ -226,6 +226,7 @@ def test_the_results_page_says_what_a_rerun_reused_and_keeps_the_studies_written
     assert "— 5.0 min on cpu, 2 cores (+ 10.0 min of reused stages, below)." in text
     assert "Reused from an earlier run of the same config (the stage cache): supervised; training them took " \
            "10.0 min then." in text
+    assert "| supervised | 600 | yes |\n| student | 0 |  |\n| **total** | 600 (0.17 h) | |" in text
     assert text.endswith("## Ablations\n\n| ablation | ... |\n\n## Capacity study\n\n### a. depth\n\ncap\n\n"
                          "## Serving-size students\n\nserve\n") and "old page" not in text
     assert (tmp_path / "docs/results_dev_cer.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,8 +8,9 @@ the two with the lower dev CER is the variant's model), with one thing changed:
 - the levers: the PL share of updates, twice the student's own budget (against a control trained as long), and
   greedy PLs instead of LM-fused ones (the same teachers relabel the corpus greedy).
 Each is compared with the recipe run's base and the same-compute control of its path, on test and out of domain.
-The base's budget is shown as the stopping rule chose it: the config at half the budget, the budget, and the
-control's twice the budget.
+The base's budget is shown as the stopping rule chose it: the config at half the budget, the budget, the
+control's twice the budget and, when that doubling still gains 2 % or more, the config at four times the budget
+(the rule's next step).
 
 Teachers, PL corpus, base and control are the recipe run's and never retrained here; the study's runs go to
 `out_dir` (a run directory of students, its greedy PL corpus, its longer control), its record to
@@ -217,6 +218,12 @@ def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[st
         if str(path) not in record["controls"]:
             record["controls"][str(path)] = timed(f"control {path}", control, study, path)
         write_json(url, record)
+    if not levers:
+        check = convergence(build_report(study.run_dir))
+        if check is not None and not check["holds"]:  # the rule's next doubling: the base's config at 4 N
+            n4 = 4 * study.config().supervised_config().max_updates
+            record["controls"][str(n4)] = timed("base at 4N", control, study, n4)
+            write_json(url, record)
     record["pl_quality"] = pl_quality_ratio(study)
     write_json(url, record)
     return record
@@ -256,20 +263,37 @@ def study_rows(study: DataSizeStudy, record: dict[str, Any]) -> dict[str, Any]:
 
 def _convergence_lines(rows: dict[str, Any], record: dict[str, Any]) -> list[str]:
     base, half = rows["base"], record.get("half_base")
-    check = convergence(rows["report"])
+    n = base["updates"]
     lines = ["| budget | updates | avg dev CER | vs the step before |", "|---|---:|---:|---:|"]
     steps = [("N/2 (this study)", half["updates"], half["dev_cer"])] if half else []
-    steps.append(("N (the base)", base["updates"], base["dev_cer"]))
-    longer = [r for r in rows["report"]["rows"] if r["kind"] == "control" and r["updates"] >= 2 * base["updates"]]
-    steps += [(f"{r['updates'] / base['updates']:.2f} N (the control)", r["updates"], r["dev_cer"]) for r in longer]
+    steps.append(("N (the base)", n, base["dev_cer"]))
+    # the doublings past N: the recipe run's controls, then the study's own (the base's config at 4 N)
+    longer = {r["updates"]: (f"{r['updates'] / n:.2f} N (the recipe's control)", r["dev_cer"])
+              for r in rows["report"]["rows"] if r["kind"] == "control" and r["updates"] >= 2 * n}
+    for u, c in record.get("controls", {}).items():
+        longer.setdefault(int(u), (f"{int(u) / n:.2f} N (this study)", c["dev_cer"]))
+    steps += [(what, u, cer) for u, (what, cer) in sorted(longer.items())]
     for i, (what, updates, cer) in enumerate(steps):
         shown = "—" if cer is None else f"{cer:.2f}"
         lines.append(f"| {what} | {updates} | {shown} | {_vs(cer, steps[i - 1][2]) if i else '—'} |")
-    lines.append("")
-    lines.append("Stopping rule: the base trains N updates, the smallest budget of a doubling sequence whose doubling "
-                 "improves the avg dev CER by less than 2 % relative (cosine schedule to the budget each time). "
-                 + (check["detail"] if check else "No control of at least 2 N updates: the rule is not checked."))
+    lines += ["", "Stopping rule: the base trains N updates, the smallest budget of a doubling sequence whose doubling "
+              "improves the avg dev CER by less than 2 % relative (cosine schedule to the budget each time). "
+              + _rule_verdict(steps)]
     return lines
+
+
+def _rule_verdict(steps: list[tuple[str, int, float | None]]) -> str:
+    """Which budget the stopping rule picks from the doublings measured, or how far the last one still gains."""
+    pairs = [(a, b) for a, b in zip(steps, steps[1:], strict=False)
+             if a[2] is not None and b[2] is not None and b[1] == 2 * a[1]]
+    for a, b in pairs:
+        if (a[2] - b[2]) / a[2] < 0.02:
+            return f"The rule picks {a[1]} updates: doubling it gains {100 * (a[2] - b[2]) / a[2]:.1f} %."
+    if not pairs:
+        return "No doubling of the base's budget measured: the rule is not checked."
+    a, b = pairs[-1]
+    return (f"**Not converged at any budget measured**: the last doubling ({a[1]} → {b[1]} updates) still gains "
+            f"{100 * (a[2] - b[2]) / a[2]:.1f} %.")
 
 
 def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str, machine: str) -> tuple[str, bytes]:

@@ -561,10 +561,18 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
     plot_name = posixpath.basename(path).rsplit(".", 1)[0] + "_dev_cer.png"
     atomic_write_bytes(join(posixpath.dirname(path) or ".", plot_name), read_bytes(report["plot"]))
     walls = "\n".join(f"| {name} | {s:.0f} |" for name, s in out["wall_s"].items())
-    reused = {name: st.get("stage_wall_s", 0.0) for name, st in out.get("stages", {}).items() if st.get("cached")}
+    stages = out.get("stages", {})
+    reused = {name: st.get("stage_wall_s", 0.0) for name, st in stages.items() if st.get("cached")}
     if reused:  # a rerun's wall time is the lookups of what it reused: say what those stages cost when trained
         walls += (f"\n\nReused from an earlier run of the same config (the stage cache): {', '.join(reused)}; "
                   f"training them took {sum(reused.values()) / 60:.1f} min then.")
+    if stages:  # what each stage cost whichever run trained it: the whole recipe's time on a clean run
+        trained = "\n".join(f"| {name} | {st.get('stage_wall_s', 0.0):.0f} | {'yes' if st.get('cached') else ''} |"
+                            for name, st in stages.items())
+        total = sum(st.get("stage_wall_s", 0.0) for st in stages.values())
+        walls += (f"\n\nTraining time of every stage as the stage cache recorded it (summed over resumes, "
+                  f"whichever run trained it):\n\n| stage | train s | reused here |\n|---|---:|---|\n{trained}\n"
+                  f"| **total** | {total:.0f} ({total / 3600:.2f} h) | |")
     text = (
         f"# Results: the whole recipe on the `{out.get('corpus', {}).get('name', 'bench')}` corpus\n\n"
         f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores"
