@@ -54,7 +54,7 @@ bench: $(STAMP)
 # The CUDA path on one GPU (device tests, peak, labeling and training throughput) → docs/gpu-check.{json,md};
 # without a GPU it says so and runs the CPU parts.
 gpu-check: $(STAMP)
-	$(BIN)/python -m pipeline.report.gpu_check docs
+	$(BIN)/python -m pipeline.studies.gpu_check docs
 
 # The whole recipe on the bench corpus (six languages, LM-fused labeling, both students); writes docs/results.md
 # (≈ 1.5 h on 2 slow cores; a rerun resumes where it stopped; the log is runs/bench/reproduce.log).

@@ -1,4 +1,4 @@
-"""`make ablations`: the recipe's levers switched one at a time (`pipeline.report.ablation.ABLATIONS`), each a branch
+"""`make ablations`: the recipe's levers switched one at a time (`pipeline.studies.ablation.ABLATIONS`), each a branch
 of the finished recipe run that reruns as its own mlpl-recipe flow; the table goes into the results page after
 every ablation, so an interrupted study shows what it has and a rerun picks up where it stopped."""
 
@@ -14,7 +14,7 @@ from flows.artifacts import ProgressArtifact
 from flows.recipe import recipe_flow
 from pipeline.config import RecipeConfig, deep_merge
 from pipeline.data.rows import read_utterances
-from pipeline.report.ablation import (
+from pipeline.studies.ablation import (
     ABLATION_STUDENT,
     ablation_figures,
     ablation_named,

@@ -249,7 +249,7 @@ def _recipe_config(args: argparse.Namespace):
 def cmd_recipe(args: argparse.Namespace) -> int:
     """Run the whole recipe as the Prefect flow mlpl-recipe (building the corpus first unless --config)."""
     t0 = time.perf_counter()
-    from pipeline.corpus.layout import is_imported
+    from pipeline.layout import is_imported
 
     cfg = _recipe_config(args)
     if args.config or is_imported(args.corpus_dir):  # nothing to build: a form, or a corpus `mlpl import` wrote
@@ -265,7 +265,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     print_recipe(out, cfg.run_dir, wall)
     if args.results:
-        from pipeline.report.bench import cpu_name
+        from pipeline.engine.device import cpu_name
         from pipeline.report.report import write_results
 
         roles = {lang: v.get("role", "") for lang, v in out.get("corpus", {}).get("languages", {}).items()}
@@ -403,8 +403,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Measure throughput on the demo corpus (built first if missing): training, decoding and labeling."""
     import tempfile
 
-    from pipeline.report.bench import (
-        ensure_corpus,
+    from pipeline.studies.bench import (
         format_figures,
         format_label_bench,
         format_label_profile,
@@ -415,10 +414,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_label_bench,
         run_lm_label_bench,
     )
+    from pipeline.studies.common import ensure_corpus
 
     with progress_bar(single=True) as update:
         ensure_corpus(args.corpus, args.corpus_dir, on_progress=update)
-    from pipeline.report.import_bench import format_import_bench, run_import_bench
+    from pipeline.studies.import_bench import format_import_bench, run_import_bench
 
     print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
     print()
@@ -437,7 +437,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from functools import partial
 
             from flows.label import run_label_flow
-            from pipeline.report.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
+            from pipeline.studies.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
 
             on_cluster = partial(run_label_flow, dask_workers=2)
             print()
@@ -466,8 +466,9 @@ def _language_stage_arguments(p: argparse.ArgumentParser, *, init: str) -> None:
 
 def cmd_serving(args: argparse.Namespace) -> int:
     """The serving-size study on the bench corpus (built first if missing): pruning and quantization tables."""
-    from pipeline.report.bench import cpu_name, ensure_corpus
-    from pipeline.report.serving import ServingStudy, publish_serving, run_serving_study
+    from pipeline.engine.device import cpu_name
+    from pipeline.studies.common import ensure_corpus
+    from pipeline.studies.serving import ServingStudy, publish_serving, run_serving_study
 
     ensure_corpus(args.corpus, args.corpus_dir)
     study = ServingStudy(args.corpus_dir, args.out, init_checkpoint=args.init, sparsity=args.sparsity,
@@ -486,9 +487,9 @@ def cmd_serving(args: argparse.Namespace) -> int:
 def cmd_datasize(args: argparse.Namespace) -> int:
     """Does more PL audio pay? From-scratch students at several PL amounts and the student's levers, branched off a
     finished recipe run; the tables and plot go into the results page."""
-    from pipeline.report.bench import cpu_name
-    from pipeline.report.datasize import SECTION, DataSizeStudy, publish_datasize, run_datasize_study
+    from pipeline.engine.device import cpu_name
     from pipeline.report.report import build_report
+    from pipeline.studies.datasize import SECTION, DataSizeStudy, publish_datasize, run_datasize_study
 
     study = DataSizeStudy(args.corpus_dir, args.run_dir, args.out, recipe=args.recipe,
                           ratios=tuple(args.ratio or (1.0, 3.0)))
@@ -507,8 +508,9 @@ def cmd_datasize(args: argparse.Namespace) -> int:
 
 def cmd_capacity(args: argparse.Namespace) -> int:
     """Li et al.'s capacity study on the bench corpus (built first if missing): four tables, equal training time."""
-    from pipeline.report.bench import cpu_name, ensure_corpus
-    from pipeline.report.capacity import CapacityStudy, publish_capacity, rebalance, run_capacity_study
+    from pipeline.engine.device import cpu_name
+    from pipeline.studies.capacity import CapacityStudy, publish_capacity, rebalance, run_capacity_study
+    from pipeline.studies.common import ensure_corpus
 
     ensure_corpus(args.corpus, args.corpus_dir)
     study = CapacityStudy(args.corpus_dir, args.out, reference_updates=args.reference_updates)

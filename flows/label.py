@@ -7,7 +7,7 @@ task runner, e.g. prefect-ray's `RayTaskRunner`, plugs in the same way: `label_f
 
 Each unit task is retried once and is idempotent: a committed unit is skipped, a half-done one is redone
 under the same file names, so a worker killed mid-unit (Dask reruns its task elsewhere) leaves no duplicate.
-A worker process loads each teacher once (`pipeline.stages.label._teacher_model` caches per process) and labels
+A worker process loads each teacher once (`pipeline.stages.label_decode.teacher_model` caches per process) and labels
 many units; the tasks carry the plan without its unit list, so what travels per task stays small.
 """
 
@@ -30,7 +30,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.artifacts import DEVICE_TAG, ProgressArtifact, artifact_key
 from pipeline.config import LabelConfig
-from pipeline.stages.label import LabelPlan, WorkUnit, finish, label_unit, plan_labeling
+from pipeline.stages.label import finish, label_unit, plan_labeling
+from pipeline.stages.label_decode import LabelPlan, WorkUnit
 from pipeline.stages.label_summary import audit_columns, open_with_pandas, summary_markdown
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from flows.cli import main
 from pipeline.config import recipe_demo
-from pipeline.report.ablation import (
+from pipeline.report.report import replace_section, section
+from pipeline.studies.ablation import (
     ABLATIONS,
     ablation_markdown,
     ablation_named,
@@ -19,7 +20,6 @@ from pipeline.report.ablation import (
     finished_figures,
     prepare_branch,
 )
-from pipeline.report.report import replace_section, section
 
 
 def test_a_results_page_section_is_replaced_in_place_or_appended():

@@ -17,8 +17,9 @@ from pipeline.config import label_tiny
 from pipeline.data.text import normalize_text
 from pipeline.engine.evaluate import score
 from pipeline.stages import label_audit
-from pipeline.stages.label import filter_reason, plan_labeling, run_label
+from pipeline.stages.label import plan_labeling, run_label
 from pipeline.stages.label_audit import audit_dev, choose_thresholds
+from pipeline.stages.label_decode import filter_reason
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.manifest import read_manifest
 from storage.pl import load_pseudo_labels, load_rejects

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.report.bench import format_label_profile, label_profile
+from pipeline.studies.bench import format_label_profile, label_profile
 
 
 def test_the_labeling_profile_names_the_operators_that_take_the_time(smoke_corpus, teacher):

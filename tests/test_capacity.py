@@ -13,7 +13,10 @@ import torch
 from pipeline.config import label_tiny, preset, supervised_tiny
 from pipeline.engine.decode import decode_features, language_ids
 from pipeline.engine.model import load_trained
-from pipeline.report.capacity import (
+from pipeline.stages.label import run_label
+from pipeline.stages.slimipl import run_slimipl
+from pipeline.stages.supervised import run_supervised
+from pipeline.studies.capacity import (
     MULTILINGUAL,
     PROBE_UPDATES,
     CapacityRun,
@@ -22,9 +25,6 @@ from pipeline.report.capacity import (
     rebalance,
     run_capacity_study,
 )
-from pipeline.stages.label import run_label
-from pipeline.stages.slimipl import run_slimipl
-from pipeline.stages.supervised import run_supervised
 from storage.pl import load_pseudo_labels
 from tests.test_selftrain import _slim
 

@@ -21,7 +21,7 @@ import flows.label as flows_label
 from flows.label import label_task_runner, run_label_flow, task_plan
 from pipeline.config import label_tiny
 from pipeline.data.rows import Utterance
-from pipeline.stages.label import LabelPlan, Teacher, WorkUnit
+from pipeline.stages.label_decode import LabelPlan, Teacher, WorkUnit
 from storage.pl import load_pseudo_labels
 
 EXACT = ["id", "language", "text", "num_tokens", "lid_pred", "shard", "key"]
@@ -201,9 +201,9 @@ def _cluster_state():
     """Per worker: teachers loaded by this process and its torch threads."""
     import torch
 
-    from pipeline.stages.label import _teacher_model
+    from pipeline.stages.label_decode import teacher_model
 
-    return _teacher_model.cache_info().misses, torch.get_num_threads()
+    return teacher_model.cache_info().misses, torch.get_num_threads()
 
 
 def _open_temp_shards(pid: int, root: str) -> list[str]:
@@ -286,8 +286,8 @@ def test_a_worker_killed_mid_unit_leaves_the_complete_table_without_duplicates(o
 def test_the_dask_bench_finds_the_per_unit_cost_a_runner_adds_beyond_the_units_work(smoke_corpus, teacher):
     """`make bench`'s Dask figure: K and 2K units through a runner that adds 0.3 s of bookkeeping per unit (a
     stand-in for the cluster, one process) give 0.3 s per unit plus what labeling itself spends outside units."""
-    from pipeline.report.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
     from pipeline.stages.label import run_label
+    from pipeline.studies.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
     from storage.manifest import read_manifest
 
     def runner(cfg, root):

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.engine.evaluate import run_evaluate
 from pipeline.layout import RunLayout
-from pipeline.report.datasize import PLOT, SECTION, DataSizeStudy, publish_datasize, run_datasize_study
 from pipeline.report.report import write_report
+from pipeline.studies.datasize import PLOT, SECTION, DataSizeStudy, publish_datasize, run_datasize_study
 
 QUICK = {"max_updates": 4, "eval_every": 4, "save_every": 4, "log_every": 2,
          "optim": {"name": "adamw", "lr": 1e-3, "warmup_updates": 1, "schedule": "constant"}}
@@ -73,7 +73,7 @@ def test_students_read_nested_pl_shares_and_each_path_gets_its_control(smoke_cor
 
 
 def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two_percent():
-    from pipeline.report.datasize import _convergence_lines
+    from pipeline.studies.datasize import _convergence_lines
 
     report = {"rows": [{"kind": "base", "updates": 4000, "dev_cer": 22.36},
                        {"kind": "control", "updates": 8000, "dev_cer": 20.52}]}

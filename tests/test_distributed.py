@@ -14,7 +14,8 @@ import torch
 from pipeline.config import supervised_tiny
 from pipeline.data.samplers import batch_sampler
 from pipeline.data.stream import LazyBatchLoader, load_unlabeled
-from pipeline.engine.distributed import World, shard
+from pipeline.data.world import World
+from pipeline.engine.distributed import shard
 from pipeline.stages.supervised import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipeline.report.gpu_check import main
+from pipeline.studies.gpu_check import main
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only path; on a GPU `make gpu-check` itself runs")
@@ -27,7 +27,7 @@ def test_without_a_gpu_it_says_so_and_runs_the_cpu_parts(tmp_path, capsys):
 
 
 def test_the_projection_turns_a_labeling_rate_into_hours_per_day_and_devices_for_a_million_hours():
-    from pipeline.report.gpu_check import flops_per_audio_s, projection
+    from pipeline.studies.gpu_check import flops_per_audio_s, projection
 
     # 8,000× real time: 192,000 h a day, so 1 M h in 24 h takes ⌈5.2⌉ = 6 devices
     assert projection(8000.0) == {"hours_per_device_day": 192_000.0, "devices_for_corpus": 6}

@@ -22,7 +22,8 @@ import torch
 
 from flows.cli import main
 from pipeline.config import label_tiny
-from pipeline.stages.label import filter_reason, reject_category, run_label, split_units
+from pipeline.stages.label import reject_category, run_label, split_units
+from pipeline.stages.label_decode import filter_reason
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.manifest import read_manifest, write_manifest
 from storage.pl import PL_SCHEMA, iter_shard_samples, load_pseudo_labels, load_rejects, pl_audio, sample_key

@@ -14,10 +14,10 @@ import torch
 
 from pipeline.config import BatchConfig, label_tiny, recipe_demo
 from pipeline.config.decoding import BeamDecoderConfig, DecoderTuning, LMConfig
-from pipeline.corpus.layout import text_only_file
 from pipeline.data.tokenizer import CharTokenizer
 from pipeline.engine import beam as beam_module
 from pipeline.engine.beam import BeamDecoder, lm_sentences, lm_tokens
+from pipeline.layout import text_only_file
 from pipeline.stages.label import run_label
 from pipeline.stages.lm import build_lm, lm_dir, tune_decoder
 from storage.checkpoint import save_checkpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.report.serving import PRUNE_RUNS, QUANT_BITS, ServingStudy, publish_serving, run_serving_study
+from pipeline.studies.serving import PRUNE_RUNS, QUANT_BITS, ServingStudy, publish_serving, run_serving_study
 from storage.files import read_json
 
 

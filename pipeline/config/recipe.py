@@ -21,7 +21,7 @@ from pipeline.config.stages import (
     StudentConfig,
     SupervisedConfig,
 )
-from pipeline.corpus.layout import corpus_data
+from pipeline.layout import corpus_data
 from storage.files import join, read_json
 
 # from_scratch_large: from scratch with the teacher's feed-forward and attention width doubled (the paper's large).

@@ -45,9 +45,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config.presets import choose
 from pipeline.corpus import augment, speech
-from pipeline.corpus.layout import OOD_SPLITS, SPLITS, hidden_file, split_manifest, text_only_file
 from pipeline.corpus.text import LANGUAGE_LETTERS, default_cache_dir, load_ood_sentences, load_sentences
 from pipeline.data.text import normalize_text
+from pipeline.layout import OOD_SPLITS, SPLITS, hidden_file, split_manifest, text_only_file
 from storage.files import (
     atomic_write_bytes,
     atomic_write_text,

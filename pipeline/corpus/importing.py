@@ -29,9 +29,9 @@ from typing import Any
 import langcodes
 
 from pipeline.config import normalize_language
-from pipeline.corpus.layout import split_manifest
 from pipeline.data.audio import AudioError, probe_audio, with_span
 from pipeline.data.tokenizer import prepare_text
+from pipeline.layout import split_manifest
 from storage.files import join, write_json
 from storage.importers import SPLITS, SourceLayoutError, SourceRow
 from storage.manifest import ManifestWriter

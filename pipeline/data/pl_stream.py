@@ -24,7 +24,7 @@ from pipeline.config import AudioPolicy, BatchConfig, FeatureConfig
 from pipeline.data.audio import AudioError, decode_audio, log_mel
 from pipeline.data.rows import Reject, Utterance
 from pipeline.data.samplers import DynamicBucketSampler
-from pipeline.engine.distributed import World
+from pipeline.data.world import World
 from storage.files import join
 from storage.pl import iter_shard_samples
 
@@ -172,7 +172,7 @@ class PLBatchStream:
                 batches = self.window_batches(epoch, w, windows[w])
                 audio = self._read_window(windows[w]) if pos < len(batches) else {}
                 while pos < len(batches):
-                    if pos % self.world.size != self.world.rank:  # another rank's batch
+                    if not self.world.owns(pos):  # another rank's batch
                         pos += 1
                         continue
                     utts, feats = [], []

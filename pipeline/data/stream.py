@@ -25,7 +25,7 @@ from pipeline.config import AudioPolicy, FeatureConfig
 from pipeline.data.audio import AudioError, load_audio, load_audio_and_flac, log_mel, probe_audio
 from pipeline.data.rows import Reject, Utterance, read_utterances
 from pipeline.data.samplers import DynamicBucketSampler
-from pipeline.engine.distributed import World
+from pipeline.data.world import World
 
 log = logging.getLogger("mlpl.stream")
 
@@ -221,7 +221,7 @@ class LazyBatchLoader:
                                  f"{world.size} ranks; use fewer ranks or smaller unlabeled batches")
             while pos < len(batches):
                 pos += 1
-                if (pos - 1) % world.size == world.rank:
+                if world.owns(pos - 1):
                     yield {"epoch": epoch, "position": pos, "seed": seed}, batches[pos - 1]
             epoch, pos = epoch + 1, 0
 

@@ -1,9 +1,13 @@
 """Where and at what precision models run: the device a config names, and bf16 autocast only where it is native
-(CUDA with bf16, AVX-512 BF16 CPUs; on AVX2-only CPUs bf16 matmul is emulated and slower than fp32)."""
+(CUDA with bf16, AVX-512 BF16 CPUs; on AVX2-only CPUs bf16 matmul is emulated and slower than fp32); the machine's
+name and matmul peak, which every measured figure states."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import platform
+import time
 from functools import lru_cache
 
 import torch
@@ -55,3 +59,31 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU model and its widest SIMD level, e.g. 'AMD EPYC 7B13 (AVX2)'."""
+    name = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1536, repeats: int = 5,
+                    device: torch.device | str = "cpu") -> float:
+    """This machine's matmul FLOP/s at a dtype on a device (the CPU with torch's current threads): best of
+    `repeats` n×n×n products."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up
+    synchronize(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

@@ -20,33 +20,15 @@ import datetime
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data.world import World
+
 log = logging.getLogger("mlpl.distributed")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the run: rank, number of ranks, and its rank on this node (its GPU)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the one process that writes."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """More than one rank."""
-        return self.size > 1
 
 
 def _env_int(name: str, default: int) -> int:
@@ -79,26 +61,20 @@ def is_main() -> bool:
 
 
 def shard(batches: Iterable[T], w: World) -> Iterator[T]:
-    """This rank's share of a global batch stream: item `rank` of each consecutive group of `size` items.
+    """This rank's share of a global batch stream: the items it owns (`World.owns`) of each consecutive group of
+    `size` items.
 
     The source advances by the whole group before the rank's item is handed out, so a sampler's state after
-    each item is the same on every rank (the global position) and the groups never overlap.
+    each item is the same on every rank (the global position) and the groups never overlap. A finite stream's
+    tail shorter than a group goes to the first ranks.
     """
-    if not w.distributed:
-        yield from batches
-        return
-    it = iter(batches)
-    while True:
-        group = []
-        for _ in range(w.size):
-            try:
-                group.append(next(it))
-            except StopIteration:
-                # A finite stream's tail shorter than a group: the first ranks take it, the rest get nothing.
-                if w.rank < len(group):
-                    yield group[w.rank]
-                return
-        yield group[w.rank]
+    group: list[T] = []
+    for item in batches:
+        group.append(item)
+        if len(group) == w.size:
+            yield from (x for i, x in enumerate(group) if w.owns(i))
+            group = []
+    yield from (x for i, x in enumerate(group) if w.owns(i))
 
 
 def all_reduce_floats(values: list[float], w: World) -> list[float]:

@@ -38,10 +38,11 @@ from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.data.dataset import Batch, Dataset
 from pipeline.data.rows import ProgressFn
 from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.world import World
 from pipeline.engine.average import TopCheckpoints, average_checkpoints, save_top_checkpoint, write_averaged
 from pipeline.engine.decode import decode_dataset
 from pipeline.engine.device import autocast, precision_used, resolve_device
-from pipeline.engine.distributed import World, all_reduce_floats, gather, wrap_model
+from pipeline.engine.distributed import all_reduce_floats, gather, wrap_model
 from pipeline.engine.distributed import world as current_world
 from pipeline.engine.evaluate import format_table, score
 from pipeline.engine.stage_cache import StageResult, cache_record

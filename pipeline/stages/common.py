@@ -27,7 +27,8 @@ from pipeline.data.dataset import Batch, Dataset, collate, load_dataset, reject_
 from pipeline.data.rows import ProgressFn, Reject
 from pipeline.data.samplers import LabeledSampler, labeled_sampler, mix_record
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.engine.distributed import World, shard
+from pipeline.data.world import World
+from pipeline.engine.distributed import shard
 from pipeline.engine.distributed import world as current_world
 from pipeline.engine.model import Trained, load_trained
 from pipeline.engine.stage_cache import StageResult, input_identity, reuse_or_resume

@@ -1,7 +1,7 @@
 """PL quality without references (recipe step 4; docs/architecture.md, "Pseudo-label generation", issue 16 item 3).
 
 The labeled dev rows are labeled exactly as the corpus is (each language's teacher, decoder and filters, through
-`pipeline.stages.label.decode_clips`) and scored against their transcripts (CER/WER as `pipeline.engine.evaluate.
+`pipeline.stages.label_decode.decode_clips`) and scored against their transcripts (CER/WER as `pipeline.engine.evaluate.
 score`: jiwer on normalized text), overall and per confidence bucket, so the expected quality of the rows a query
 keeps (`confidence >= x`) is known. `choose_thresholds` reads per-language confidence thresholds off it.
 
@@ -25,7 +25,7 @@ import jiwer
 
 from pipeline.data.rows import Utterance, read_utterances
 from pipeline.data.text import normalize_text
-from pipeline.stages.label import LabelPlan, decode_clips, filter_reason
+from pipeline.stages.label_decode import LabelPlan, decode_clips, filter_reason
 from storage.files import exists, join, read_json, sha256_of, write_json
 from storage.manifest import read_manifest, write_manifest
 from storage.pl import confidence_passes, stored_confidence

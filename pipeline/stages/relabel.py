@@ -23,7 +23,8 @@ from typing import Any
 from pipeline.config import RelabelConfig, normalize_language
 from pipeline.data.rows import ProgressFn, Utterance
 from pipeline.layout import RunLayout, teachers_for_run
-from pipeline.stages.label import identify_languages, load_teacher, run_label
+from pipeline.stages.label import run_label
+from pipeline.stages.label_decode import identify_languages, load_teacher
 from pipeline.stages.label_summary import reject_category
 from pipeline.stages.lm import tuned_decoders
 from storage.files import StorageLock, atomic_write_text, exists, file_listing

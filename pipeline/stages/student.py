@@ -28,7 +28,8 @@ from pipeline.data.dataset import Dataset, collate
 from pipeline.data.pl_stream import PLBatchStream, pl_samples
 from pipeline.data.rows import ProgressFn, Reject
 from pipeline.data.samplers import LabeledSampler, mix_record
-from pipeline.engine.distributed import World, gather_unique, shard
+from pipeline.data.world import World
+from pipeline.engine.distributed import gather_unique, shard
 from pipeline.engine.model import Trained, load_trained
 from pipeline.engine.stage_cache import StageResult
 from pipeline.engine.trainer import Trainer

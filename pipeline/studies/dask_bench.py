@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from pipeline.config import LabelConfig, label_tiny
-from pipeline.corpus.layout import split_manifest
+from pipeline.layout import split_manifest
 from storage.files import join
 from storage.manifest import read_manifest, write_manifest
 from storage.pl import LabelStore

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,19 +21,19 @@ import torch
 
 from models.encoder import CTCLIDModel
 from pipeline.config import SupervisedConfig, label_tiny, labeling_audio_policy, model_kwargs, supervised_tiny
-from pipeline.corpus.build import build_corpus, corpus_preset
-from pipeline.corpus.layout import hidden_file, split_manifest
 from pipeline.data.audio import load_audio, log_mel
 from pipeline.data.dataset import collate, load_dataset, reject_untrainable
-from pipeline.data.rows import ProgressFn, read_utterances
+from pipeline.data.rows import read_utterances
 from pipeline.data.samplers import DynamicBucketSampler
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.engine.decode import decode_dataset, decode_features
-from pipeline.engine.device import bf16_supported, precision_used, synchronize
+from pipeline.engine.device import bf16_supported, cpu_name, gemm_peak_flops, precision_used
 from pipeline.engine.model import load_trained
 from pipeline.engine.trainer import make_optimizer, train_step
+from pipeline.layout import hidden_file, split_manifest
 from pipeline.report.report import hidden_references, pl_quality
 from pipeline.stages.label import run_label
+from pipeline.studies.common import child_json
 from storage.files import exists, join
 from storage.manifest import read_manifest, write_manifest
 from storage.pl import LabelStore, load_pseudo_labels
@@ -114,23 +111,6 @@ def format_figures(figures: list[Figure]) -> str:
 
 
 # --- pseudo-labeling (issue: corpus-wide PL generation) ----------------------------------------------------
-
-
-def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1536, repeats: int = 5,
-                    device: torch.device | str = "cpu") -> float:
-    """This machine's matmul FLOP/s at a dtype on a device (the CPU with torch's current threads): best of
-    `repeats` n×n×n products."""
-    device = torch.device(device)
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def naive_label(manifest_url: str, teacher_url: str) -> tuple[dict[str, str], float, float]:
@@ -211,12 +191,6 @@ wall = time.perf_counter() - t0
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"wall_s": wall, "peak_rss_mb": hwm / 1024, "units": result.units_labeled}))
 """
-
-
-def child_json(script: str, *args: str) -> dict[str, Any]:
-    """Run a Python script in a fresh process (its own peak RSS) and return the JSON of its last output line."""
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _label_in_child(manifest: str, root: str, teachers: dict[str, str]) -> dict[str, float]:
@@ -345,12 +319,6 @@ def format_lm_label_bench(b: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ensure_corpus(preset: str, corpus_dir: str, on_progress: ProgressFn | None = None) -> None:
-    """Build the corpus preset into `corpus_dir` unless a corpus is there already (whichever preset it was)."""
-    if not exists(split_manifest(corpus_dir, "labeled")):
-        build_corpus(corpus_preset(preset), corpus_dir, on_progress=on_progress)
-
-
 def bench_teacher(corpus_dir: str, out_dir: str, updates: int = 150) -> str:
     """A quickly trained multilingual model to label with when no trained teacher is given (its PLs are poor,
     so the PL agreement figure means little; speed figures do not depend on the weights)."""
@@ -369,17 +337,6 @@ def label_teacher(corpus_dir: str, teacher: str | None, default_teacher: str, tm
         return default_teacher, f"teacher {default_teacher}"
     note = f"no teacher at {default_teacher} (run `make demo` first); trained a quick one to label with"
     return bench_teacher(corpus_dir, join(tmp_dir, "teacher")), note
-
-
-def cpu_name() -> str:
-    """The CPU model and its widest SIMD level, e.g. 'AMD EPYC 7B13 (AVX2)'."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def format_label_bench(b: dict[str, Any]) -> str:

@@ -15,11 +15,11 @@ from pipeline.report.report import (
     build_report,
     hidden_references,
     pl_quality,
-    replace_section,
     section,
     student_variants,
 )
-from storage.files import atomic_write_text, copy_tree, exists, join, read_json, read_text, remove_tree, write_json
+from pipeline.studies.common import write_section
+from storage.files import copy_tree, exists, join, read_json, read_text, remove_tree, write_json
 
 ABLATION_STUDENT = "finetune"  # the ablations train the recipe's best student only (half the student time)
 
@@ -245,9 +245,7 @@ def publish_study(out_dir: str, base: dict[str, Any], low_resource: str | None, 
         a.name: {"lever": a.lever, "change": a.change, "overrides": a.overrides} | f for a, f in rows if f}})
     page = read_text(results) if results is not None and exists(results) else "# Results\n"
     table = ablation_markdown(base, rows, low_resource, command, earlier=section(page, "Ablations"))
-    if results is not None:
-        atomic_write_text(results, replace_section(page, "Ablations", table))
-    return table
+    return write_section(results, "Ablations", table)
 
 
 def study_record(out_dir: str) -> dict[str, Any]:

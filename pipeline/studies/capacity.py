@@ -19,9 +19,9 @@ from typing import Any
 
 from pipeline.config import ModelConfig, preset, supervised_tiny
 from pipeline.engine.evaluate import run_evaluate
-from pipeline.report.report import replace_section
 from pipeline.stages.supervised import run_supervised
-from storage.files import atomic_write_text, exists, join, read_json, read_text, remove_tree, write_json
+from pipeline.studies.common import labeled_hours, write_section
+from storage.files import exists, join, read_json, remove_tree, write_json
 from storage.manifest import read_manifest, write_manifest
 
 log = logging.getLogger("mlpl.capacity")
@@ -61,15 +61,6 @@ TABLES = [
      "manifest; hidden in 10 % of training utterances so that \"unknown\" works)",
      ["tiny", "tiny_language_conditioned"]),
 ]
-
-
-def labeled_hours(manifest_url: str) -> dict[str, float]:
-    """Audio per language of a manifest, in hours."""
-    rows, _ = read_manifest(manifest_url)
-    hours: dict[str, float] = {}
-    for r in rows:
-        hours[r["language"]] = hours.get(r["language"], 0.0) + float(r.get("duration_s") or 0.0) / 3600
-    return hours
 
 
 def monolingual_runs(languages: list[str]) -> list[CapacityRun]:
@@ -294,7 +285,4 @@ def publish_capacity(study: CapacityStudy, results: str | None, command: str, ma
     """The study's tables from its finished runs, written into the results page's "Capacity study" section."""
     record = read_json(join(study.out_dir, "capacity.json"))
     table = capacity_markdown(record["runs"], record["budget_s"], study.labeled_hours(), command, machine)
-    if results is not None:
-        page = read_text(results) if exists(results) else "# Results\n"
-        atomic_write_text(results, replace_section(page, "Capacity study", table))
-    return table
+    return write_section(results, "Capacity study", table)

@@ -31,27 +31,23 @@ from pipeline.corpus.build import read_card
 from pipeline.engine.evaluate import has_rows, run_evaluate
 from pipeline.engine.stage_cache import StageResult
 from pipeline.layout import RunLayout, teachers_for_run
-from pipeline.report.capacity import labeled_hours
 from pipeline.report.report import (
     build_report,
     convergence,
     hidden_references,
     mean_over,
     pl_quality,
-    replace_section,
     student_models,
 )
 from pipeline.stages.label import run_label
 from pipeline.stages.student import run_student
 from pipeline.stages.supervised import run_supervised
+from pipeline.studies.common import labeled_hours, write_section
 from storage.files import (
-    atomic_write_bytes,
-    atomic_write_text,
     copy_tree,
     exists,
     join,
     read_json,
-    read_text,
     write_json,
 )
 from storage.pl import load_pseudo_labels
@@ -394,9 +390,4 @@ def publish_datasize(study: DataSizeStudy, results: str | None, command: str, ma
     url = join(study.out_dir, "datasize.json")
     record = read_json(url) if exists(url) else {"variants": {}, "controls": {}}
     text, png = datasize_markdown(study, record, command, machine)
-    if results is not None:
-        folder = results.rsplit("/", 1)[0] if "/" in results else "."
-        atomic_write_bytes(join(folder, PLOT), png)
-        page = read_text(results) if exists(results) else "# Results\n"
-        atomic_write_text(results, replace_section(page, SECTION, text))
-    return text
+    return write_section(results, SECTION, text, {PLOT: png})

@@ -32,9 +32,8 @@ from models.encoder import CTCLIDModel
 from pipeline.config import model_kwargs
 from pipeline.config.base import OptimConfig, base_model, large_model, tiny_model
 from pipeline.data.dataset import Batch
-from pipeline.engine.device import autocast, precision_used, synchronize
+from pipeline.engine.device import autocast, cpu_name, gemm_peak_flops, precision_used, synchronize
 from pipeline.engine.trainer import make_optimizer, train_step
-from pipeline.report.bench import cpu_name, gemm_peak_flops
 from storage.files import atomic_write_text, join, write_json
 
 CLIP_S = 20.0  # a typical unlabeled segment (VoxPopuli's are 15-30 s)
@@ -189,7 +188,7 @@ def gpu_check_markdown(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m pipeline.report.gpu_check [OUT_DIR] [--skip-tests] [--seconds S]` (what
+    """Entry point of `python -m pipeline.studies.gpu_check [OUT_DIR] [--skip-tests] [--seconds S]` (what
     `make gpu-check` runs); exit status 1 when the device tests fail."""
     import argparse
 

@@ -19,13 +19,12 @@ from typing import Any
 
 from pipeline.config import preset, supervised_tiny
 from pipeline.engine.evaluate import run_evaluate
-from pipeline.report.capacity import labeled_hours
-from pipeline.report.report import replace_section
 from pipeline.stages.prune import run_prune
 from pipeline.stages.quantize import run_quantize
 from pipeline.stages.supervised import run_supervised
+from pipeline.studies.common import labeled_hours, write_section
 from storage.checkpoint import load_checkpoint, serialized_bytes
-from storage.files import atomic_write_text, exists, join, read_json, read_text, size_of, write_json
+from storage.files import exists, join, read_json, size_of, write_json
 
 log = logging.getLogger("mlpl.serving")
 
@@ -232,7 +231,4 @@ def publish_serving(study: ServingStudy, results: str | None, command: str, mach
     record = join(study.out_dir, "serving.json")
     table = serving_markdown(read_json(record) if exists(record) else {"pruning": [], "quantization": []},
                              labeled_hours(study.manifest("labeled")), command, machine)
-    if results is not None:
-        page = read_text(results) if exists(results) else "# Results\n"
-        atomic_write_text(results, replace_section(page, title, table))
-    return table
+    return write_section(results, title, table)

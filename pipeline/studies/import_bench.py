@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from pipeline.report.bench import child_json
+from pipeline.studies.common import child_json
 
 _HEADER = ("client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes", "down_votes", "age",
            "gender", "accents", "variant", "locale", "segment")
