@@ -1,5 +1,6 @@
 """The layers and the size rules of docs/architecture.md hold in the code, checked on its syntax trees:
-flows → pipeline → (models, storage), one training step, short functions."""
+flows → pipeline → (models, storage), the studies above the recipe, no import cycle inside pipeline, one training
+step, short functions."""
 
 from __future__ import annotations
 
@@ -18,15 +19,36 @@ def _sources(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py"))
 
 
-def _imports(path: Path) -> set[str]:
-    """Top-level packages a module imports (also inside functions)."""
+def _modules(path: Path) -> set[str]:
+    """Dotted modules a module imports (also inside functions)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
     return found
+
+
+def _imports(path: Path) -> set[str]:
+    """Top-level packages a module imports (also inside functions)."""
+    return {m.split(".")[0] for m in _modules(path)}
+
+
+def _folder(path_or_module: Path | str) -> str:
+    """The folder under pipeline/ a module lives in (a module directly under pipeline/ is its own)."""
+    parts = (str(path_or_module.relative_to(ROOT).with_suffix("")).split("/") if isinstance(path_or_module, Path)
+             else path_or_module.split("."))
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _folder_graph() -> dict[str, set[str]]:
+    """pipeline/'s folders and the folders each imports."""
+    graph: dict[str, set[str]] = {}
+    for path in _sources("pipeline"):
+        targets = {_folder(m) for m in _modules(path) if m.startswith("pipeline.")}
+        graph.setdefault(_folder(path), set()).update(targets - {_folder(path)})
+    return graph
 
 
 @pytest.mark.parametrize("package, forbidden", [
@@ -38,6 +60,32 @@ def _imports(path: Path) -> set[str]:
 def test_imports_point_one_way(package, forbidden):
     wrong = {str(p.relative_to(ROOT)): sorted(_imports(p) & forbidden) for p in _sources(package)}
     assert not {k: v for k, v in wrong.items() if v}
+
+
+def test_no_import_cycle_between_the_folders_of_pipeline():
+    graph = _folder_graph()
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt}))
+                   for nxt in graph.get(start, ()))
+
+    cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a, targets in graph.items() for b in targets
+                    if reaches(b, a, {b}))
+    assert not cycles, cycles
+    assert {"data", "engine", "config", "corpus", "stages", "report", "studies"} <= set(graph)  # the check sees them
+
+
+def test_data_never_imports_the_engine_and_the_recipe_never_imports_the_studies():
+    wrong = {str(p.relative_to(ROOT)): sorted(m for m in _modules(p) if m.startswith("pipeline.engine"))
+             for p in (ROOT / "pipeline/data").rglob("*.py")}
+    assert not {k: v for k, v in wrong.items() if v}
+    recipe = [p for package in ("models", "storage", "pipeline") for p in _sources(package)
+              if not p.is_relative_to(ROOT / "pipeline/studies")]  # flows/ may: the CLI runs the studies
+    wrong = {str(p.relative_to(ROOT)): sorted(m for m in _modules(p) if m.startswith("pipeline.studies"))
+             for p in recipe}
+    assert not {k: v for k, v in wrong.items() if v}
+    # the studies do import the recipe (what they are about)
+    assert any(m.startswith("pipeline.stages") for p in (ROOT / "pipeline/studies").rglob("*.py") for m in _modules(p))
 
 
 def test_only_storage_touches_files_and_formats():
