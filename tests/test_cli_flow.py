@@ -90,14 +90,14 @@ def test_train_and_evaluate_via_cli(smoke_corpus, teacher, tmp_path, capsys):
 
 def test_the_recipe_and_demo_commands_build_the_corpus_then_run_the_recipe_on_it(tmp_path, monkeypatch):
     """The CLI's path into demo_flow (the stages themselves run in the slow test below)."""
-    import flows.cli
+    import flows.cli.recipe
     import flows.demo
 
     seen = {}
     monkeypatch.setattr(flows.demo, "demo_flow", flows.demo.demo_flow.fn)  # the flow's body, without a server
     monkeypatch.setattr(flows.demo, "build_corpus_task", lambda *a, **k: seen.setdefault("corpus", a) and {})
     monkeypatch.setattr(flows.demo, "recipe_flow", lambda cfg: seen.setdefault("cfg", cfg) and {"stages": {}})
-    monkeypatch.setattr(flows.cli, "print_recipe", lambda *a: None)
+    monkeypatch.setattr(flows.cli.recipe, "print_recipe", lambda *a: None)
     corpus, run = str(tmp_path / "corpus"), str(tmp_path / "run")
     for command in (["recipe", "--recipe", "bench", "--set", "rounds=2"], ["demo"]):
         seen.clear()

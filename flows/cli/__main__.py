@@ -1,0 +1,7 @@
+"""`python -m flows.cli`: the `mlpl` command (what torchrun launches)."""
+
+import sys
+
+from flows.cli import main
+
+sys.exit(main())

@@ -1,0 +1,232 @@
+"""`mlpl ablate`, `capacity`, `datasize`, `serving`, `bench`: the studies about the recipe (pipeline.studies)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flows.cli.common import (
+    Subparsers,
+    progress_bar,
+    recipe_arguments,
+    recipe_config,
+)
+
+
+def add_ablate(sub: Subparsers) -> None:
+    """`mlpl ablate`: its arguments."""
+    ab = sub.add_parser("ablate", help="switch each lever of a finished recipe run, one run each (branches of it), "
+                        "and tabulate what each is worth")
+    recipe_arguments(ab, corpus="bench", corpus_dir="data/bench", run_dir="runs/bench")
+    ab.add_argument("--recipe", default="bench", help="the recipe preset the run was made with (default: bench)")
+    ab.add_argument("--config", default=None, help="the RecipeConfig JSON the run was made with, instead")
+    ab.add_argument("--out", default=None, help="where the branches go (default: <run-dir>-ablations)")
+    ab.add_argument("--only", action="append", metavar="NAME", help="run only these ablations (repeatable)")
+    ab.add_argument("--results", default=None, help="write the table into this results page's Ablations section")
+    ab.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    ab.set_defaults(func=cmd_ablate)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    """Run the ablations off a finished recipe run as the Prefect flow mlpl-ablations and print the table."""
+    from pipeline.report.report import build_report
+
+    cfg = recipe_config(args)
+    out_dir = args.out or cfg.run_dir.rstrip("/") + "-ablations"
+    try:
+        build_report(cfg.run_dir)  # before any Prefect start-up: the ablations branch off a finished run
+    except FileNotFoundError as err:
+        print(f"error: {err}; the ablations branch off a finished recipe run: run it first (make reproduce)",
+              file=sys.stderr)
+        return 2
+    from flows.ablate import ablations_flow  # Prefect only once there is something to run
+
+    record = ablations_flow(cfg, out_dir, args.only, args.results, args.results_command or "mlpl ablate")
+    print(record["markdown"])
+    if args.results:
+        print(f"results → {args.results} (Ablations)")
+    return 0
+
+
+def add_capacity(sub: Subparsers) -> None:
+    """`mlpl capacity`: its arguments."""
+    cp = sub.add_parser("capacity", help="Li et al. 2021's capacity study: depth vs width, transformer vs Conformer, "
+                        "language conditioning, one model per language vs one multilingual model (equal train time)")
+    cp.add_argument("--corpus", default="bench", help="corpus preset to build when missing (default: bench)")
+    cp.add_argument("--corpus-dir", default="data/bench")
+    cp.add_argument("--out", default="runs/bench-capacity", help="where the study's runs go")
+    cp.add_argument("--reference-updates", type=int, default=1000,
+                    help="the budget: the tiny preset's training time for this many updates (default: 1000)")
+    cp.add_argument("--only", action="append", metavar="NAME", help="run only these settings (repeatable)")
+    cp.add_argument("--results", default=None, help="write the tables into this results page's Capacity section")
+    cp.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    cp.set_defaults(func=cmd_capacity)
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    """Li et al.'s capacity study on the bench corpus (built first if missing): four tables, equal training time."""
+    from pipeline.engine.device import cpu_name
+    from pipeline.studies.capacity import CapacityStudy, publish_capacity, rebalance, run_capacity_study
+    from pipeline.studies.common import ensure_corpus
+
+    ensure_corpus(args.corpus, args.corpus_dir)
+    study = CapacityStudy(args.corpus_dir, args.out, reference_updates=args.reference_updates)
+    try:
+        run_capacity_study(study, args.only)
+        if args.only is None:
+            rebalance(study)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(publish_capacity(study, args.results, args.results_command or "mlpl capacity", cpu_name()))
+    if args.results:
+        print(f"results → {args.results} (Capacity study)")
+    return 0
+
+
+def add_datasize(sub: Subparsers) -> None:
+    """`mlpl datasize`: its arguments."""
+    ds = sub.add_parser("datasize", help="does more PL audio pay? from-scratch students at 1x, 3x, ... a high-resource "
+                        "language's labeled hours of PLs and the student's levers, against the base and its "
+                        "same-compute control (branches off a finished recipe run)")
+    ds.add_argument("--corpus-dir", default="data/bench")
+    ds.add_argument("--run-dir", default="runs/bench", help="the finished recipe run (make reproduce)")
+    ds.add_argument("--recipe", default="bench", choices=["demo", "bench"], help="that run's recipe preset")
+    ds.add_argument("--out", default="runs/bench-datasize", help="where the study's runs go")
+    ds.add_argument("--ratio", type=float, action="append", metavar="R",
+                    help="a PL amount to train at, in high-resource labeled hours (repeatable; default 1 and 3)")
+    ds.add_argument("--levers", action="store_true",
+                    help="the from-scratch student's levers instead (natural PL share, twice the budget against a "
+                         "control as long, greedy PLs)")
+    ds.add_argument("--only", action="append", metavar="NAME", help="run only these variants (repeatable)")
+    ds.add_argument("--results", default=None, help="write the section into this results page")
+    ds.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    ds.set_defaults(func=cmd_datasize)
+
+
+def cmd_datasize(args: argparse.Namespace) -> int:
+    """Does more PL audio pay? From-scratch students at several PL amounts and the student's levers, branched off a
+    finished recipe run; the tables and plot go into the results page."""
+    from pipeline.engine.device import cpu_name
+    from pipeline.report.report import build_report
+    from pipeline.studies.datasize import SECTION, DataSizeStudy, publish_datasize, run_datasize_study
+
+    study = DataSizeStudy(args.corpus_dir, args.run_dir, args.out, recipe=args.recipe,
+                          ratios=tuple(args.ratio or (1.0, 3.0)))
+    try:
+        build_report(args.run_dir)  # the study branches off a finished recipe run
+        run_datasize_study(study, args.levers, args.only)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}; the study branches off a finished recipe run: run it first (make reproduce)",
+              file=sys.stderr)
+        return 2
+    print(publish_datasize(study, args.results, args.results_command or "mlpl datasize", cpu_name()))
+    if args.results:
+        print(f"results → {args.results} ({SECTION})")
+    return 0
+
+
+def add_serving(sub: Subparsers) -> None:
+    """`mlpl serving`: its arguments."""
+    sv = sub.add_parser("serving", help="serving-size students: dense vs language-agnostic vs pathways pruning "
+                        "(IMP, LTH) at one sparsity, float vs 8/4/2/1-bit weights; per-language test CER and size")
+    sv.add_argument("--corpus", default="bench", help="corpus preset to build when missing (default: bench)")
+    sv.add_argument("--corpus-dir", default="data/bench")
+    sv.add_argument("--out", default="runs/bench-serving", help="where the study's runs go")
+    sv.add_argument("--init", default=None,
+                    help="the model to shrink (default: the tiny supervised preset, 1000 updates, trained there)")
+    sv.add_argument("--sparsity", type=float, default=0.706, help="pruning sparsity (default: the paper's 0.706)")
+    sv.add_argument("--updates", type=int, default=None, help="updates per variant (default: the presets' 300)")
+    sv.add_argument("--round-updates", type=int, default=None, help="updates per IMP/LTH round (default: preset's)")
+    sv.add_argument("--results", default=None, help="write the tables into this results page's section")
+    sv.add_argument("--section", default="Serving-size students",
+                    choices=["Serving-size students", "Serving-size students: the final student"],
+                    help="the results page's section (default: Serving-size students)")
+    sv.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    sv.set_defaults(func=cmd_serving)
+
+
+def cmd_serving(args: argparse.Namespace) -> int:
+    """The serving-size study on the bench corpus (built first if missing): pruning and quantization tables."""
+    from pipeline.engine.device import cpu_name
+    from pipeline.studies.common import ensure_corpus
+    from pipeline.studies.serving import ServingStudy, publish_serving, run_serving_study
+
+    ensure_corpus(args.corpus, args.corpus_dir)
+    study = ServingStudy(args.corpus_dir, args.out, init_checkpoint=args.init, sparsity=args.sparsity,
+                         updates=args.updates, round_updates=args.round_updates)
+    try:
+        run_serving_study(study)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(publish_serving(study, args.results, args.results_command or "mlpl serving", cpu_name(), args.section))
+    if args.results:
+        print(f"results → {args.results} ({args.section})")
+    return 0
+
+
+def add_bench(sub: Subparsers) -> None:
+    """`mlpl bench`: its arguments."""
+    bn = sub.add_parser("bench", help="throughput figures (front end, training fp32 vs bf16, decoding)")
+    bn.add_argument("--corpus", default="demo", help="corpus preset to build when missing (default: demo)")
+    bn.add_argument("--corpus-dir", default="data/demo")
+    bn.add_argument("--updates", type=int, default=30, help="timed training updates per precision")
+    bn.add_argument("--teacher", default=None, help="checkpoint to label with (default: --default-teacher if present, "
+                    "else a model trained for 150 updates)")
+    bn.add_argument("--default-teacher", default="runs/demo/slimipl/sl/checkpoints/best.pt", help=argparse.SUPPRESS)
+    bn.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="corpus sizes for the memory/time figures")
+    bn.add_argument("--skip-labeling", action="store_true", help="training and decoding figures only")
+    bn.add_argument("--dask-units", type=int, default=30,
+                    help="the Dask path's overhead per unit: K and 2K one-clip units on 2 workers (0: skip)")
+    bn.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure throughput on the demo corpus (built first if missing): training, decoding and labeling."""
+    import tempfile
+
+    from pipeline.studies.bench import (
+        format_figures,
+        format_label_bench,
+        format_label_profile,
+        format_lm_label_bench,
+        label_profile,
+        label_teacher,
+        run_bench,
+        run_label_bench,
+        run_lm_label_bench,
+    )
+    from pipeline.studies.common import ensure_corpus
+
+    with progress_bar(single=True) as update:
+        ensure_corpus(args.corpus, args.corpus_dir, on_progress=update)
+    from pipeline.studies.import_bench import format_import_bench, run_import_bench
+
+    print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
+    print()
+    print(format_import_bench(run_import_bench()))
+    if args.skip_labeling:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher, note = label_teacher(args.corpus_dir, args.teacher, args.default_teacher, tmp)
+        print(f"\n{note}\n")
+        print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
+        print()
+        print(format_label_profile(label_profile(args.corpus_dir, teacher)))
+        print()
+        print(format_lm_label_bench(run_lm_label_bench(args.corpus_dir, teacher)))
+        if args.dask_units:
+            from functools import partial
+
+            from flows.label import run_label_flow
+            from pipeline.studies.dask_bench import format_dask_overhead_bench, run_dask_overhead_bench
+
+            on_cluster = partial(run_label_flow, dask_workers=2)
+            print()
+            print(format_dask_overhead_bench(run_dask_overhead_bench(args.corpus_dir, teacher, on_cluster, workers=2,
+                                                                     units=args.dask_units)))
+    return 0
+
+
+COMMANDS = (add_ablate, add_capacity, add_datasize, add_serving, add_bench)

@@ -1,0 +1,214 @@
+"""`mlpl train`, `finetune`, `slimipl`, `student`, `quantize`, `prune`: one handler for every training stage (its
+config from the stage's preset and flags, trained with progress bars, resumable), and `mlpl evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flows.cli.common import Subparsers, progress_bar, stage_config
+
+Flags = Callable[[argparse.ArgumentParser], None]
+ConfigArgs = Callable[[argparse.Namespace], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class StageCommand:
+    """A training command: its stage preset, how its flags become the preset's arguments and fields, its own
+    flags, and what it prints after the dev table (from the config and the stage's result)."""
+
+    name: str
+    help: str
+    kind: str  # the stage preset's kind (pipeline.config.preset)
+    config_args: ConfigArgs
+    flags: Flags
+    summary: Callable[[Any, Any], str] | None = None
+
+    def add(self, sub: Subparsers) -> None:
+        """Its subcommand: its own flags, then those of every stage (--preset, --max-updates, --set, …)."""
+        p = sub.add_parser(self.name, help=self.help)
+        self.flags(p)
+        stage_arguments(p)
+        p.set_defaults(func=run_stage_command, stage_command=self)
+
+
+def train_stage(cfg, args: argparse.Namespace):
+    """Run a training stage with progress bars; print its dev table, rate and best checkpoint; return its result."""
+    from pipeline.engine.evaluate import format_table
+    from pipeline.stages.registry import run_stage
+
+    with progress_bar() as update:
+        result = run_stage(cfg, args.run_dir, resume=args.resume, on_progress=update)
+    if result.dev_metrics:
+        print(format_table(result.dev_metrics, f"{cfg.stage_name()} dev at update {result.step}"))
+    print(f"{result.train_audio_s_per_s} audio-s/s over {result.train_wall_s} s (stage {result.stage_wall_s} s); "
+          f"best: {result.best_checkpoint}")
+    return result
+
+
+def run_stage_command(args: argparse.Namespace) -> int:
+    """Every training command: the stage's config from its preset and the flags, trained, then its summary."""
+    cmd: StageCommand = args.stage_command
+    preset_args, fields = cmd.config_args(args)
+    cfg = stage_config(cmd.kind, args, *preset_args, **fields)
+    result = train_stage(cfg, args)
+    if cmd.summary is not None:
+        print(cmd.summary(cfg, result))
+    return 0
+
+
+def stage_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of every training stage: preset, update budget, threads, overrides, resume."""
+    p.add_argument("--preset", default="tiny", help="tiny (CPU) | paper (default: tiny)")
+    p.add_argument("--max-updates", type=int, default=None, help="number of updates")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. optim.lr=0.001")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from the stage's checkpoints/last.pt when present (default: on)")
+
+
+def language_stage_arguments(p: argparse.ArgumentParser, *, init: str) -> None:
+    """A per-language stage's data flags (its language, manifests, run directory, starting checkpoint)."""
+    p.add_argument("--language", required=True, help="language code, e.g. sl")
+    p.add_argument("--train", required=True, help="labeled manifest (only the language's rows are used)")
+    p.add_argument("--dev", default=None, help="dev manifest (only the language's rows are used)")
+    p.add_argument("--run-dir", required=True, help="run directory (any fsspec URL)")
+    p.add_argument("--init", default=None, help=f"starting checkpoint (default: {init})")
+
+
+def _manifests(p: argparse.ArgumentParser, *, run_dir: str = "run directory (any fsspec URL)",
+               train: str = "labeled manifest (every language)", dev: str = "dev manifest") -> None:
+    """--train, --dev and --run-dir."""
+    p.add_argument("--train", required=True, help=train)
+    p.add_argument("--dev", default=None, help=dev)
+    p.add_argument("--run-dir", required=True, help=run_dir)
+
+
+# --- stage 1: supervised multilingual training ----------------------------------------------------------------------
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    _manifests(p, train="labeled manifest (JSONL or Parquet, any fsspec URL)",
+               dev="dev manifest for periodic validation")
+    p.add_argument("--model", default=None, help="model preset override: tiny | base | large")
+
+
+def _train_config(a: argparse.Namespace) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from pipeline.config import preset
+
+    return (a.train, a.dev), {"model": preset("model", a.model)} if a.model else {}
+
+
+TRAIN = StageCommand("train", "supervised multilingual CTC + LID training (resumes by default)", "supervised",
+                     _train_config, _train_flags)
+
+# --- stages 2 and 3: per-language fine-tuning and slimIPL -----------------------------------------------------------
+FINETUNE = StageCommand(
+    "finetune", "fine-tune the multilingual model on one language (resumes by default)", "finetune",
+    lambda a: ((a.language, a.train, a.dev), {"init_checkpoint": a.init}),
+    lambda p: language_stage_arguments(p, init="<run-dir>/supervised/checkpoints/best.pt"))
+
+
+def _slimipl_flags(p: argparse.ArgumentParser) -> None:
+    language_stage_arguments(p, init="<run-dir>/finetune/<language>/checkpoints/best.pt")
+    p.add_argument("--unlabeled", required=True, help="unlabeled manifest (only the language's rows are used)")
+    p.add_argument("--reference", default=None,
+                   help="hidden true transcripts of the unlabeled clips, to log PL CER (never used for training)")
+
+
+def _slimipl_summary(cfg: Any, result: Any) -> str:
+    from pipeline.report.report import pl_quality_markdown
+
+    extra = result.extra
+    return (f"{pl_quality_markdown(result.summary())}\n{extra['pl_updates']} PL and {extra['labeled_updates']} "
+            f"labeled updates, {extra['refreshes']} cache refreshes")
+
+
+SLIMIPL = StageCommand(
+    "slimipl", "slimIPL self-training on one language (resumes by default)", "slimipl",
+    lambda a: ((a.language, a.train, a.unlabeled, a.dev),
+               {"init_checkpoint": a.init, "reference_manifest": a.reference}),
+    _slimipl_flags, _slimipl_summary)
+
+
+# --- stage 5: the student -------------------------------------------------------------------------------------------
+def _student_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="from_scratch", choices=["from_scratch", "finetune"],
+                   help="from_scratch: new model on the init checkpoint's vocabulary; finetune: its weights")
+    _manifests(p)
+    p.add_argument("--labels", default=None, help="PL corpus root (default: <run-dir>/labels)")
+    p.add_argument("--init", default=None, help="init checkpoint (default: <run-dir>/supervised/checkpoints/best.pt)")
+    p.add_argument("--labeled-only", action="store_true", help="no PL source: fine-tune on labeled data only")
+
+
+STUDENT = StageCommand(
+    "student", "train a student on labeled + pseudo-labeled data (resumes by default)", "student",
+    lambda a: ((a.mode, a.train, a.dev), {"init_checkpoint": a.init, "labels_root": a.labels,
+                                          "labeled_only": a.labeled_only}),
+    _student_flags,
+    lambda cfg, r: f"updates by source {r.extra['updates_by_source']} (weights {r.extra['weights']})")
+
+
+# --- serving-size models: quantization-aware training and pruning ---------------------------------------------------
+def _quantize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, help="the float model to quantize, e.g. a student's best.pt")
+    _manifests(p, run_dir="run directory: the stage writes <run-dir>/quantize/<bits>bit")
+    p.add_argument("--bits", type=int, default=1, choices=[1, 2, 4, 8], help="weight bits (default: 1)")
+    p.add_argument("--block", type=int, default=64, help="input weights per scale (default: 64)")
+
+
+QUANTIZE = StageCommand(
+    "quantize", "quantization-aware training (1/2/4/8-bit encoder weights) of a finished model, then a packed "
+    "checkpoint for serving and labeling (resumes by default)", "quantize",
+    lambda a: ((a.init, a.train, a.dev), {"bits": a.bits, "block": a.block}), _quantize_flags,
+    lambda cfg, r: (f"packed {cfg.bits}-bit checkpoint: {r.extra['packed_checkpoint']} "
+                    f"({r.extra['packed_bytes'] / 1e6:.2f} MB; float32 weights "
+                    f"{r.extra['float32_weights_bytes'] / 1e6:.2f} MB)"))
+
+
+def _prune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, help="the dense float model to prune, e.g. a student's best.pt")
+    _manifests(p, run_dir="run directory: the stage writes <run-dir>/prune/<method>-<mask-search>")
+    p.add_argument("--method", default="pathways", choices=["agnostic", "pathways"],
+                   help="one mask for all languages, or one per language (default: pathways)")
+    p.add_argument("--mask-search", default="imp", choices=["imp", "lth"],
+                   help="iterative magnitude pruning, or with lottery-ticket rewinding (default: imp)")
+    p.add_argument("--sparsity", type=float, default=0.706, help="share of pruned weights (default: 0.706)")
+
+
+PRUNE = StageCommand(
+    "prune", "structured 8×1-block pruning of a finished model: one language-agnostic mask or a pathway per "
+    "language, then training under the masks (resumes by default)", "prune",
+    lambda a: ((a.init, a.train, a.dev), {"method": a.method, "mask_search": a.mask_search,
+                                          "sparsity": a.sparsity}),
+    _prune_flags,
+    lambda cfg, r: (f"sparsity {r.extra['sparsity']}; sparse checkpoint: {r.extra['packed_checkpoint']} "
+                    f"({r.extra['packed_bytes'] / 1e6:.2f} MB; dense float32 weights "
+                    f"{r.extra['float32_weights_bytes'] / 1e6:.2f} MB)"))
+
+STAGE_COMMANDS = (TRAIN, FINETUNE, SLIMIPL, QUANTIZE, PRUNE, STUDENT)
+
+
+# --- scoring --------------------------------------------------------------------------------------------------------
+def add_evaluate(sub: Subparsers) -> None:
+    """`mlpl evaluate`: its arguments."""
+    e = sub.add_parser("evaluate", help="per-language CER/WER and LID accuracy of a checkpoint on a manifest")
+    e.add_argument("--checkpoint", required=True, help="checkpoint (.pt) written by training")
+    e.add_argument("--manifest", required=True, help="manifest to score")
+    e.add_argument("--out", required=True, help="output folder for metrics.json/.md and hypotheses.jsonl")
+    e.add_argument("--fp32", action="store_true", help="disable bf16 autocast")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a checkpoint on a manifest."""
+    from pipeline.engine.evaluate import run_evaluate
+
+    with progress_bar() as update:
+        result = run_evaluate(args.checkpoint, args.manifest, args.out, bf16=not args.fp32, on_progress=update)
+    print(result["markdown"])
+    print(f"{result['utterances']} utterances, {result['rejects']} rejects → {args.out}")
+    return 0
+
+
+COMMANDS = (*(c.add for c in STAGE_COMMANDS), add_evaluate)
