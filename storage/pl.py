@@ -37,6 +37,7 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
@@ -431,23 +432,59 @@ def _dataset(root: str, table: str, schema: pa.Schema, files: Iterable[str] | No
     return ds.dataset(sorted(paths), schema=schema, format="parquet", filesystem=fs)
 
 
-def load_pseudo_labels(
-    root: str,
-    *,
-    languages: Sequence[str] | None = None,
-    min_confidence: float | None = None,
-    teacher: str | None = None,
-    min_tokens: int | None = None,
-    max_tokens: int | None = None,
-    lid_agreement: bool = False,
-    columns: Sequence[str] | None = None,
-):
-    """The committed PL rows under a labels root as a pandas DataFrame, optionally filtered (read-time
-    filters: one PL corpus serves students with different thresholds).
+@dataclass(frozen=True)
+class PLQuery:
+    """Which committed PL rows a reader takes: the read-time filter (one PL corpus serves students with different
+    thresholds), the one spelling of it that the table reader, the exporters, the student and the CLI share.
 
     `teacher` matches the `teacher` column exactly, its "<stage>@<step>" part, or a sha256 prefix;
-    `lid_agreement` keeps rows whose LID prediction is their declared language.
-    """
+    `lid_agreement` keeps rows whose LID prediction is their declared language. Confidence compares as stored
+    (float32: `confidence_passes`)."""
+
+    languages: tuple[str, ...] | None = None
+    min_confidence: float | None = None
+    teacher: str | None = None
+    min_tokens: int | None = None
+    max_tokens: int | None = None
+    lid_agreement: bool = False
+
+    def __post_init__(self) -> None:
+        if self.languages is not None:  # a list or any sequence given: kept hashable and comparable
+            object.__setattr__(self, "languages", tuple(self.languages))
+
+    def given(self) -> dict[str, Any]:
+        """The filters that select anything (what a message or a record names)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if v is not None and v is not False}
+
+    def expression(self):
+        """The filters Arrow applies while reading (teacher and LID agreement are applied to the frame)."""
+        expr = None
+        for e in (None if self.languages is None else ds.field("language").isin(list(self.languages)),
+                  # arrow alone would compare in float64: the threshold is rounded as the column stores it
+                  None if self.min_confidence is None else ds.field("confidence") >= pa.scalar(
+                      stored_confidence(self.min_confidence), pa.float32()),
+                  None if self.min_tokens is None else ds.field("num_tokens") >= self.min_tokens,
+                  None if self.max_tokens is None else ds.field("num_tokens") <= self.max_tokens):
+            if e is not None:
+                expr = e if expr is None else expr & e
+        return expr
+
+    def keep(self, df):
+        """The rows of a read frame that pass the teacher and LID-agreement filters."""
+        if self.lid_agreement:
+            df = df[df["lid_pred"] == df["language"].astype(str)]
+        if self.teacher is not None:
+            ident = df["teacher"].str.split(":", n=1).str[0]
+            sha = df["teacher"].str.split(":", n=1).str[1]
+            df = df[(df["teacher"] == self.teacher) | (ident == self.teacher)
+                    | sha.str.startswith(self.teacher.lower())]
+        return df
+
+
+def load_pseudo_labels(root: str, query: PLQuery | None = None, *, columns: Sequence[str] | None = None):
+    """The committed PL rows under a labels root as a pandas DataFrame, those `query` selects (all by default)."""
+    query = query or PLQuery()
     store = LabelStore(root)
     committed = _committed_parts(store)
     # Committed units whose file is there (one listing, not a request per unit).
@@ -455,34 +492,14 @@ def load_pseudo_labels(
     dataset = _dataset(root, "pl", PL_SCHEMA, files)
     if dataset is None:
         return PL_SCHEMA.empty_table().to_pandas()
-    expr = None
-
-    def both(e):
-        return e if expr is None else expr & e
-
-    if languages is not None:
-        expr = both(ds.field("language").isin(list(languages)))
-    if min_confidence is not None:
-        # `confidence_passes` at read time: arrow alone would compare in float64.
-        expr = both(ds.field("confidence") >= pa.scalar(stored_confidence(min_confidence), pa.float32()))
-    if min_tokens is not None:
-        expr = both(ds.field("num_tokens") >= min_tokens)
-    if max_tokens is not None:
-        expr = both(ds.field("num_tokens") <= max_tokens)
     wanted = list(columns) if columns else None
-    extra = ["id", "created_at"] + (["teacher"] if teacher is not None else []) + (
-        ["lid_pred", "language"] if lid_agreement else [])
+    extra = ["id", "created_at"] + (["teacher"] if query.teacher is not None else []) + (
+        ["lid_pred", "language"] if query.lid_agreement else [])
     for needed in extra:
         if wanted and needed not in wanted:
             wanted.append(needed)
-    df = dataset.to_table(filter=expr, columns=wanted).to_pandas()
-    df = _latest_attempts(df, dataset, root, committed)
-    if lid_agreement:
-        df = df[df["lid_pred"] == df["language"].astype(str)]
-    if teacher is not None:
-        ident = df["teacher"].str.split(":", n=1).str[0]
-        sha = df["teacher"].str.split(":", n=1).str[1]
-        df = df[(df["teacher"] == teacher) | (ident == teacher) | sha.str.startswith(teacher.lower())]
+    df = dataset.to_table(filter=query.expression(), columns=wanted).to_pandas()
+    df = query.keep(_latest_attempts(df, dataset, root, committed))
     if columns:
         df = df[list(columns)]
     return df.reset_index(drop=True)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.corpus.exporting import export_pseudo_labels
-from storage.pl import iter_shard_samples, load_pseudo_labels
+from storage.pl import PLQuery, iter_shard_samples, load_pseudo_labels
 from tests.export_readers import nemo_members, samples
 
 
@@ -61,22 +61,22 @@ def test_filters_pick_the_rows_load_pseudo_labels_picks(labeled_root, pl, tmp_pa
     cut = float(np.median([r["confidence"] for r in rows.values()]))
     for filters in ({"languages": ["sl"]}, {"min_confidence": cut}, {"languages": ["es", "el"], "min_confidence": cut}):
         out = tmp_path / "-".join(filters)
-        summary = export_pseudo_labels("nemo", labeled_root, str(out), **filters)
-        want = set(load_pseudo_labels(labeled_root, **filters)["id"])
+        summary = export_pseudo_labels("nemo", labeled_root, str(out), query=PLQuery(**filters))
+        want = set(load_pseudo_labels(labeled_root, PLQuery(**filters))["id"])
         assert want and set(nemo_members(out)) == want and summary["rows"] == len(want), filters
         assert summary["filters"] == filters
     # A rerun with fewer shards into the same folder leaves no tar of the earlier export behind.
     export_pseudo_labels("nemo", labeled_root, str(tmp_path / "again"))
-    export_pseudo_labels("nemo", labeled_root, str(tmp_path / "again"), languages=["sl"])
+    export_pseudo_labels("nemo", labeled_root, str(tmp_path / "again"), query=PLQuery(languages=["sl"]))
     sl_shards = {r["shard"] for r in rows.values() if r["language"] == "sl"}
     assert len(list((tmp_path / "again").glob("audio_*.tar"))) == len(sl_shards)
 
 
 def test_empty_selection_and_bad_arguments(labeled_root, tmp_path):
     with pytest.raises(ValueError, match=r"languages=\['xx'\].*holds 10 rows"):
-        export_pseudo_labels("hf", labeled_root, str(tmp_path), languages=["xx"])
+        export_pseudo_labels("hf", labeled_root, str(tmp_path), query=PLQuery(languages=["xx"]))
     with pytest.raises(ValueError, match=r"min_confidence=2\.0"):
-        export_pseudo_labels("lhotse", labeled_root, str(tmp_path), min_confidence=2.0)
+        export_pseudo_labels("lhotse", labeled_root, str(tmp_path), query=PLQuery(min_confidence=2.0))
     with pytest.raises(ValueError, match="no committed pseudo-labels"):
         export_pseudo_labels("nemo", str(tmp_path / "empty"), str(tmp_path))
     with pytest.raises(ValueError, match="unknown export format"):

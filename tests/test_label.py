@@ -26,7 +26,7 @@ from pipeline.stages.label import reject_category, run_label, split_units
 from pipeline.stages.label_decode import filter_reason
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.manifest import read_manifest, write_manifest
-from storage.pl import PL_SCHEMA, iter_shard_samples, load_pseudo_labels, load_rejects, pl_audio, sample_key
+from storage.pl import PL_SCHEMA, PLQuery, iter_shard_samples, load_pseudo_labels, load_rejects, pl_audio, sample_key
 from tests.dummies import write_flac, write_jsonl
 
 ROOT = Path(__file__).parent.parent
@@ -156,12 +156,12 @@ def test_hugging_face_datasets_loads_the_table(labeled_root, tmp_path, monkeypat
 def test_query_helper_filters_like_pandas_and_gives_the_audio_behind_a_row(labeled_root):
     df = pd.read_parquet(f"{labeled_root}/pl")
     threshold = float(df["confidence"].median())
-    got = load_pseudo_labels(labeled_root, languages=["sl", "es"], min_confidence=threshold)
+    got = load_pseudo_labels(labeled_root, PLQuery(languages=["sl", "es"], min_confidence=threshold))
     want = df[df["language"].isin(["sl", "es"]) & (df["confidence"] >= threshold)]
     assert sorted(got["id"]) == sorted(want["id"]) and 0 < len(got) < 8
     teacher = df["teacher"].iloc[0]
-    assert len(load_pseudo_labels(labeled_root, teacher=teacher.split(":")[1][:8])) == 10
-    assert len(load_pseudo_labels(labeled_root, teacher="slimipl/sl@1")) == 0
+    assert len(load_pseudo_labels(labeled_root, PLQuery(teacher=teacher.split(":")[1][:8]))) == 10
+    assert len(load_pseudo_labels(labeled_root, PLQuery(teacher="slimipl/sl@1"))) == 0
     row = got.iloc[0]
     audio, sr = sf.read(io.BytesIO(pl_audio(labeled_root, row)))
     original, _ = sf.read(row["audio"])
@@ -332,11 +332,12 @@ def test_a_threshold_read_off_the_table_keeps_its_row_at_write_and_read_time(tmp
                             {"id": "b", "text": "y", "confidence": 0.70000, "created_at": now, "key": "b"}])
     table = load_pseudo_labels(str(tmp_path / "labels"))
     assert float(table.set_index("id").confidence["a"]) == stored
-    assert set(load_pseudo_labels(str(tmp_path / "labels"), min_confidence=float(table.confidence.max()))["id"]) == {
+    top = PLQuery(min_confidence=float(table.confidence.max()))
+    assert set(load_pseudo_labels(str(tmp_path / "labels"), top)["id"]) == {
         "a"}
-    assert set(load_pseudo_labels(str(tmp_path / "labels"), min_confidence=stored)["id"]) == {"a"}
-    assert set(load_pseudo_labels(str(tmp_path / "labels"), min_confidence=0.7)["id"]) == {"a", "b"}
-    assert load_pseudo_labels(str(tmp_path / "labels"), min_confidence=above).empty
+    assert set(load_pseudo_labels(str(tmp_path / "labels"), PLQuery(min_confidence=stored))["id"]) == {"a"}
+    assert set(load_pseudo_labels(str(tmp_path / "labels"), PLQuery(min_confidence=0.7))["id"]) == {"a", "b"}
+    assert load_pseudo_labels(str(tmp_path / "labels"), PLQuery(min_confidence=above)).empty
 
 
 def test_a_confidence_threshold_moves_rows_to_the_rejects_with_their_numbers(smoke_corpus, teacher, labeled_root,
@@ -499,8 +500,8 @@ def test_read_time_filters_select_exactly_what_a_pandas_query_selects_and_the_sh
     raw = pd.read_parquet(f"{labeled_root}/pl")
     conf = float(raw["confidence"].quantile(0.3))
     tokens = int(raw["num_tokens"].median())
-    got = load_pseudo_labels(labeled_root, languages=["sl", "el"], min_confidence=conf, max_tokens=tokens,
-                             min_tokens=2, lid_agreement=True, columns=["id", "shard", "key"])
+    query = PLQuery(languages=["sl", "el"], min_confidence=conf, max_tokens=tokens, min_tokens=2, lid_agreement=True)
+    got = load_pseudo_labels(labeled_root, query, columns=["id", "shard", "key"])
     want = raw[raw["language"].isin(["sl", "el"]) & (raw["confidence"] >= conf) & (raw["num_tokens"] <= tokens)
                & (raw["num_tokens"] >= 2) & (raw["lid_pred"] == raw["language"].astype(str))]
     assert sorted(got["id"]) == sorted(want["id"]) and 0 < len(got) < len(raw)

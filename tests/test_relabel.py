@@ -16,7 +16,7 @@ import torch
 from pipeline.config import RelabelConfig
 from pipeline.stages.relabel import run_relabel, scan
 from storage.files import StorageLock
-from storage.pl import LabelStore, load_pseudo_labels, load_rejects
+from storage.pl import LabelStore, PLQuery, load_pseudo_labels, load_rejects
 from tests.dummies import tone, write_flac, write_jsonl
 
 LANGS = ("es", "el", "sl")
@@ -121,7 +121,8 @@ def test_relabel_labels_exactly_what_is_new_and_supersedes_an_older_teachers_row
     new_ident = relabeled["teachers"]["sl"]
     assert (final[final["language"] == "sl"]["teacher"] == new_ident).all()
     assert (final[final["language"] != "sl"]["teacher"] != new_ident).all()
-    assert len(load_pseudo_labels(str(root), teacher=new_ident)) == len(sl_ids) - 1  # broken.flac stays rejected
+    # broken.flac stays rejected
+    assert len(load_pseudo_labels(str(root), PLQuery(teacher=new_ident))) == len(sl_ids) - 1
     clients = _every_client_sees(root, tmp_path)
     assert {t for i, _, t in clients if i.startswith("sl/")} == {new_ident}  # the old sl rows are gone from the files
 

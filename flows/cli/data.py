@@ -102,13 +102,14 @@ def add_export(sub: Subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the PL corpus (read-time filters applied) as a NeMo tarred dataset, a lhotse CutSet or an HF dataset."""
-    from pipeline.corpus.exporting import export_pseudo_labels
+    from pipeline.corpus.exporting import PLQuery, export_pseudo_labels
 
+    query = PLQuery(languages=args.languages.split(",") if args.languages else None,
+                    min_confidence=args.min_confidence, teacher=args.teacher, min_tokens=args.min_tokens,
+                    max_tokens=args.max_tokens, lid_agreement=args.lid_agreement)
     with progress_bar(single=True) as update:
-        summary = export_pseudo_labels(
-            args.format, args.labels, args.out, languages=args.languages.split(",") if args.languages else None,
-            min_confidence=args.min_confidence, teacher=args.teacher, min_tokens=args.min_tokens,
-            max_tokens=args.max_tokens, lid_agreement=args.lid_agreement, shar=args.shar, on_progress=update)
+        summary = export_pseudo_labels(args.format, args.labels, args.out, query=query, shar=args.shar,
+                                       on_progress=update)
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2, default=str))
     print(f"→ {args.out} ({len(summary.get('files', []))} files; export.json says what was written)")
     return 0

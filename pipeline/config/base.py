@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from storage.pl import PLQuery
 
 # BCP-47 shape after lower-casing: a 2-3 letter primary subtag, then optional script/region/variant subtags.
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})*$")
@@ -331,6 +334,12 @@ class PLFilter(Config):
                                           "None keeps every confidence")
     require_lid_agreement: bool = Field(
         False, description="drop rows whose LID prediction is not the row's language")
+
+    def query(self, languages: Sequence[str] | None = None, teacher: str | None = None) -> PLQuery:
+        """The same filter at read time, over the given languages and teacher (a student's rows)."""
+        return PLQuery(languages=None if languages is None else tuple(languages), min_confidence=self.min_confidence,
+                       teacher=teacher, min_tokens=self.min_tokens, max_tokens=self.max_tokens,
+                       lid_agreement=self.require_lid_agreement)
 
     @model_validator(mode="after")
     def _bounds(self) -> PLFilter:

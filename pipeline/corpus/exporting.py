@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
 from storage.exporters import ExportWriter
 from storage.files import join, write_json
-from storage.pl import iter_shard_samples, load_pseudo_labels
+from storage.pl import PLQuery, iter_shard_samples, load_pseudo_labels
 
 log = logging.getLogger("mlpl.export")
 
@@ -49,17 +49,13 @@ def export_pseudo_labels(
     root: str,
     out_dir: str,
     *,
-    languages: Sequence[str] | None = None,
-    min_confidence: float | None = None,
-    teacher: str | None = None,
-    min_tokens: int | None = None,
-    max_tokens: int | None = None,
-    lid_agreement: bool = False,
+    query: PLQuery | None = None,
     shar: bool = False,
     max_rows_per_file: int = 10_000,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Export the PL rows of a labels root that pass the filters to `out_dir` in `fmt`; return the summary.
+    """Export the PL rows of a labels root that `query` selects (all by default) to `out_dir` in `fmt`; return
+    the summary.
 
     `shar` (lhotse only) also writes a Lhotse Shar folder; `max_rows_per_file` caps the rows of one Parquet file
     (hf). `on_progress(done, total, description)` is called as rows are written.
@@ -73,12 +69,10 @@ def export_pseudo_labels(
         raise ValueError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     if shar and fmt != "lhotse":
         raise ValueError(f"shar=True writes a Lhotse Shar folder: it goes with format 'lhotse', not {fmt!r}")
-    filters: dict[str, Any] = {"languages": None if languages is None else list(languages),
-                               "min_confidence": min_confidence, "teacher": teacher, "min_tokens": min_tokens,
-                               "max_tokens": max_tokens, "lid_agreement": lid_agreement}
-    filters = {k: v for k, v in filters.items() if v is not None and v is not False}
+    query = query or PLQuery()
+    filters = query.given()
     started = time.monotonic()
-    table = load_pseudo_labels(root, **filters)
+    table = load_pseudo_labels(root, query)
     if table.empty:
         raise ValueError(_nothing_selected(root, filters))
     total = len(table)
@@ -146,4 +140,4 @@ def _native(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["FORMATS", "export_pseudo_labels"]
+__all__ = ["FORMATS", "PLQuery", "export_pseudo_labels"]  # PLQuery: the filter a caller above storage builds

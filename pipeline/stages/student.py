@@ -67,10 +67,7 @@ class SourceMixer:
 
 def pl_rows(cfg: StudentConfig, root: str, languages: list[str]):
     """The PL table's rows this student reads: committed units, the student's languages, its filter and teacher."""
-    f = cfg.pl_filter
-    rows = load_pseudo_labels(root, languages=languages, min_confidence=f.min_confidence, teacher=cfg.pl_teacher,
-                              min_tokens=f.min_tokens, max_tokens=f.max_tokens, lid_agreement=f.require_lid_agreement,
-                              columns=PL_COLUMNS)
+    rows = load_pseudo_labels(root, cfg.pl_filter.query(languages, cfg.pl_teacher), columns=PL_COLUMNS)
     if cfg.pl_max_hours_per_language is None:
         return rows
     rows = rows.sort_values("id", kind="stable")
