@@ -29,7 +29,8 @@ A stage's name is its folder relative to the run ("finetune/sl"), as every train
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from storage.checkpoint import read_checkpoint_fields
 from storage.files import exists, join, list_files
@@ -131,6 +132,42 @@ class StageDir:
     def finished(self) -> bool:
         """Whether the stage wrote its result."""
         return exists(self.result)
+
+
+@dataclass(frozen=True)
+class StudentVariant:
+    """Which of a run's students a folder `student/<folder>` holds: its mode (a row of the paper's Table 3:
+    finetune, from_scratch, from_scratch_large; or a study's own name), its round, and whether it is that
+    student's labeled-only fine-tune. Folder names are made here and only here, and read back by matching."""
+
+    mode: str
+    round: int = 1
+    labeled_ft: bool = False
+
+    @property
+    def folder(self) -> str:
+        """`<mode>`, `<mode>-round<k>` from round 2, `-labeled-ft` after either for the labeled-only fine-tune."""
+        name = self.mode if self.round == 1 else f"{self.mode}-round{self.round}"
+        return f"{name}-labeled-ft" if self.labeled_ft else name
+
+    @property
+    def student(self) -> StudentVariant:
+        """The student itself: what a labeled-only fine-tune starts from (itself when it is one)."""
+        return replace(self, labeled_ft=False)
+
+    def labeled_finetune(self) -> StudentVariant:
+        """Its labeled-only fine-tune."""
+        return replace(self, labeled_ft=True)
+
+
+def variants_of(folders: Iterable[str], modes: Sequence[str]) -> dict[str, StudentVariant]:
+    """The variant each student folder holds, matched against every variant of `modes` (each round up to the
+    number of folders, with and without the labeled-only fine-tune); a folder none matches is a study's own
+    student of that name."""
+    folders = list(folders)
+    known = {v.folder: v for m in modes for r in range(1, len(folders) + 1)
+             for v in (StudentVariant(m, r), StudentVariant(m, r, True))}
+    return {f: known.get(f, StudentVariant(f)) for f in folders}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pipeline.config.stages import (
     StudentConfig,
     SupervisedConfig,
 )
-from pipeline.layout import corpus_data
+from pipeline.layout import StudentVariant, corpus_data
 from storage.files import join, read_json
 
 # from_scratch_large: from scratch with the teacher's feed-forward and attention width doubled (the paper's large).
@@ -252,10 +252,13 @@ class RecipeConfig(Config):
         large = mode == "from_scratch_large"
         base = preset("student", self.preset, "from_scratch" if large else mode, self.labeled_manifest,
                       self.dev_manifest, seed=self.seed)
+        folder = StudentVariant(mode, round_).folder
+        if folder != base.variant_name():  # set only where the mode's own name is not it: configs (and so the stage
+            base = base.model_copy(update={"variant": folder})  # cache's keys) stay as they were
         if large:
-            base = base.model_copy(update={"variant": mode, "model": doubled_width(self.supervised_config().model)})
+            base = base.model_copy(update={"model": doubled_width(self.supervised_config().model)})
         if round_ > 1:
-            base = base.model_copy(update={"variant": f"{mode}-round{round_}", "labels_root": labels_root})
+            base = base.model_copy(update={"labels_root": labels_root})
         overrides = deep_merge(self.student, self.student_by_mode.get(mode, {}))
         share = self.student_pl_share
         knobs = _set(max_updates=self.student_updates, pl_filter=_dumped(self.student_pl_filter),
@@ -266,9 +269,8 @@ class RecipeConfig(Config):
     def labeled_finetune_config(self, mode: str, student_checkpoint: str, round_: int = 1) -> StudentConfig:
         """The optional last step: the `mode` student (of a round) fine-tuned on labeled data only."""
         base = preset("student", self.preset, "finetune", self.labeled_manifest, self.dev_manifest, seed=self.seed)
-        name = mode if round_ == 1 else f"{mode}-round{round_}"
         base = base.model_copy(update={"labeled_only": True, "init_checkpoint": student_checkpoint,
-                                       "variant": f"{name}-labeled-ft"})
+                                       "variant": StudentVariant(mode, round_, labeled_ft=True).folder})
         knobs = _set(max_updates=self.labeled_finetune_updates, language_mix=_dumped(self.language_mix))
         return configured(StudentConfig, base, self.labeled_finetune | knobs)
 

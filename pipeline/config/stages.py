@@ -29,6 +29,7 @@ from pipeline.config.base import (
     raise_all,
 )
 from pipeline.config.decoding import BeamDecoderConfig
+from pipeline.layout import StudentVariant
 
 Language = Annotated[str, AfterValidator(language_code)]  # normalized: "SL" → "sl", "pt_BR" → "pt-br"
 
@@ -297,7 +298,7 @@ class StudentConfig(TrainingConfig):
 
     def variant_name(self) -> str:
         """The student's name: the variant, else the mode (+ "-labeled-ft" for labeled only)."""
-        return self.variant or (f"{self.mode}-labeled-ft" if self.labeled_only else self.mode)
+        return self.variant or StudentVariant(self.mode, labeled_ft=self.labeled_only).folder
 
     def stage_name(self) -> str:
         """The stage's folder under the run directory."""

@@ -8,7 +8,7 @@ import math
 import posixpath
 from typing import Any
 
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, StudentVariant, variants_of
 from storage.files import (
     atomic_write_bytes,
     atomic_write_text,
@@ -109,28 +109,22 @@ STUDENT_TITLES = {
 }
 
 
-def _student_title(variant: str) -> str:
-    if variant.endswith("-labeled-ft"):
+def _student_title(variant: StudentVariant) -> str:
+    if variant.labeled_ft:
         return "↪ fine-tuned on labeled data only"
-    mode, _, round_ = variant.partition("-round")
-    if round_.isdigit() and mode in STUDENT_TITLES:
-        return f"round {round_}: {STUDENT_TITLES[mode]}"
-    return STUDENT_TITLES.get(variant, f"student {variant}")
+    title = STUDENT_TITLES.get(variant.mode, f"student {variant.mode}")
+    return title if variant.round == 1 else f"round {variant.round}: {title}"
 
 
-def student_variants(run_dir: str) -> list[str]:
+def student_variants(run_dir: str) -> list[StudentVariant]:
     """The run's students in the paper's row order: each mode, then its labeled-only fine-tune; others after; later
     rounds after round 1."""
-    found = set(RunLayout(run_dir).finished("student"))
+    known = list(STUDENT_TITLES)
 
-    def order(v: str) -> tuple:
-        base = v.removesuffix("-labeled-ft")
-        mode, _, round_ = base.partition("-round")
-        known = list(STUDENT_TITLES)
-        return (int(round_) if round_.isdigit() else 1, known.index(mode) if mode in known else len(known), base,
-                v != base)
+    def order(v: StudentVariant) -> tuple:
+        return v.round, known.index(v.mode) if v.mode in known else len(known), v.mode, v.labeled_ft
 
-    return sorted(found, key=order)
+    return sorted(variants_of(RunLayout(run_dir).finished("student"), known).values(), key=order)
 
 
 def _test_sets(layout: RunLayout) -> list[str]:
@@ -199,8 +193,9 @@ def build_report(run_dir: str) -> dict[str, Any]:
                     lambda lang, t, st=stage, d=dirs: eval_metrics(f"{st}/{lang}", t) if lang in d else None,
                     [d.result for d in dirs.values()], pl)
     for variant in student_variants(run_dir):
-        add_row(f"student/{variant}", _student_title(variant), "student",
-                lambda lang, t, v=variant: eval_metrics(f"student/{v}", t), [layout.student(variant).result])
+        add_row(f"student/{variant.folder}", _student_title(variant), "student",
+                lambda lang, t, v=variant.folder: eval_metrics(f"student/{v}", t),
+                [layout.student(variant.folder).result])
     for stage, title in SERVING_STAGES:  # the small serving models made from a finished model (issue 20)
         for name, stage_dir in sorted(layout.finished(stage).items()):
             packed = _read_json(join(stage_dir.url, "packed.json")) or {}
@@ -305,7 +300,7 @@ def dev_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
         for lang, d in sorted(layout.finished(stage).items(), key=lambda kv: kv[0] or ""):
             dirs[stage if lang is None else f"{stage}/{lang}"] = d
     for variant in student_variants(run_dir):
-        dirs[f"student/{variant}"] = layout.student(variant)
+        dirs[f"student/{variant.folder}"] = layout.student(variant.folder)
     curves = {}
     for name, d in dirs.items():
         evals = _read_json(d.file("dev_evals.json")) or []
@@ -363,14 +358,15 @@ def write_recipe_record(run_dir: str, record: dict[str, Any]) -> str:
 
 
 def student_models(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each student's model, by its variant without "-labeled-ft": the student or its labeled-only fine-tune,
-    whichever has the lower avg dev CER (the choice a user makes without looking at test figures)."""
+    """Each student's model, by the student's folder: the student or its labeled-only fine-tune, whichever has the
+    lower avg dev CER (the choice a user makes without looking at test figures)."""
+    rows = {r["stage"].removeprefix("student/"): r for r in report["rows"]
+            if r["kind"] == "student" and r["cer_all"] is not None}
     chains: dict[str, list[dict[str, Any]]] = {}
-    for r in report["rows"]:
-        if r["kind"] == "student" and r["cer_all"] is not None:
-            chains.setdefault(r["stage"].removesuffix("-labeled-ft"), []).append(r)
-    return {stage.removeprefix("student/"): min(rs, key=lambda r: math.inf if r["dev_cer"] is None else r["dev_cer"])
-            for stage, rs in chains.items()}
+    for folder, variant in variants_of(rows, list(STUDENT_TITLES)).items():
+        chains.setdefault(variant.student.folder, []).append(rows[folder])
+    return {student: min(rs, key=lambda r: math.inf if r["dev_cer"] is None else r["dev_cer"])
+            for student, rs in chains.items()}
 
 
 def same_compute_control(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -407,8 +403,8 @@ def orderings(report: dict[str, Any], roles: dict[str, str]) -> list[dict[str, A
     chain = [("supervised", base), *((m, models.get(m)) for m in ("finetune", "from_scratch", "from_scratch_large"))]
     present = [(name, r) for name, r in chain if r is not None]
     for (a_name, a), (b_name, b) in zip(present, present[1:], strict=False):
-        lower = "the base" if a_name == "supervised" else _student_title(a_name)
-        out.append(_below(b["stage"], f"Table 3: {_student_title(b_name)} below {lower}", a, b))
+        lower = "the base" if a_name == "supervised" else _student_title(StudentVariant(a_name))
+        out.append(_below(b["stage"], f"Table 3: {_student_title(StudentVariant(b_name))} below {lower}", a, b))
     low = [lang for lang in unl if roles.get(lang) == "low"]
     for r in models.values():
         out.append(_below(r["stage"], "below the supervised base", base, r))

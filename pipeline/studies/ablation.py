@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, variants_of
 from pipeline.report.report import (
+    STUDENT_TITLES,
     _f,
     build_report,
     hidden_references,
@@ -71,19 +72,20 @@ def ablation_named(names: list[str] | None) -> list[Ablation]:
 def final_student(report: dict[str, Any]) -> dict[str, Any] | None:
     """The report row of the student a run ends with (the model the serving stages shrink): the first mode's last
     round's, after its labeled-only fine-tune when there is one."""
-    students = [r for r in report["rows"] if r["stage"].startswith("student/")]
+    students = {r["stage"].removeprefix("student/"): r for r in report["rows"] if r["stage"].startswith("student/")}
     if not students:
         return None
-    mode = students[0]["stage"].removeprefix("student/").split("-")[0]  # "from_scratch" is not "from_scratch_large"
-    return [r for r in students if r["stage"].removeprefix("student/").split("-")[0] == mode][-1]
+    variants = variants_of(students, list(STUDENT_TITLES))
+    mode = variants[next(iter(students))].mode
+    return [r for folder, r in students.items() if variants[folder].mode == mode][-1]
 
 
 def _labels_of(run_dir: str, stage: str) -> str:
     """The PL corpus a student trained on: round k's for `student/<mode>-round<k>`, else the run's."""
     layout = RunLayout(run_dir)
-    base = stage.removeprefix("student/").removesuffix("-labeled-ft")
-    _, _, round_ = base.partition("-round")
-    return layout.round_labels(int(round_)) if round_.isdigit() else layout.labels
+    folder = stage.removeprefix("student/")
+    round_ = variants_of([folder], list(STUDENT_TITLES))[folder].round
+    return layout.round_labels(round_) if round_ > 1 else layout.labels
 
 
 def ablation_figures(run_dir: str, reference_manifest: str | None) -> dict[str, Any]:
@@ -212,9 +214,9 @@ def prepare_branch(base_run: str, branch: str, ablation: Ablation) -> None:
         remove_tree(join(branch, name))
         remove_tree(layout.eval(name))
     for variant in student_variants(branch):
-        if not variant.startswith(ABLATION_STUDENT):
-            remove_tree(layout.student(variant).url)
-            remove_tree(layout.eval(f"student/{variant}"))
+        if variant.mode != ABLATION_STUDENT:
+            remove_tree(layout.student(variant.folder).url)
+            remove_tree(layout.eval(f"student/{variant.folder}"))
     remove_tree(join(branch, "report"))
     write_json(marker, {"base": base_run, "ablation": ablation.name, "overrides": ablation.overrides,
                         "fresh": list(ablation.fresh), "finished": False})

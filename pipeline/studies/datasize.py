@@ -30,7 +30,7 @@ from pipeline.config import RecipeConfig, StudentConfig, recipe_preset
 from pipeline.corpus.build import read_card
 from pipeline.engine.evaluate import has_rows, run_evaluate
 from pipeline.engine.stage_cache import StageResult
-from pipeline.layout import RunLayout, teachers_for_run
+from pipeline.layout import RunLayout, StudentVariant, teachers_for_run
 from pipeline.report.report import (
     build_report,
     convergence,
@@ -139,7 +139,8 @@ def student_configs(study: DataSizeStudy, variant: Variant, labels_root: str) ->
         "variant": variant.name, "labels_root": labels_root,
         "init_checkpoint": RunLayout(study.run_dir).supervised.best})
     best = RunLayout(study.out_dir).student(variant.name).best
-    ft = cfg.labeled_finetune_config("from_scratch", best).model_copy(update={"variant": f"{variant.name}-labeled-ft"})
+    ft = cfg.labeled_finetune_config("from_scratch", best).model_copy(
+        update={"variant": StudentVariant(variant.name, labeled_ft=True).folder})
     return student, ft
 
 
@@ -326,7 +327,7 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
             points.append((v["pl_audio_s"] / per_language, v["cells"]["test"]))
             lines.append(row(f"from scratch, {v['name']}", f"{points[-1][0]:.1f}×", v["path"], v["cells"]))
     if rows["recipe"] is not None:
-        stage = rows["recipe"]["stage"].removesuffix("-labeled-ft")
+        stage = "student/" + StudentVariant("from_scratch").folder  # the recipe's student (not its labeled-only ft)
         read = read_json(join(study.run_dir, stage, "result.json"))["extra"]["sources"]["pl"]["audio_s"]
         points.append((read / per_language, rows["recipe_cells"]["test"]))
         lines.append(row(f"from scratch, all PLs (the recipe's {rows['recipe']['stage']})", f"{points[-1][0]:.1f}×",
