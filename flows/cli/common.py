@@ -86,3 +86,7 @@ def recipe_config(args: argparse.Namespace):
     return RecipeConfig(**deep_merge(base, parse_assignments(list(args.set or []))))
 
 
+def results_arguments(p: argparse.ArgumentParser, where: str) -> None:
+    """--results (the page a command writes its part of) and the command the page quotes (hidden)."""
+    p.add_argument("--results", default=None, help=f"write {where} into this results page")
+    p.add_argument("--results-command", default=None, help=argparse.SUPPRESS)

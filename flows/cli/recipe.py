@@ -10,6 +10,7 @@ from flows.cli.common import (
     Subparsers,
     recipe_arguments,
     recipe_config,
+    results_arguments,
 )
 
 
@@ -20,8 +21,7 @@ def add_recipe(sub: Subparsers) -> None:
     recipe_arguments(rc, corpus="bench", corpus_dir="data/bench", run_dir="runs/bench")
     rc.add_argument("--recipe", default="bench", help="recipe preset: demo | bench (default: bench)")
     rc.add_argument("--config", default=None, help="RecipeConfig JSON for your own data (no corpus is built)")
-    rc.add_argument("--results", default=None, help="also write a results page (table, plot, orderings) here")
-    rc.add_argument("--results-command", default=None, help=argparse.SUPPRESS)  # the command the page quotes
+    results_arguments(rc, "the run's table, plot, orderings and targets")
     rc.set_defaults(func=cmd_recipe)
 
 

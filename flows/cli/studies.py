@@ -10,7 +10,24 @@ from flows.cli.common import (
     progress_bar,
     recipe_arguments,
     recipe_config,
+    results_arguments,
 )
+
+
+def _study_corpus(p: argparse.ArgumentParser, *, corpus: str = "bench", out: str | None = None) -> None:
+    """--corpus and --corpus-dir of a study that builds its corpus when missing, and --out for its runs."""
+    p.add_argument("--corpus", default=corpus, help=f"corpus preset to build when missing (default: {corpus})")
+    p.add_argument("--corpus-dir", default=f"data/{corpus}")
+    if out is not None:
+        p.add_argument("--out", default=out, help="where the study's runs go")
+
+
+def _published(text: str, results: str | None, section: str) -> int:
+    """Print a study's section and where it went; the command's exit status (0)."""
+    print(text)
+    if results:
+        print(f"results → {results} ({section})")
+    return 0
 
 
 def add_ablate(sub: Subparsers) -> None:
@@ -22,8 +39,7 @@ def add_ablate(sub: Subparsers) -> None:
     ab.add_argument("--config", default=None, help="the RecipeConfig JSON the run was made with, instead")
     ab.add_argument("--out", default=None, help="where the branches go (default: <run-dir>-ablations)")
     ab.add_argument("--only", action="append", metavar="NAME", help="run only these ablations (repeatable)")
-    ab.add_argument("--results", default=None, help="write the table into this results page's Ablations section")
-    ab.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    results_arguments(ab, "the table (its Ablations section)")
     ab.set_defaults(func=cmd_ablate)
 
 
@@ -42,24 +58,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from flows.ablate import ablations_flow  # Prefect only once there is something to run
 
     record = ablations_flow(cfg, out_dir, args.only, args.results, args.results_command or "mlpl ablate")
-    print(record["markdown"])
-    if args.results:
-        print(f"results → {args.results} (Ablations)")
-    return 0
+    return _published(record["markdown"], args.results, "Ablations")
 
 
 def add_capacity(sub: Subparsers) -> None:
     """`mlpl capacity`: its arguments."""
     cp = sub.add_parser("capacity", help="Li et al. 2021's capacity study: depth vs width, transformer vs Conformer, "
                         "language conditioning, one model per language vs one multilingual model (equal train time)")
-    cp.add_argument("--corpus", default="bench", help="corpus preset to build when missing (default: bench)")
-    cp.add_argument("--corpus-dir", default="data/bench")
-    cp.add_argument("--out", default="runs/bench-capacity", help="where the study's runs go")
+    _study_corpus(cp, out="runs/bench-capacity")
     cp.add_argument("--reference-updates", type=int, default=1000,
                     help="the budget: the tiny preset's training time for this many updates (default: 1000)")
     cp.add_argument("--only", action="append", metavar="NAME", help="run only these settings (repeatable)")
-    cp.add_argument("--results", default=None, help="write the tables into this results page's Capacity section")
-    cp.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    results_arguments(cp, "the tables (its Capacity study section)")
     cp.set_defaults(func=cmd_capacity)
 
 
@@ -78,10 +88,8 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(publish_capacity(study, args.results, args.results_command or "mlpl capacity", cpu_name()))
-    if args.results:
-        print(f"results → {args.results} (Capacity study)")
-    return 0
+    return _published(publish_capacity(study, args.results, args.results_command or "mlpl capacity", cpu_name()),
+                      args.results, "Capacity study")
 
 
 def add_datasize(sub: Subparsers) -> None:
@@ -99,8 +107,7 @@ def add_datasize(sub: Subparsers) -> None:
                     help="the from-scratch student's levers instead (natural PL share, twice the budget against a "
                          "control as long, greedy PLs)")
     ds.add_argument("--only", action="append", metavar="NAME", help="run only these variants (repeatable)")
-    ds.add_argument("--results", default=None, help="write the section into this results page")
-    ds.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
+    results_arguments(ds, "the section")
     ds.set_defaults(func=cmd_datasize)
 
 
@@ -120,29 +127,24 @@ def cmd_datasize(args: argparse.Namespace) -> int:
         print(f"error: {err}; the study branches off a finished recipe run: run it first (make reproduce)",
               file=sys.stderr)
         return 2
-    print(publish_datasize(study, args.results, args.results_command or "mlpl datasize", cpu_name()))
-    if args.results:
-        print(f"results → {args.results} ({SECTION})")
-    return 0
+    return _published(publish_datasize(study, args.results, args.results_command or "mlpl datasize", cpu_name()),
+                      args.results, SECTION)
 
 
 def add_serving(sub: Subparsers) -> None:
     """`mlpl serving`: its arguments."""
     sv = sub.add_parser("serving", help="serving-size students: dense vs language-agnostic vs pathways pruning "
                         "(IMP, LTH) at one sparsity, float vs 8/4/2/1-bit weights; per-language test CER and size")
-    sv.add_argument("--corpus", default="bench", help="corpus preset to build when missing (default: bench)")
-    sv.add_argument("--corpus-dir", default="data/bench")
-    sv.add_argument("--out", default="runs/bench-serving", help="where the study's runs go")
+    _study_corpus(sv, out="runs/bench-serving")
     sv.add_argument("--init", default=None,
                     help="the model to shrink (default: the tiny supervised preset, 1000 updates, trained there)")
     sv.add_argument("--sparsity", type=float, default=0.706, help="pruning sparsity (default: the paper's 0.706)")
     sv.add_argument("--updates", type=int, default=None, help="updates per variant (default: the presets' 300)")
     sv.add_argument("--round-updates", type=int, default=None, help="updates per IMP/LTH round (default: preset's)")
-    sv.add_argument("--results", default=None, help="write the tables into this results page's section")
+    results_arguments(sv, "the tables (its --section)")
     sv.add_argument("--section", default="Serving-size students",
                     choices=["Serving-size students", "Serving-size students: the final student"],
                     help="the results page's section (default: Serving-size students)")
-    sv.add_argument("--results-command", default=None, help=argparse.SUPPRESS)
     sv.set_defaults(func=cmd_serving)
 
 
@@ -160,17 +162,14 @@ def cmd_serving(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(publish_serving(study, args.results, args.results_command or "mlpl serving", cpu_name(), args.section))
-    if args.results:
-        print(f"results → {args.results} ({args.section})")
-    return 0
+    text = publish_serving(study, args.results, args.results_command or "mlpl serving", cpu_name(), args.section)
+    return _published(text, args.results, args.section)
 
 
 def add_bench(sub: Subparsers) -> None:
     """`mlpl bench`: its arguments."""
     bn = sub.add_parser("bench", help="throughput figures (front end, training fp32 vs bf16, decoding)")
-    bn.add_argument("--corpus", default="demo", help="corpus preset to build when missing (default: demo)")
-    bn.add_argument("--corpus-dir", default="data/demo")
+    _study_corpus(bn, corpus="demo")
     bn.add_argument("--updates", type=int, default=30, help="timed training updates per precision")
     bn.add_argument("--teacher", default=None, help="checkpoint to label with (default: --default-teacher if present, "
                     "else a model trained for 150 updates)")
