@@ -64,7 +64,8 @@ reproduce: $(STAMP)
 		--recipe bench --results docs/results.md --results-command "make reproduce" 2>&1 | tee -a runs/bench/reproduce.log'
 
 # Does more PL audio pay? From-scratch students at 1x and 3x a high-resource language's labeled hours of PLs (10x is
-# make reproduce's own) and the base's budget at N/2 (and at 4 N when 2 N still gains), branched off make reproduce's finished run (run that first);
+# make reproduce's own) and the base's budget at N/2 (and at 4 N when 2 N still gains), branched off make
+# reproduce's finished run (run that first);
 # `make levers`: the same student with the natural PL share, twice its budget (against a control as long) and greedy
 # PLs. Both write docs/results.md ("Does more PL audio pay?").
 datasize levers: $(STAMP)

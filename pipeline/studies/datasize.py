@@ -334,9 +334,11 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
                          study.config().path_updates("from_scratch"), rows["recipe_cells"]))
     lines += ["", f"![avg test CER against PL audio]({PLOT})", "", _grows(points), "", "### Levers", "",
               header.replace("PL audio per language", "change"), "|---|---|---:|" + "---:|---:|---:|" * len(sets)]
-    for v in rows["variants"].values():
-        if v["ratio"] is None:
-            lines.append(row(v["name"], v["what"], v["path"], v["cells"]))
+    levers = [v for v in rows["variants"].values() if v["ratio"] is None]
+    for v in levers:
+        lines.append(row(v["name"], v["what"], v["path"], v["cells"]))
+    if not levers:
+        lines[-2:] = ["Not measured yet: `make levers` trains them."]
     lines += ["", *_pl_lines(record.get("pl_quality") or {})]
     control_cells = rows["controls"].get(study.config().path_updates("from_scratch"), {})
     return "\n".join(lines) + "\n", _plot(points, base_cells["test"], control_cells.get("test"))
@@ -347,7 +349,7 @@ def _grows(points: list[tuple[float, float | None]]) -> str:
     if len(pts) < 2:
         return "Too few data sizes measured to say whether the gain grows with data."
     grows = all(b[1] < a[1] for a, b in zip(pts, pts[1:], strict=False))
-    trend = " → ".join(f"{c:.1f} ({r:g}×)" for r, c in pts)
+    trend = " → ".join(f"{c:.1f} ({r:.1f}×)" for r, c in pts)
     return (f"Avg test CER with more PL audio: {trend}: "
             + ("**the gain grows with data** at every step." if grows else "the gain does **not** grow at every step."))
 
