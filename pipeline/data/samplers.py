@@ -15,7 +15,7 @@ import itertools
 import math
 import random
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pipeline.config import BatchConfig, LanguageMix
@@ -219,6 +219,27 @@ def _language_seed(seed: int, language: str) -> int:
     return zlib.crc32(f"{seed}/{language}".encode())
 
 
+class WeightedDraw:
+    """Which of several named sources a batch comes from (languages, or labeled against PL data): the positive
+    weights normalized in name order, and the draw of step k a pure function of `seed_of(k)`, so that a resumed
+    run draws the same next batches. The one mixer of the language mix and the student's source mix."""
+
+    def __init__(self, weights: dict[str, float], what: str, seed_of: Callable[[int], int]):
+        active = {k: float(v) for k, v in sorted(weights.items()) if v > 0}
+        if not active:
+            raise ValueError(f"no {what} has a positive weight: {weights}")
+        total = sum(active.values())
+        self.weights = {k: v / total for k, v in active.items()}
+        self._cumulative = list(itertools.accumulate(self.weights.values()))
+        self._seed_of = seed_of
+
+    def choose(self, step: int) -> str:
+        """The source of step `step` (0-based)."""
+        u = random.Random(self._seed_of(step)).random()
+        names = list(self.weights)
+        return names[min(bisect.bisect_right(self._cumulative, u), len(names) - 1)]  # u within rounding of 1.0
+
+
 class LanguageMixSampler:
     """Batches of one language each: batch n's language drawn with the mixing probabilities from (seed, n), its
     utterances from that language's own `DynamicBucketSampler`. The state is n, each language's position and the
@@ -238,19 +259,15 @@ class LanguageMixSampler:
     ):
         if len(languages) != len(durations_s):
             raise ValueError(f"{len(languages)} languages for {len(durations_s)} utterances")
-        active = {k: float(v) for k, v in sorted(probabilities.items()) if v > 0}
-        if not active:
-            raise ValueError(f"no language has a positive mixing probability: {probabilities}")
+        self.draw = WeightedDraw(probabilities, "language", lambda step: (seed << 40) + step)
         index: dict[str, list[int]] = {}
         for i, lang in enumerate(languages):
             index.setdefault(lang, []).append(i)
-        missing = sorted(set(active) - set(index))
+        missing = sorted(set(self.draw.weights) - set(index))
         if missing:
             raise ValueError(f"language(s) {missing} have a mixing probability but no utterances "
                              f"(languages present: {sorted(index)})")
-        total = sum(active.values())
-        self.probabilities = {k: v / total for k, v in active.items()}  # configured p_l, sorted by language
-        self._cumulative = list(itertools.accumulate(self.probabilities.values()))
+        self.probabilities = self.draw.weights  # configured p_l, sorted by language
         self.durations_s, self.languages = list(durations_s), list(languages)
         self.index = {k: index[k] for k in self.probabilities}  # language -> utterance indices
         self.samplers = {
@@ -265,9 +282,7 @@ class LanguageMixSampler:
 
     def choose(self, step: int) -> str:
         """The language of batch `step` (0-based): a pure function of (seed, step)."""
-        u = random.Random((self.seed << 40) + step).random()
-        names = list(self.probabilities)
-        return names[min(bisect.bisect_right(self._cumulative, u), len(names) - 1)]  # u within rounding of 1.0
+        return self.draw.choose(step)
 
     def __iter__(self) -> Iterator[list[int]]:
         """Endless batches, starting from the saved position."""

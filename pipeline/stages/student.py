@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ from pipeline.config import ModelConfig, StudentConfig, model_kwargs
 from pipeline.data.dataset import Dataset, collate
 from pipeline.data.pl_stream import PLBatchStream, pl_samples
 from pipeline.data.rows import ProgressFn, Reject
-from pipeline.data.samplers import LabeledSampler, mix_record
+from pipeline.data.samplers import LabeledSampler, WeightedDraw, mix_record
 from pipeline.data.world import World
 from pipeline.engine.distributed import gather_unique, shard
 from pipeline.engine.model import Trained, load_trained
@@ -43,26 +42,13 @@ log = logging.getLogger("mlpl.student")
 PL_COLUMNS = ["id", "language", "duration_s", "text", "teacher", "shard", "key"]
 
 
-class SourceMixer:
-    """Which source each update draws from: weights normalized, the draw a pure function of (seed, update)."""
+class SourceMixer(WeightedDraw):
+    """Which source (labeled or PL) each update draws from: weights normalized, the draw a pure function of
+    (seed, update)."""
 
     def __init__(self, weights: dict[str, float], seed: int = 0):
-        active = {k: float(v) for k, v in sorted(weights.items()) if v > 0}
-        if not active:
-            raise ValueError(f"no source has a positive weight: {weights}")
-        total = sum(active.values())
-        self.weights = {k: v / total for k, v in active.items()}
+        super().__init__(weights, "source", lambda step: seed * 1_000_039 + step)
         self.seed = seed
-
-    def choose(self, step: int) -> str:
-        """The source of update `step` (0-based)."""
-        u = random.Random(self.seed * 1_000_039 + step).random()
-        acc = 0.0
-        for name, w in self.weights.items():
-            acc += w
-            if u < acc:
-                return name
-        return name  # u within rounding of 1.0
 
 
 def pl_rows(cfg: StudentConfig, root: str, languages: list[str]):
