@@ -281,16 +281,17 @@ def _convergence_lines(rows: dict[str, Any], record: dict[str, Any]) -> list[str
 
 def _rule_verdict(steps: list[tuple[str, int, float | None]]) -> str:
     """Which budget the stopping rule picks from the doublings measured, or how far the last one still gains."""
-    pairs = [(a, b) for a, b in zip(steps, steps[1:], strict=False)
-             if a[2] is not None and b[2] is not None and b[1] == 2 * a[1]]
-    for a, b in pairs:
-        if (a[2] - b[2]) / a[2] < 0.02:
-            return f"The rule picks {a[1]} updates: doubling it gains {100 * (a[2] - b[2]) / a[2]:.1f} %."
-    if not pairs:
+    # (updates, doubled updates, % the doubling improves the dev CER) for each measured doubling
+    doublings = [(a[1], b[1], 100 * (a[2] - b[2]) / a[2]) for a, b in zip(steps, steps[1:], strict=False)
+                 if a[2] is not None and b[2] is not None and b[1] == 2 * a[1]]
+    for n, _, gain in doublings:
+        if gain < 2.0:
+            return f"The rule picks {n} updates: doubling it gains {gain:.1f} %."
+    if not doublings:
         return "No doubling of the base's budget measured: the rule is not checked."
-    a, b = pairs[-1]
-    return (f"**Not converged at any budget measured**: the last doubling ({a[1]} → {b[1]} updates) still gains "
-            f"{100 * (a[2] - b[2]) / a[2]:.1f} %.")
+    n, doubled, gain = doublings[-1]
+    return (f"**Not converged at any budget measured**: the last doubling ({n} → {doubled} updates) still gains "
+            f"{gain:.1f} %.")
 
 
 def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str, machine: str) -> tuple[str, bytes]:
@@ -332,13 +333,13 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
         points.append((read / per_language, rows["recipe_cells"]["test"]))
         lines.append(row(f"from scratch, all PLs (the recipe's {rows['recipe']['stage']})", f"{points[-1][0]:.1f}×",
                          study.config().path_updates("from_scratch"), rows["recipe_cells"]))
-    lines += ["", f"![avg test CER against PL audio]({PLOT})", "", _grows(points), "", "### Levers", "",
-              header.replace("PL audio per language", "change"), "|---|---|---:|" + "---:|---:|---:|" * len(sets)]
+    lines += ["", f"![avg test CER against PL audio]({PLOT})", "", _grows(points), "", "### Levers", ""]
     levers = [v for v in rows["variants"].values() if v["ratio"] is None]
-    for v in levers:
-        lines.append(row(v["name"], v["what"], v["path"], v["cells"]))
-    if not levers:
-        lines[-2:] = ["Not measured yet: `make levers` trains them."]
+    if levers:
+        lines += [header.replace("PL audio per language", "change"), "|---|---|---:|" + "---:|---:|---:|" * len(sets),
+                  *(row(v["name"], v["what"], v["path"], v["cells"]) for v in levers)]
+    else:
+        lines.append("Not measured yet: `make levers` trains them.")
     lines += ["", *_pl_lines(record.get("pl_quality") or {})]
     control_cells = rows["controls"].get(study.config().path_updates("from_scratch"), {})
     return "\n".join(lines) + "\n", _plot(points, base_cells["test"], control_cells.get("test"))
