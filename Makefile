@@ -122,7 +122,7 @@ serve: $(STAMP)
 # docs/prefect_ui.png: the server test photographs its completed recipe run with headless Chromium (Debian's).
 screenshot: $(STAMP)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
-	MLPL_SCREENSHOT=docs/prefect_ui.png $(BIN)/python -m pytest -q tests/test_serve.py
+	MLPL_SCREENSHOT=docs/prefect_ui.png $(BIN)/python -m pytest -q tests/flows/test_prefect_server.py
 
 clean:
 	rm -rf runs data/demo data/bench .pytest_cache

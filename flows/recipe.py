@@ -126,9 +126,7 @@ def serving_step(cfg: RecipeConfig, timed: Callable = _untimed) -> dict:
     """After the students: the final student pruned (`serving_prune`) and quantized (`serving_bits`), each scored
     on the test set; their packed checkpoints label through the one decode path like any model."""
     final = RunLayout(cfg.run_dir).stage(cfg.final_student_stage()).best
-    configs = [cfg.prune_config(m, final) for m in cfg.serving_prune] + [cfg.quantize_config(b, final)
-                                                                          for b in cfg.serving_bits]
-    return {c.stage_name(): timed(c.stage_name(), scored, cfg, c) for c in configs}
+    return {c.stage_name(): timed(c.stage_name(), scored, cfg, c) for c in cfg.serving_configs(final)}
 
 
 # The steps an operator can run alone from a recipe form (`mlpl-stage`), each given (cfg, language, student mode,

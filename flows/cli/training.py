@@ -4,6 +4,7 @@ config from the stage's preset and flags, trained with progress bars, resumable)
 from __future__ import annotations
 
 import argparse
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -149,44 +150,58 @@ STUDENT = StageCommand(
     lambda cfg, r: f"updates by source {r.extra['updates_by_source']} (weights {r.extra['weights']})")
 
 
-# --- serving-size models: quantization-aware training and pruning ---------------------------------------------------
-def _quantize_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", required=True, help="the float model to quantize, e.g. a student's best.pt")
-    _manifests(p, run_dir="run directory: the stage writes <run-dir>/quantize/<bits>bit")
-    p.add_argument("--bits", type=int, default=1, choices=[1, 2, 4, 8], help="weight bits (default: 1)")
-    p.add_argument("--block", type=int, default=64, help="input weights per scale (default: 64)")
+# --- every other stage: flags from its config (pipeline.stages.registry) -------------------------------------------
+FLAG_NAMES = {"init_checkpoint": "--init", "train_manifest": "--train", "dev_manifest": "--dev"}
 
 
-QUANTIZE = StageCommand(
-    "quantize", "quantization-aware training (1/2/4/8-bit encoder weights) of a finished model, then a packed "
-    "checkpoint for serving and labeling (resumes by default)", "quantize",
-    lambda a: ((a.init, a.train, a.dev), {"bits": a.bits, "block": a.block}), _quantize_flags,
-    lambda cfg, r: (f"packed {cfg.bits}-bit checkpoint: {r.extra['packed_checkpoint']} "
-                    f"({r.extra['packed_bytes'] / 1e6:.2f} MB; float32 weights "
-                    f"{r.extra['float32_weights_bytes'] / 1e6:.2f} MB)"))
+def _flag_kind(field: Any) -> tuple[type, tuple | None] | None:
+    """A field's flag type and choices (a Literal's), when it is one scalar (optionally None); else None."""
+    import typing
+
+    kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] if typing.get_origin(
+        field.annotation) in (typing.Union, types.UnionType) else [field.annotation]
+    if len(kinds) != 1:
+        return None
+    if typing.get_origin(kinds[0]) is typing.Literal:
+        choices = typing.get_args(kinds[0])
+        return type(choices[0]), choices
+    return (kinds[0], None) if kinds[0] in (str, int, float, bool) else None
 
 
-def _prune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--init", required=True, help="the dense float model to prune, e.g. a student's best.pt")
-    _manifests(p, run_dir="run directory: the stage writes <run-dir>/prune/<method>-<mask-search>")
-    p.add_argument("--method", default="pathways", choices=["agnostic", "pathways"],
-                   help="one mask for all languages, or one per language (default: pathways)")
-    p.add_argument("--mask-search", default="imp", choices=["imp", "lth"],
-                   help="iterative magnitude pruning, or with lottery-ticket rewinding (default: imp)")
-    p.add_argument("--sparsity", type=float, default=0.706, help="share of pruned weights (default: 0.706)")
+def declared_flags(config: Any) -> dict[str, tuple[type, tuple | None]]:
+    """The fields of a declared stage's config that become flags: its own scalars (not those every stage has)."""
+    from pipeline.config import TrainingConfig
+
+    return {name: kind for name, field in config.model_fields.items()
+            if name not in TrainingConfig.model_fields and (kind := _flag_kind(field)) is not None}
 
 
-PRUNE = StageCommand(
-    "prune", "structured 8×1-block pruning of a finished model: one language-agnostic mask or a pathway per "
-    "language, then training under the masks (resumes by default)", "prune",
-    lambda a: ((a.init, a.train, a.dev), {"method": a.method, "mask_search": a.mask_search,
-                                          "sparsity": a.sparsity}),
-    _prune_flags,
-    lambda cfg, r: (f"sparsity {r.extra['sparsity']}; sparse checkpoint: {r.extra['packed_checkpoint']} "
-                    f"({r.extra['packed_bytes'] / 1e6:.2f} MB; dense float32 weights "
-                    f"{r.extra['float32_weights_bytes'] / 1e6:.2f} MB)"))
+def add_declared_stage(sub: Subparsers, spec: Any) -> None:
+    """The command of a stage its module declares: its config's own scalar fields as flags (--init, --train, --dev
+    for the usual three; the rest through --set), then the flags of every stage; unset flags keep the preset's."""
+    p = sub.add_parser(spec.command, help=spec.help)
+    for name, (kind, choices) in declared_flags(spec.config).items():
+        field = spec.config.model_fields[name]
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        p.add_argument(flag, dest=name, required=field.is_required(),
+                       help=(field.description or name).replace("%", "%%")
+                       + ("" if field.is_required() else " (unset: the preset's)"),
+                       **({"action": argparse.BooleanOptionalAction} if kind is bool else
+                          {"type": kind, "choices": choices, "metavar": None if choices else flag[2:].upper().replace("-", "_")}))
+    p.add_argument("--run-dir", required=True, help=f"run directory: the stage writes <run-dir>/{spec.kind}/...")
+    stage_arguments(p)
+    p.set_defaults(func=run_declared_stage, stage_spec=spec)
 
-STAGE_COMMANDS = (TRAIN, FINETUNE, SLIMIPL, QUANTIZE, PRUNE, STUDENT)
+
+def run_declared_stage(args: argparse.Namespace) -> int:
+    """A declared stage's command: its preset with the flags given, trained, then the stage's own summary."""
+    spec = args.stage_spec
+    fields = {name: getattr(args, name) for name in declared_flags(spec.config) if getattr(args, name) is not None}
+    cfg = stage_config(spec.kind, args, **fields)
+    result = train_stage(cfg, args)
+    if spec.summary is not None:
+        print(spec.summary(cfg, result))
+    return 0
 
 
 # --- scoring --------------------------------------------------------------------------------------------------------
@@ -211,4 +226,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (*(c.add for c in STAGE_COMMANDS), add_evaluate)
+# The recipe's first four stages keep hand-written flags (positional preset arguments, model presets, PL sources).
+STAGE_COMMANDS = (TRAIN, FINETUNE, SLIMIPL, STUDENT)
+
+
+def add_declared_stages(sub: Subparsers) -> None:
+    """A command for every other stage a module of pipeline.stages declares (prune, quantize, …)."""
+    from pipeline.stages.registry import stage_specs
+
+    written = {c.name for c in STAGE_COMMANDS}
+    for spec in stage_specs():
+        if spec.command not in written:
+            add_declared_stage(sub, spec)
+
+
+COMMANDS = (*(c.add for c in STAGE_COMMANDS), add_declared_stages, add_evaluate)

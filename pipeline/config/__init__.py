@@ -52,8 +52,6 @@ from pipeline.config.stages import (
     CollapseGuardConfig,
     FinetuneConfig,
     LabelConfig,
-    PruneConfig,
-    QuantizeConfig,
     SlimIPLConfig,
     StudentConfig,
     SupervisedConfig,
@@ -62,7 +60,7 @@ from pipeline.config.stages import (
 __all__ = [
     "AUDIO_EXTENSIONS", "MODEL_PRESET_PARAMS", "AudioPolicy", "BatchConfig", "CollapseGuardConfig", "Config",
     "FeatureConfig", "FinetuneConfig", "LabelConfig", "LanguageMix", "ModelConfig", "OptimConfig", "PLFilter",
-    "PRESETS", "PruneConfig", "QuantizeConfig",
+    "PRESETS",
     "RECIPE_PRESETS", "RecipeConfig", "RelabelConfig", "SlimIPLConfig", "SpecAugmentConfig", "StudentConfig",
     "SupervisedConfig", "TrainingConfig", "configured", "corpus_data", "deep_merge", "finetune_paper", "finetune_tiny",
     "label_paper", "label_tiny", "labeling_audio_policy", "model_kwargs", "normalize_language", "parse_assignments",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -278,6 +278,17 @@ class TrainingConfig(Config):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present, else CPU
     seed: int = 0
 
+    @classmethod
+    def presets(cls) -> dict[str, Callable[..., TrainingConfig]]:
+        """Named presets a stage's config declares itself (e.g. `tiny`, `paper`); the recipe's first stages keep
+        theirs in `pipeline.config.presets`, a stage added later brings its own here."""
+        return {}
+
+    @classmethod
+    def preset_kind(cls) -> str:
+        """The kind its presets are looked up by (`preset(kind, name)`): the class name without "Config", lower."""
+        return cls.__name__.removesuffix("Config").lower()
+
     def stage_name(self) -> str:
         """The stage's folder under the run directory ("supervised", "finetune/sl"): each stage's config says."""
         raise NotImplementedError(f"{type(self).__name__} names no stage folder")
@@ -380,3 +391,35 @@ def _nested(path: list[str], value: Any) -> dict[str, Any]:
     for part in reversed(path):
         value = {part: value}
     return value
+
+
+def with_overrides(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A preset's fields with overrides; a shortened run keeps a proportionate warmup instead of failing."""
+    cfg = preset | overrides
+    if "max_updates" in overrides and "optim" not in overrides:
+        warmup = min(preset["optim"].warmup_updates, max(1, int(cfg["max_updates"]) // 10))
+        cfg["optim"] = cfg["optim"].model_copy(update={"warmup_updates": warmup})
+    return cfg
+
+
+def tiny_training(*, lr: float, warmup_updates: int, num_buckets: int, max_updates: int, eval_every: int,
+                  save_every: int) -> dict[str, Any]:
+    """What the CPU presets of the training stages share: AdamW with warmup and cosine decay, 60 s batches, narrow
+    SpecAugment, logs every 50 updates."""
+    return dict(batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=num_buckets),
+                optim=OptimConfig(name="adamw", lr=lr, warmup_updates=warmup_updates, schedule="cosine",
+                                  weight_decay=0.01), specaugment=tiny_specaugment(), max_updates=max_updates,
+                eval_every=eval_every, save_every=save_every, log_every=50)
+
+
+def declared_presets() -> dict[str, dict[str, Callable[..., Config]]]:
+    """The presets that training configs declare themselves (`TrainingConfig.presets`), by their stage kind: a new
+    stage's config brings its own, so `pipeline.config.presets` needs no entry for it."""
+    found: dict[str, dict[str, Callable[..., Config]]] = {}
+    todo = list(TrainingConfig.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.presets():
+            found[cls.preset_kind()] = cls.presets()
+    return found

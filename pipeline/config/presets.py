@@ -15,20 +15,20 @@ from pipeline.config.base import (
     Config,
     OptimConfig,
     base_model,
+    declared_presets,
     deep_merge,
     large_model,
     small_model,
     tiny_conformer_model,
     tiny_deep_narrow_model,
     tiny_model,
-    tiny_specaugment,
+    tiny_training,
     tiny_wide_shallow_model,
+    with_overrides,
 )
 from pipeline.config.stages import (
     FinetuneConfig,
     LabelConfig,
-    PruneConfig,
-    QuantizeConfig,
     SlimIPLConfig,
     StudentConfig,
     SupervisedConfig,
@@ -37,30 +37,11 @@ from pipeline.config.stages import (
 T = TypeVar("T")
 
 
-def _with_overrides(preset: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A preset's fields with overrides; a shortened run keeps a proportionate warmup instead of failing."""
-    cfg = preset | overrides
-    if "max_updates" in overrides and "optim" not in overrides:
-        warmup = min(preset["optim"].warmup_updates, max(1, int(cfg["max_updates"]) // 10))
-        cfg["optim"] = cfg["optim"].model_copy(update={"warmup_updates": warmup})
-    return cfg
-
-
-def _tiny_training(*, lr: float, warmup_updates: int, num_buckets: int, max_updates: int, eval_every: int,
-                   save_every: int) -> dict[str, Any]:
-    """What the CPU presets of the training stages share: AdamW with warmup and cosine decay, 60 s batches, narrow
-    SpecAugment, logs every 50 updates."""
-    return dict(batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=64, num_buckets=num_buckets),
-                optim=OptimConfig(name="adamw", lr=lr, warmup_updates=warmup_updates, schedule="cosine",
-                                  weight_decay=0.01), specaugment=tiny_specaugment(), max_updates=max_updates,
-                eval_every=eval_every, save_every=save_every, log_every=50)
-
-
 def supervised_tiny(train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> SupervisedConfig:
     """CPU preset: tiny model, AdamW (peak lr 3e-3) with warmup + cosine decay, 60 s batches, 2000 updates."""
-    cfg = dict(train_manifest=train_manifest, dev_manifest=dev_manifest, model=tiny_model()) | _tiny_training(
+    cfg = dict(train_manifest=train_manifest, dev_manifest=dev_manifest, model=tiny_model()) | tiny_training(
         lr=3e-3, warmup_updates=60, num_buckets=8, max_updates=2000, eval_every=500, save_every=100)
-    return SupervisedConfig(**_with_overrides(cfg, overrides))
+    return SupervisedConfig(**with_overrides(cfg, overrides))
 
 
 def supervised_paper(train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> SupervisedConfig:
@@ -71,9 +52,9 @@ def supervised_paper(train_manifest: str, dev_manifest: str | None = None, **ove
 def finetune_tiny(language: str, train_manifest: str, dev_manifest: str | None = None,
                   **overrides: Any) -> FinetuneConfig:
     """CPU preset: AdamW at a third of stage 1's peak LR, 300 updates of 60 s batches."""
-    cfg = dict(language=language, train_manifest=train_manifest, dev_manifest=dev_manifest) | _tiny_training(
+    cfg = dict(language=language, train_manifest=train_manifest, dev_manifest=dev_manifest) | tiny_training(
         lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300, eval_every=100, save_every=50)
-    return FinetuneConfig(**_with_overrides(cfg, overrides))
+    return FinetuneConfig(**with_overrides(cfg, overrides))
 
 
 def finetune_paper(language: str, train_manifest: str, dev_manifest: str | None = None,
@@ -82,39 +63,6 @@ def finetune_paper(language: str, train_manifest: str, dev_manifest: str | None 
     cfg = dict(language=language, train_manifest=train_manifest, dev_manifest=dev_manifest,
                optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000)
     return FinetuneConfig(**(cfg | overrides))
-
-
-def quantize_tiny(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
-                  **overrides: Any) -> QuantizeConfig:
-    """CPU preset: 1-bit QAT, AdamW at a third of stage 1's peak LR, 300 updates of 60 s batches."""
-    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest) | (
-        _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300, eval_every=100, save_every=50))
-    return QuantizeConfig(**_with_overrides(cfg, overrides))
-
-
-def prune_tiny(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
-               **overrides: Any) -> PruneConfig:
-    """CPU preset: pathways by IMP to the paper's 70.6 %, 40 updates per round and language, then 300 updates."""
-    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest,
-               round_updates=40) | (
-        _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300, eval_every=100, save_every=50))
-    return PruneConfig(**_with_overrides(cfg, overrides))
-
-
-def prune_paper(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
-                **overrides: Any) -> PruneConfig:
-    """Pathways at the paper's fine-tuning settings (Adagrad 0.01): 70.6 % in 8×1 blocks, 10k updates after search."""
-    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest,
-               optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000)
-    return PruneConfig(**(cfg | overrides))
-
-
-def quantize_paper(init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
-                   **overrides: Any) -> QuantizeConfig:
-    """QAT at the paper's fine-tuning settings (Adagrad 0.01, 10k updates), 1 bit in blocks of 64 (Rybakov et al.)."""
-    cfg = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest,
-               optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000)
-    return QuantizeConfig(**(cfg | overrides))
 
 
 def slimipl_tiny(language: str, train_manifest: str, unlabeled_manifest: str, dev_manifest: str | None = None,
@@ -126,8 +74,8 @@ def slimipl_tiny(language: str, train_manifest: str, unlabeled_manifest: str, de
         dev_manifest=dev_manifest,
         unlabeled_batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=16, num_buckets=8),
         unlabeled_ratio=4, pl_cache_size=40, pl_dropout=0.0, pl_layerdrop=0.0, cropping_warmup_updates=100,
-    ) | _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=400, eval_every=100, save_every=50)
-    return SlimIPLConfig(**_with_overrides(cfg, overrides))
+    ) | tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=400, eval_every=100, save_every=50)
+    return SlimIPLConfig(**with_overrides(cfg, overrides))
 
 
 def slimipl_paper(language: str, train_manifest: str, unlabeled_manifest: str, dev_manifest: str | None = None,
@@ -158,12 +106,12 @@ def student_tiny(mode: str, train_manifest: str, dev_manifest: str | None = None
     cfg = dict(mode=mode, train_manifest=train_manifest, dev_manifest=dev_manifest,
                pl_batch=BatchConfig(max_batch_duration_s=60.0, max_batch_size=16, num_buckets=8))
     if mode == "finetune":
-        cfg |= _tiny_training(lr=1e-3, warmup_updates=20, num_buckets=8, max_updates=300, eval_every=100,
+        cfg |= tiny_training(lr=1e-3, warmup_updates=20, num_buckets=8, max_updates=300, eval_every=100,
                               save_every=50)
     else:
-        cfg |= _tiny_training(lr=2e-3, warmup_updates=60, num_buckets=8, max_updates=2000, eval_every=500,
+        cfg |= tiny_training(lr=2e-3, warmup_updates=60, num_buckets=8, max_updates=2000, eval_every=500,
                               save_every=100) | dict(specaugment_start_updates=200)
-    return StudentConfig(**_with_overrides(cfg, overrides))
+    return StudentConfig(**with_overrides(cfg, overrides))
 
 
 def student_paper(mode: str, train_manifest: str, dev_manifest: str | None = None, **overrides: Any) -> StudentConfig:
@@ -182,12 +130,10 @@ PRESETS: dict[str, dict[str, Callable[..., Config]]] = {
               "small": small_model, "base": base_model, "large": large_model},
     "supervised": {"tiny": supervised_tiny, "paper": supervised_paper},
     "finetune": {"tiny": finetune_tiny, "paper": finetune_paper},
-    "quantize": {"tiny": quantize_tiny, "paper": quantize_paper},
-    "prune": {"tiny": prune_tiny, "paper": prune_paper},
     "slimipl": {"tiny": slimipl_tiny, "paper": slimipl_paper},
     "label": {"tiny": label_tiny, "paper": label_paper},
     "student": {"tiny": student_tiny, "paper": student_paper},
-}
+} | declared_presets()  # + the presets a later stage's config declares (TrainingConfig.presets)
 
 
 def choose(table: dict[str, T], what: str, name: str) -> T:
@@ -202,17 +148,18 @@ def choose(table: dict[str, T], what: str, name: str) -> T:
 
 
 def preset(kind: str, name: str, *args: Any, **overrides: Any) -> Any:
-    """A config of a kind ("model", "supervised", "finetune", "slimipl", "label", "student") from its named
-    preset, with the preset function's arguments and field overrides.
+    """A config of a kind ("model", "supervised", "finetune", "slimipl", "label", "student", "prune", …) from its
+    named preset, with the preset function's arguments and field overrides.
 
     Raises:
         ValueError: naming the known kinds or presets when one is unknown.
     """
-    return choose(choose(PRESETS, "config kind", kind), f"{kind} preset", name)(*args, **overrides)
+    table = PRESETS | declared_presets()  # a config class defined after this module still counts
+    return choose(choose(table, "config kind", kind), f"{kind} preset", name)(*args, **overrides)
 
 
 def configured(cls: type[Config], preset_cfg: Config, overrides: dict[str, Any]) -> Any:
     """A preset's config with nested overrides applied; a shortened budget keeps a proportionate warmup."""
     flat = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
-    base = cls(**_with_overrides(dict(preset_cfg), flat)) if flat else preset_cfg
+    base = cls(**with_overrides(dict(preset_cfg), flat)) if flat else preset_cfg
     return cls(**deep_merge(base.model_dump(mode="json"), {k: v for k, v in overrides.items() if isinstance(v, dict)}))

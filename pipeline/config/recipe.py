@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config.base import Config, LanguageMix, PLFilter, deep_merge, doubled_width
+from pipeline.config.base import Config, LanguageMix, PLFilter, TrainingConfig, deep_merge, doubled_width
 from pipeline.config.decoding import BeamDecoderConfig, DecoderTuning, LMConfig, LMUnit
 from pipeline.config.presets import choose, configured, preset
 from pipeline.config.stages import (
@@ -190,10 +190,7 @@ class RecipeConfig(Config):
                 self.labeled_finetune_config(mode, "student.pt")
         if len(set(self.student_modes)) != len(self.student_modes):
             raise ValueError(f"student_modes has duplicates: {self.student_modes}")
-        for method in self.serving_prune:
-            self.prune_config(method, "student.pt")
-        for bits in self.serving_bits:
-            self.quantize_config(bits, "student.pt")
+        self.serving_configs("student.pt")
         if (self.serving_prune or self.serving_bits) and not self.student_modes:
             raise ValueError("serving_prune/serving_bits shrink the final student: train one (student_modes)")
         return self
@@ -292,6 +289,12 @@ class RecipeConfig(Config):
     def control_config(self, updates: int) -> SupervisedConfig:
         """The same-compute control: stage 1's config for `updates` updates (labeled data alone)."""
         return self.supervised_config().model_copy(update={"max_updates": updates})
+
+    def serving_configs(self, init_checkpoint: str) -> list[TrainingConfig]:
+        """The serving-size models the form asks for, made from `init_checkpoint` (the final student): the recipe's
+        serving step trains each after the students (a new serving stage adds its knob and builder here)."""
+        return ([self.prune_config(m, init_checkpoint) for m in self.serving_prune]
+                + [self.quantize_config(b, init_checkpoint) for b in self.serving_bits])
 
     def prune_config(self, method: str, init_checkpoint: str) -> PruneConfig:
         """A pruned serving model of `init_checkpoint` (the final student): `method`'s masks, then its training."""

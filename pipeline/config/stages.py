@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -21,12 +22,15 @@ from pipeline.config.base import (
     FeatureConfig,
     LanguageMix,
     ModelConfig,
+    OptimConfig,
     PLFilter,
     TrainingConfig,
     base_model,
     labeling_audio_policy,
     language_code,
     raise_all,
+    tiny_training,
+    with_overrides,
 )
 from pipeline.config.decoding import BeamDecoderConfig
 from pipeline.layout import StudentVariant
@@ -84,16 +88,23 @@ class QuantizeConfig(TrainingConfig):
     linear weights fake-quantized to `bits` in sub-channel blocks of `block`, trained further on every language's
     labeled rows with straight-through gradients, then packed for serving (`checkpoints/packed.pt`)."""
 
-    init_checkpoint: str  # the model to quantize (e.g. the final student's best.pt)
-    train_manifest: str
-    dev_manifest: str | None = None
-    bits: Literal[1, 2, 4, 8] = 1  # 1: absmean binarization; 2-8: asymmetric (min/max) per block
-    block: int = Field(64, gt=0)  # input weights per scale (sub-channel); a row it does not divide uses a divisor
+    init_checkpoint: str = Field(description="the float model to quantize, e.g. a student's best.pt")
+    train_manifest: str = Field(description="labeled manifest (every language)")
+    dev_manifest: str | None = Field(None, description="dev manifest")
+    bits: Literal[1, 2, 4, 8] = Field(1, description="weight bits: 1 absmean binarization, 2-8 asymmetric per block")
+    block: int = Field(64, gt=0, description="input weights per scale (a row it does not divide uses a divisor)")
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
         raise_all(self.loop_errors())
         return self
+
+    @classmethod
+    def presets(cls) -> dict[str, Callable[..., QuantizeConfig]]:
+        """`tiny`: 1-bit QAT, AdamW at a third of stage 1's peak LR, 300 updates of 60 s batches; `paper`: the
+        paper's fine-tuning settings (Adagrad 0.01, 10k updates), 1 bit in blocks of 64 (Rybakov et al.)."""
+        return {"tiny": lambda *args, **fields: cls(**_finetune_like(True, *args, **fields)),
+                "paper": lambda *args, **fields: cls(**_finetune_like(False, *args, **fields))}
 
     def stage_name(self) -> str:
         """The stage's folder under the run directory."""
@@ -109,15 +120,19 @@ class PruneConfig(TrainingConfig):
     searched on its language alone). Then `max_updates` updates from the model's weights under the masks, each
     batch one language that updates only its pathway's weights."""
 
-    init_checkpoint: str  # the float model to prune (e.g. the final student's best.pt)
-    train_manifest: str
-    dev_manifest: str | None = None
-    method: Literal["agnostic", "pathways"] = "pathways"
-    mask_search: Literal["imp", "lth"] = "imp"
-    sparsity: float = Field(0.706, ge=0.0, lt=1.0)  # the paper's 70.6 % (0.2 per round: 6 rounds); 0: no mask
-    prune_rate: float = Field(0.2, gt=0.0, lt=1.0)
-    round_updates: int = Field(500, gt=0)  # per round (and per language for pathways)
-    group_lasso_weight: float = Field(1e-5, ge=0.0)  # λ · Σ over 8×1 blocks of their L2 norms, while searching
+    init_checkpoint: str = Field(description="the dense float model to prune, e.g. a student's best.pt")
+    train_manifest: str = Field(description="labeled manifest (every language)")
+    dev_manifest: str | None = Field(None, description="dev manifest")
+    method: Literal["agnostic", "pathways"] = Field(
+        "pathways", description="one mask for all languages, or one per language")
+    mask_search: Literal["imp", "lth"] = Field(
+        "imp", description="iterative magnitude pruning, or with lottery-ticket rewinding")
+    sparsity: float = Field(0.706, ge=0.0, lt=1.0, description="share of pruned weights (the paper's 70.6 %: 0.2 "
+                                                                "per round, 6 rounds); 0: no mask")
+    prune_rate: float = Field(0.2, gt=0.0, lt=1.0, description="share of the remaining blocks pruned per round")
+    round_updates: int = Field(500, gt=0, description="updates per round (and per language for pathways)")
+    group_lasso_weight: float = Field(1e-5, ge=0.0, description="λ of the group-lasso penalty (Σ of the 8×1 "
+                                                                 "blocks' L2 norms) while searching")
     language_mix: LanguageMix = Field(default_factory=lambda: LanguageMix(kind="temperature"))
 
     @model_validator(mode="after")
@@ -129,9 +144,27 @@ class PruneConfig(TrainingConfig):
         raise_all(errors)
         return self
 
+    @classmethod
+    def presets(cls) -> dict[str, Callable[..., PruneConfig]]:
+        """`tiny`: pathways by IMP to the paper's 70.6 %, 40 updates per round and language, then 300 updates;
+        `paper`: pathways at the paper's fine-tuning settings (Adagrad 0.01), 10k updates after the search."""
+        return {"tiny": lambda *args, **fields: cls(**_finetune_like(True, *args, **({"round_updates": 40} | fields))),
+                "paper": lambda *args, **fields: cls(**_finetune_like(False, *args, **fields))}
+
     def stage_name(self) -> str:
         """The stage's folder under the run directory."""
         return f"prune/{self.method}-{self.mask_search}"
+
+
+def _finetune_like(tiny: bool, init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,
+                   **fields: Any) -> dict[str, Any]:
+    """The fields of a stage that trains a finished model further, as a fine-tune does: on CPU AdamW at a third of
+    stage 1's peak LR for 300 updates of 60 s batches; in the paper Adagrad 0.01 for 10k updates."""
+    data = dict(init_checkpoint=init_checkpoint, train_manifest=train_manifest, dev_manifest=dev_manifest)
+    if tiny:
+        return with_overrides(data | tiny_training(lr=1e-3, warmup_updates=20, num_buckets=4, max_updates=300,
+                                                   eval_every=100, save_every=50), fields)
+    return data | dict(optim=OptimConfig(lr=0.01, warmup_updates=1000), max_updates=10000, eval_every=1000) | fields
 
 
 class CollapseGuardConfig(Config):

@@ -9,6 +9,7 @@ import posixpath
 from typing import Any
 
 from pipeline.layout import RunLayout, StudentVariant, variants_of
+from pipeline.stages.registry import stage_specs
 from storage.files import (
     atomic_write_bytes,
     atomic_write_text,
@@ -91,7 +92,11 @@ REPORT_STAGES = [
     ("finetune", "↪ per-language fine-tune"),
     ("slimipl", "↪ per-language slimIPL"),
 ]
-SERVING_STAGES = [("prune", "↪ pruned"), ("quantize", "↪ quantized")]
+
+
+def serving_stages() -> list[tuple[str, str]]:
+    """(folder, row title) of every stage that declares report rows: the serving-size models (pruned, quantized)."""
+    return [(spec.kind, spec.report_title) for spec in stage_specs() if spec.report_title]
 
 
 def _read_json(url: str) -> Any | None:
@@ -196,7 +201,7 @@ def build_report(run_dir: str) -> dict[str, Any]:
         add_row(f"student/{variant.folder}", _student_title(variant), "student",
                 lambda lang, t, v=variant.folder: eval_metrics(f"student/{v}", t),
                 [layout.student(variant.folder).result])
-    for stage, title in SERVING_STAGES:  # the small serving models made from a finished model (issue 20)
+    for stage, title in serving_stages():  # the small serving models made from a finished model (issue 20)
         for name, stage_dir in sorted(layout.finished(stage).items()):
             packed = _read_json(join(stage_dir.url, "packed.json")) or {}
             add_row(f"{stage}/{name}", f"{title} {name}", "serving",

@@ -15,6 +15,7 @@ from pipeline.data.rows import ProgressFn
 from pipeline.engine.stage_cache import StageResult
 from pipeline.layout import RunLayout
 from pipeline.stages.common import labeled_loop, load_labeled, open_stage, stage_meta, start_from
+from pipeline.stages.registry import StageSpec
 
 log = logging.getLogger("mlpl.finetune")
 
@@ -47,3 +48,7 @@ def run_finetune(cfg: FinetuneConfig, run_dir: str, *, resume: bool = True, on_p
     labeled_loop(trainer, train, sampler)
     return trainer.finish({"sampler": sampler.state_dict()}, num_train_utterances=len(train.utterances),
                           num_rejects=len(rejects))
+
+
+STAGE = StageSpec(FinetuneConfig, run_finetune, "finetune",
+                  "fine-tune the multilingual model on one language (resumes by default)")

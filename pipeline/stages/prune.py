@@ -36,7 +36,7 @@ from models.prune import (
     rewind_,
     set_pathway_,
 )
-from pipeline.config import PruneConfig
+from pipeline.config.stages import PruneConfig
 from pipeline.data.dataset import Batch, Dataset, collate
 from pipeline.data.rows import ProgressFn
 from pipeline.data.samplers import batch_sampler
@@ -44,6 +44,7 @@ from pipeline.engine.model import Trained, sparse_checkpoint
 from pipeline.engine.stage_cache import StageResult
 from pipeline.engine.trainer import lr_at, make_optimizer, train_step
 from pipeline.stages.common import OpenStage, labeled_loop, load_labeled, stage_meta, start_from, train_then_pack
+from pipeline.stages.registry import StageSpec
 from storage.checkpoint import load_checkpoint, save_checkpoint
 from storage.files import exists, remove_tree
 
@@ -193,3 +194,16 @@ def _sparse(best: Trained) -> tuple[dict[str, object], dict[str, object]]:
              for k, v in best.checkpoint["model"].items() if not k.endswith(".masks")}
     return sparse_checkpoint(best.checkpoint, best.model), dense
 
+
+def _summary(cfg: PruneConfig, result: StageResult) -> str:
+    """The sparsity and the sparse checkpoint's size against the dense float32 weights (what `mlpl prune` prints)."""
+    extra = result.extra
+    return (f"sparsity {extra['sparsity']}; sparse checkpoint: {extra['packed_checkpoint']} "
+            f"({extra['packed_bytes'] / 1e6:.2f} MB; dense float32 weights "
+            f"{extra['float32_weights_bytes'] / 1e6:.2f} MB)")
+
+
+STAGE = StageSpec(PruneConfig, run_prune, "prune",
+                  "structured 8×1-block pruning of a finished model: one language-agnostic mask or a pathway per "
+                  "language, then training under the masks (resumes by default)", summary=_summary,
+                  report_title="↪ pruned")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 
 from models.quant import fake_quantize_model_
-from pipeline.config import QuantizeConfig
+from pipeline.config.stages import QuantizeConfig
 from pipeline.data.rows import ProgressFn
 from pipeline.engine.model import packed_checkpoint
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.common import labeled_loop, load_labeled, stage_meta, start_from, train_then_pack
+from pipeline.stages.registry import StageSpec
 
 log = logging.getLogger("mlpl.quantize")
 
@@ -55,3 +56,16 @@ def _train(cfg: QuantizeConfig, stage, on_progress: ProgressFn | None, stop_afte
     labeled_loop(trainer, train, sampler)
     return trainer.finish({"sampler": sampler.state_dict()}, num_train_utterances=len(train.utterances),
                           num_rejects=len(rejects))
+
+
+def _summary(cfg: QuantizeConfig, result: StageResult) -> str:
+    """The packed checkpoint and its size against the float32 weights (what `mlpl quantize` prints)."""
+    extra = result.extra
+    return (f"packed {cfg.bits}-bit checkpoint: {extra['packed_checkpoint']} ({extra['packed_bytes'] / 1e6:.2f} MB; "
+            f"float32 weights {extra['float32_weights_bytes'] / 1e6:.2f} MB)")
+
+
+STAGE = StageSpec(QuantizeConfig, run_quantize, "quantize",
+                  "quantization-aware training (1/2/4/8-bit encoder weights) of a finished model, then a packed "
+                  "checkpoint for serving and labeling (resumes by default)", summary=_summary,
+                  report_title="↪ quantized")

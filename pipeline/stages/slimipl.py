@@ -47,6 +47,7 @@ from pipeline.layout import RunLayout, StageDir
 from pipeline.stages.common import load_labeled, open_stage, stage_meta, start_from
 from pipeline.stages.lm import open_decoder
 from pipeline.stages.pl_cache import CollapseError, CollapseGuard, PLCache, choose_slot, is_labeled_step, pl_stats
+from pipeline.stages.registry import StageSpec
 from storage.checkpoint import load_checkpoint
 from storage.files import copy_file, exists
 from storage.manifest import read_manifest, write_manifest, write_rejects
@@ -383,3 +384,7 @@ def _pl_eval_loader(unlabeled: list[Utterance], references: dict[str, str], cfg:
     return LazyBatchLoader(chosen, features=trained.features, policy=trained.audio_policy,
                            max_batch_duration_s=ub.max_batch_duration_s, max_batch_size=ub.max_batch_size,
                            num_buckets=ub.num_buckets, seed=cfg.seed, shuffle=False, source="pl-eval")
+
+
+STAGE = StageSpec(SlimIPLConfig, run_slimipl, "slimipl",
+                  "slimIPL self-training on one language (resumes by default)")

@@ -34,6 +34,7 @@ from pipeline.engine.stage_cache import StageResult
 from pipeline.engine.trainer import Trainer
 from pipeline.layout import RunLayout
 from pipeline.stages.common import load_labeled, log_mix, open_stage, stage_meta
+from pipeline.stages.registry import StageSpec
 from storage.checkpoint import read_checkpoint_fields
 from storage.pl import load_pseudo_labels
 
@@ -218,3 +219,7 @@ def run_student(cfg: StudentConfig, run_dir: str, *, resume: bool = True, on_pro
 def stage_state_of(sampler: LabeledSampler, pl: PLBatchStream | None) -> dict[str, Any]:
     """The student's own resume state: where both sources are."""
     return {"sampler": sampler.state_dict()} | ({"pl": pl.state_dict()} if pl else {})
+
+
+STAGE = StageSpec(StudentConfig, run_student, "student",
+                  "train a student on labeled + pseudo-labeled data (resumes by default)")

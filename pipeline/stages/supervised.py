@@ -19,6 +19,7 @@ from pipeline.data.samplers import mix_record
 from pipeline.data.tokenizer import Tokenizer, tokenizer_from_dict, train_tokenizer
 from pipeline.engine.stage_cache import StageResult
 from pipeline.stages.common import labeled_loop, open_stage
+from pipeline.stages.registry import StageSpec
 from storage.checkpoint import read_checkpoint_fields
 from storage.files import exists, write_json
 
@@ -89,3 +90,7 @@ def run_supervised(cfg: SupervisedConfig, run_dir: str, *, resume: bool = True, 
     labeled_loop(trainer, train, sampler)
     return trainer.finish({"sampler": sampler.state_dict()}, num_train_utterances=len(train.utterances),
                           num_rejects=len(rejects), extra={"language_mix": mix_record(cfg.language_mix, sampler)})
+
+
+STAGE = StageSpec(SupervisedConfig, run_supervised, "train",
+                  "supervised multilingual CTC + LID training (resumes by default)")

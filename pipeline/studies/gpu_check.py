@@ -2,7 +2,7 @@
 run, written as JSON + Markdown (docs/gpu-check.{json,md}).
 
 Parts, in order (each timed; the whole is sized to finish in minutes on one GPU):
-1. the device tests (`tests/test_device.py`: a few updates of every training stage, a CPU run resumed on the
+1. the device tests (`tests/stages/test_device_path.py`: a few updates of every training stage, a CPU run resumed on the
    device and back, labeling with crop-and-stitch under bf16 autocast, `torchrun` at world size 1, or 2 with an
    NCCL process group where two GPUs are) run on the device;
 2. the matmul peak of the device at the precision labeling uses (bf16 where native, else fp32);
@@ -117,10 +117,10 @@ def _rate(model: CTCLIDModel, optimizer, size: int, device: torch.device, second
 
 
 def run_device_tests(device: str) -> dict[str, Any]:
-    """`tests/test_device.py` on the device (and `torchrun` at world size 1 where CUDA is), in a child pytest."""
+    """`tests/stages/test_device_path.py` on the device (and `torchrun` at world size 1 where CUDA is), in a child pytest."""
     env = os.environ | {"MLPL_TEST_DEVICE": device}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_device.py"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/stages/test_device_path.py"],
                           env=env, capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
     return {"device": device, "passed": proc.returncode == 0, "summary": tail,
