@@ -1,10 +1,12 @@
-"""`mlpl train`, `finetune`, `slimipl`, `student`, `quantize`, `prune`: one handler for every training stage (its
-config from the stage's preset and flags, trained with progress bars, resumable), and `mlpl evaluate`."""
+"""`mlpl train`, `finetune`, `slimipl`, `student` (one `StageCommand` table), a command for every other stage a
+module of pipeline/stages/ declares (`prune`, `quantize`: flags from its config), and `mlpl evaluate`. Each trains
+its stage's config (preset + flags) with progress bars, resumable."""
 
 from __future__ import annotations
 
 import argparse
 import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -156,8 +158,6 @@ FLAG_NAMES = {"init_checkpoint": "--init", "train_manifest": "--train", "dev_man
 
 def _flag_kind(field: Any) -> tuple[type, tuple | None] | None:
     """A field's flag type and choices (a Literal's), when it is one scalar (optionally None); else None."""
-    import typing
-
     kinds = [a for a in typing.get_args(field.annotation) if a is not type(None)] if typing.get_origin(
         field.annotation) in (typing.Union, types.UnionType) else [field.annotation]
     if len(kinds) != 1:
@@ -183,11 +183,11 @@ def add_declared_stage(sub: Subparsers, spec: Any) -> None:
     for name, (kind, choices) in declared_flags(spec.config).items():
         field = spec.config.model_fields[name]
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        p.add_argument(flag, dest=name, required=field.is_required(),
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {
+            "type": kind, "choices": choices, "metavar": None if choices else flag[2:].upper().replace("-", "_")}
+        p.add_argument(flag, dest=name, required=field.is_required(), **how,
                        help=(field.description or name).replace("%", "%%")
-                       + ("" if field.is_required() else " (unset: the preset's)"),
-                       **({"action": argparse.BooleanOptionalAction} if kind is bool else
-                          {"type": kind, "choices": choices, "metavar": None if choices else flag[2:].upper().replace("-", "_")}))
+                       + ("" if field.is_required() else " (unset: the preset's)"))
     p.add_argument("--run-dir", required=True, help=f"run directory: the stage writes <run-dir>/{spec.kind}/...")
     stage_arguments(p)
     p.set_defaults(func=run_declared_stage, stage_spec=spec)
