@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.artifacts import stage_run_name
 from flows.label import label_flow
 from flows.report import report_task
-from flows.stages import train_flow
+from flows.train import train_flow
 from pipeline.config import RecipeConfig, TrainingConfig
 from pipeline.config.decoding import BeamDecoderConfig
 from pipeline.data.rows import read_utterances

@@ -1,6 +1,6 @@
 """The training stages (docs/architecture.md, "How to add a stage"): each stage module declares one `STAGE =
 StageSpec(...)` beside its `run_<stage>`, and this registry finds them. The generic Prefect flow
-(`flows.stages.train_flow`), the CLI (a command per stage), the recipe's serving step and the run report's rows
+(`flows.train.train_flow`), the CLI (a command per stage), the recipe's serving step and the run report's rows
 all read this table, so a new stage touches its config, its module, the recipe form's knob and its test — nothing
 else.
 """

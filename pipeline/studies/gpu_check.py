@@ -116,11 +116,15 @@ def _rate(model: CTCLIDModel, optimizer, size: int, device: torch.device, second
     return n * size * CLIP_S / (time.perf_counter() - t0)
 
 
+DEVICE_TESTS = "tests/stages/test_device_path.py"
+
+
 def run_device_tests(device: str) -> dict[str, Any]:
-    """`tests/stages/test_device_path.py` on the device (and `torchrun` at world size 1 where CUDA is), in a child pytest."""
+    """`tests/stages/test_device_path.py` on the device (and `torchrun` at world size 1 where CUDA is), in a child
+    pytest."""
     env = os.environ | {"MLPL_TEST_DEVICE": device}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/stages/test_device_path.py"],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", DEVICE_TESTS],
                           env=env, capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
     return {"device": device, "passed": proc.returncode == 0, "summary": tail,
