@@ -19,22 +19,14 @@ ConfigArgs = Callable[[argparse.Namespace], tuple[tuple[Any, ...], dict[str, Any
 
 @dataclass(frozen=True)
 class StageCommand:
-    """A training command: its stage preset, how its flags become the preset's arguments and fields, its own
-    flags, and what it prints after the dev table (from the config and the stage's result)."""
+    """The hand-written flags of one of the recipe's first four stages: how its flags become its preset's
+    arguments and fields, its own flags, and what it prints after the dev table (from the config and the result).
+    Its name, help and preset kind are its stage's (`pipeline.stages.registry`)."""
 
     name: str
-    help: str
-    kind: str  # the stage preset's kind (pipeline.config.preset)
     config_args: ConfigArgs
     flags: Flags
     summary: Callable[[Any, Any], str] | None = None
-
-    def add(self, sub: Subparsers) -> None:
-        """Its subcommand: its own flags, then those of every stage (--preset, --max-updates, --set, …)."""
-        p = sub.add_parser(self.name, help=self.help)
-        self.flags(p)
-        stage_arguments(p)
-        p.set_defaults(func=run_stage_command, stage_command=self)
 
 
 def train_stage(cfg, args: argparse.Namespace):
@@ -53,12 +45,17 @@ def train_stage(cfg, args: argparse.Namespace):
 
 def run_stage_command(args: argparse.Namespace) -> int:
     """Every training command: the stage's config from its preset and the flags, trained, then its summary."""
-    cmd: StageCommand = args.stage_command
-    preset_args, fields = cmd.config_args(args)
-    cfg = stage_config(cmd.kind, args, *preset_args, **fields)
+    spec, cmd = args.stage_spec, args.stage_command
+    if cmd is None:  # flags from the config: the preset with the fields given
+        preset_args = ()
+        fields = {name: getattr(args, name) for name in declared_flags(spec.config) if getattr(args, name) is not None}
+    else:
+        preset_args, fields = cmd.config_args(args)
+    cfg = stage_config(spec.kind, args, *preset_args, **fields)
     result = train_stage(cfg, args)
-    if cmd.summary is not None:
-        print(cmd.summary(cfg, result))
+    summary = cmd.summary if cmd is not None else spec.summary
+    if summary is not None:
+        print(summary(cfg, result))
     return 0
 
 
@@ -102,13 +99,11 @@ def _train_config(a: argparse.Namespace) -> tuple[tuple[Any, ...], dict[str, Any
     return (a.train, a.dev), {"model": preset("model", a.model)} if a.model else {}
 
 
-TRAIN = StageCommand("train", "supervised multilingual CTC + LID training (resumes by default)", "supervised",
-                     _train_config, _train_flags)
+TRAIN = StageCommand("train", _train_config, _train_flags)
 
 # --- stages 2 and 3: per-language fine-tuning and slimIPL -----------------------------------------------------------
 FINETUNE = StageCommand(
-    "finetune", "fine-tune the multilingual model on one language (resumes by default)", "finetune",
-    lambda a: ((a.language, a.train, a.dev), {"init_checkpoint": a.init}),
+    "finetune", lambda a: ((a.language, a.train, a.dev), {"init_checkpoint": a.init}),
     lambda p: language_stage_arguments(p, init="<run-dir>/supervised/checkpoints/best.pt"))
 
 
@@ -128,8 +123,7 @@ def _slimipl_summary(cfg: Any, result: Any) -> str:
 
 
 SLIMIPL = StageCommand(
-    "slimipl", "slimIPL self-training on one language (resumes by default)", "slimipl",
-    lambda a: ((a.language, a.train, a.unlabeled, a.dev),
+    "slimipl", lambda a: ((a.language, a.train, a.unlabeled, a.dev),
                {"init_checkpoint": a.init, "reference_manifest": a.reference}),
     _slimipl_flags, _slimipl_summary)
 
@@ -145,8 +139,7 @@ def _student_flags(p: argparse.ArgumentParser) -> None:
 
 
 STUDENT = StageCommand(
-    "student", "train a student on labeled + pseudo-labeled data (resumes by default)", "student",
-    lambda a: ((a.mode, a.train, a.dev), {"init_checkpoint": a.init, "labels_root": a.labels,
+    "student", lambda a: ((a.mode, a.train, a.dev), {"init_checkpoint": a.init, "labels_root": a.labels,
                                           "labeled_only": a.labeled_only}),
     _student_flags,
     lambda cfg, r: f"updates by source {r.extra['updates_by_source']} (weights {r.extra['weights']})")
@@ -176,32 +169,17 @@ def declared_flags(config: Any) -> dict[str, tuple[type, tuple | None]]:
             if name not in TrainingConfig.model_fields and (kind := _flag_kind(field)) is not None}
 
 
-def add_declared_stage(sub: Subparsers, spec: Any) -> None:
-    """The command of a stage its module declares: its config's own scalar fields as flags (--init, --train, --dev
-    for the usual three; the rest through --set), then the flags of every stage; unset flags keep the preset's."""
-    p = sub.add_parser(spec.command, help=spec.help)
-    for name, (kind, choices) in declared_flags(spec.config).items():
-        field = spec.config.model_fields[name]
+def config_flags(p: argparse.ArgumentParser, config: Any) -> None:
+    """A stage's flags made from its config's own scalar fields (--init, --train, --dev for the usual three, Literal
+    fields as choices; the rest through --set); unset flags keep the preset's."""
+    for name, (kind, choices) in declared_flags(config).items():
+        field = config.model_fields[name]
         flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         how = {"action": argparse.BooleanOptionalAction} if kind is bool else {
             "type": kind, "choices": choices, "metavar": None if choices else flag[2:].upper().replace("-", "_")}
         p.add_argument(flag, dest=name, required=field.is_required(), **how,
                        help=(field.description or name).replace("%", "%%")
                        + ("" if field.is_required() else " (unset: the preset's)"))
-    p.add_argument("--run-dir", required=True, help=f"run directory: the stage writes <run-dir>/{spec.kind}/...")
-    stage_arguments(p)
-    p.set_defaults(func=run_declared_stage, stage_spec=spec)
-
-
-def run_declared_stage(args: argparse.Namespace) -> int:
-    """A declared stage's command: its preset with the flags given, trained, then the stage's own summary."""
-    spec = args.stage_spec
-    fields = {name: getattr(args, name) for name in declared_flags(spec.config) if getattr(args, name) is not None}
-    cfg = stage_config(spec.kind, args, **fields)
-    result = train_stage(cfg, args)
-    if spec.summary is not None:
-        print(spec.summary(cfg, result))
-    return 0
 
 
 # --- scoring --------------------------------------------------------------------------------------------------------
@@ -227,17 +205,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # The recipe's first four stages keep hand-written flags (positional preset arguments, model presets, PL sources).
-STAGE_COMMANDS = (TRAIN, FINETUNE, SLIMIPL, STUDENT)
+HAND_WRITTEN = {c.name: c for c in (TRAIN, FINETUNE, SLIMIPL, STUDENT)}
 
 
-def add_declared_stages(sub: Subparsers) -> None:
-    """A command for every other stage a module of pipeline.stages declares (prune, quantize, …)."""
+def add_stages(sub: Subparsers) -> None:
+    """A command for every stage a module of pipeline/stages/ declares: its own flags (hand-written, or made from
+    its config), then those of every stage (--preset, --max-updates, --set, …)."""
     from pipeline.stages.registry import stage_specs
 
-    written = {c.name for c in STAGE_COMMANDS}
-    for spec in stage_specs():
-        if spec.command not in written:
-            add_declared_stage(sub, spec)
+    first = list(HAND_WRITTEN)  # the recipe's order, then the others by name
+    for spec in sorted(stage_specs(), key=lambda s: (first.index(s.command) if s.command in first else len(first))):
+        p = sub.add_parser(spec.command, help=spec.help)
+        cmd = HAND_WRITTEN.get(spec.command)
+        if cmd is not None:
+            cmd.flags(p)
+        else:
+            config_flags(p, spec.config)
+            p.add_argument("--run-dir", required=True, help=f"run directory (the stage writes <run-dir>/{spec.kind}/)")
+        stage_arguments(p)
+        p.set_defaults(func=run_stage_command, stage_spec=spec, stage_command=cmd)
 
 
-COMMANDS = (*(c.add for c in STAGE_COMMANDS), add_declared_stages, add_evaluate)
+COMMANDS = (add_stages, add_evaluate)
