@@ -20,9 +20,10 @@ class ExportedCTC(nn.Module):
     """`CTCLIDModel.forward` for export: (feats (B, T, n_mels), lens (B,) int64[, lang_ids (B,)]) →
     (log_probs (B, T', V), out_lens (B,) int64, lid_logits (B, L))."""
 
-    def __init__(self, model: CTCLIDModel, eps: float = 1e-5):
+    def __init__(self, model: CTCLIDModel, normalize_features: bool = True, eps: float = 1e-5):
         super().__init__()
         self.model = model
+        self.normalize_features = normalize_features  # off: the caller normalizes (the labeling engine's crops)
         self.eps = eps
 
     def normalize(self, feats: Tensor, lens: Tensor) -> Tensor:
@@ -37,5 +38,5 @@ class ExportedCTC(nn.Module):
     def forward(self, feats: Tensor, lens: Tensor, lang_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Log-probs, output lengths (int64) and LID logits of a padded batch of unnormalized or normalized
         features."""
-        out = self.model(self.normalize(feats, lens), lens, lang_ids)
+        out = self.model(self.normalize(feats, lens) if self.normalize_features else feats, lens, lang_ids)
         return out.log_probs, out.out_lens.to(torch.int64), out.lid_logits

@@ -26,12 +26,19 @@ def save_onnx_model(url: str, model: onnx.ModelProto, metadata: dict[str, str]) 
 def quantize_int8(src_url: str, dst_url: str) -> int:
     """ONNX Runtime's dynamic quantization of `src_url` (int8 weights of MatMul/Gemm, activations quantized per
     batch at run time), written to `dst_url` with the source's metadata; returns its bytes."""
+    quantized = onnx.load_from_string(int8_bytes(read_bytes(src_url)))
+    return save_onnx_model(dst_url, quantized, onnx_metadata(src_url))
+
+
+def int8_bytes(model: bytes) -> bytes:
+    """The int8 twin of a serialized ONNX model, by `onnxruntime.quantization.quantize_dynamic` (which works on
+    files: a scratch folder holds them)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = os.path.join(tmp, "model.onnx"), os.path.join(tmp, "model.int8.onnx")
         with open(src, "wb") as f:
-            f.write(read_bytes(src_url))
+            f.write(model)
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # it logs every tensor it leaves in float at INFO
@@ -39,8 +46,8 @@ def quantize_int8(src_url: str, dst_url: str) -> int:
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
         finally:
             root.setLevel(level)
-        quantized = onnx.load(dst)
-    return save_onnx_model(dst_url, quantized, onnx_metadata(src_url))
+        with open(dst, "rb") as f:
+            return f.read()
 
 
 def onnx_metadata(url: str) -> dict[str, str]:

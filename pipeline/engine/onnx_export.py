@@ -76,7 +76,7 @@ def _missing_operator(error: BaseException) -> str | None:
     return None
 
 
-def to_onnx(trained: Trained) -> onnx.ModelProto:
+def to_onnx(trained: Trained, normalize_features: bool = True) -> onnx.ModelProto:
     """The checkpoint's model as an ONNX model (torch.onnx.export's TorchScript exporter at opset `OPSET`: its
     dynamo exporter fails on the attention's reshape under symbolic time axes in torch 2.11).
 
@@ -86,7 +86,7 @@ def to_onnx(trained: Trained) -> onnx.ModelProto:
     if (trained.checkpoint["model_kwargs"].get("pathways") or 0) > 1:
         raise ExportError("a model with one pathway per language picks its weights per utterance at run time, which "
                           "a static graph cannot: export the language-agnostic pruned model (method=agnostic)")
-    wrapper = ExportedCTC(trained.model).eval()
+    wrapper = ExportedCTC(trained.model, normalize_features).eval()
     inputs, axes = _example(trained)
     names = list(axes)
     try:

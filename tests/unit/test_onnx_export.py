@@ -115,3 +115,21 @@ def test_mlpl_export_model_writes_the_folder_and_says_what_it_wrote(teacher, tmp
     out = capsys.readouterr().out
     assert "model.onnx" in out and "blank 0" in out
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["metadata.json", "model.onnx", "tokens.txt"]
+
+
+def test_the_onnx_runtime_engine_decodes_like_torch_through_the_one_decode_path(teacher, smoke_corpus):
+    from pipeline.engine.decode import CropSpec
+    from pipeline.engine.onnx_runtime import onnx_runtime_teacher
+
+    trained = load_trained(teacher)
+    feats = [log_mel(load_audio(r["path"], trained.audio_policy), trained.features)
+             for r in _smoke_clips(smoke_corpus, 4)]
+    for crop in (None, CropSpec(crop_frames=120, overlap_frames=30)):
+        kw = dict(tokenizer=trained.tokenizer, languages=trained.languages, bf16=False, crop=crop)
+        reference = decode_features(trained.model, feats, **kw)
+        fp32 = decode_features(onnx_runtime_teacher(teacher).model, feats, **kw)
+        assert [r["hypothesis"] for r in fp32] == [r["hypothesis"] for r in reference]
+        assert [r["lid_pred"] for r in fp32] == [r["lid_pred"] for r in reference]
+        int8 = decode_features(onnx_runtime_teacher(teacher, "int8").model, feats, **kw)
+        int8_cer = jiwer.cer([r["hypothesis"] for r in reference], [r["hypothesis"] for r in int8])
+        assert int8_cer < 0.1
