@@ -420,6 +420,6 @@ def declared_presets() -> dict[str, dict[str, Callable[..., Config]]]:
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
-        if cls.presets():
-            found[cls.preset_kind()] = cls.presets()
+        if presets := cls.presets():
+            found[cls.preset_kind()] = presets
     return found

@@ -103,8 +103,7 @@ class QuantizeConfig(TrainingConfig):
     def presets(cls) -> dict[str, Callable[..., QuantizeConfig]]:
         """`tiny`: 1-bit QAT, AdamW at a third of stage 1's peak LR, 300 updates of 60 s batches; `paper`: the
         paper's fine-tuning settings (Adagrad 0.01, 10k updates), 1 bit in blocks of 64 (Rybakov et al.)."""
-        return {"tiny": lambda *args, **fields: cls(**_finetune_like(True, *args, **fields)),
-                "paper": lambda *args, **fields: cls(**_finetune_like(False, *args, **fields))}
+        return _finetune_like_presets(cls)
 
     def stage_name(self) -> str:
         """The stage's folder under the run directory."""
@@ -148,12 +147,18 @@ class PruneConfig(TrainingConfig):
     def presets(cls) -> dict[str, Callable[..., PruneConfig]]:
         """`tiny`: pathways by IMP to the paper's 70.6 %, 40 updates per round and language, then 300 updates;
         `paper`: pathways at the paper's fine-tuning settings (Adagrad 0.01), 10k updates after the search."""
-        return {"tiny": lambda *args, **fields: cls(**_finetune_like(True, *args, **({"round_updates": 40} | fields))),
-                "paper": lambda *args, **fields: cls(**_finetune_like(False, *args, **fields))}
+        return _finetune_like_presets(cls, round_updates=40)
 
     def stage_name(self) -> str:
         """The stage's folder under the run directory."""
         return f"prune/{self.method}-{self.mask_search}"
+
+
+def _finetune_like_presets(cls: type[TrainingConfig], **tiny_fields: Any) -> dict[str, Callable[..., Any]]:
+    """`tiny` and `paper` presets of a stage that trains a finished model further (`_finetune_like`), called with
+    (init_checkpoint, train_manifest, dev_manifest, **fields); `tiny_fields` are the tiny preset's own defaults."""
+    return {"tiny": lambda *args, **fields: cls(**_finetune_like(True, *args, **(tiny_fields | fields))),
+            "paper": lambda *args, **fields: cls(**_finetune_like(False, *args, **fields))}
 
 
 def _finetune_like(tiny: bool, init_checkpoint: str, train_manifest: str, dev_manifest: str | None = None,

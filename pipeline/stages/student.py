@@ -49,7 +49,6 @@ class SourceMixer(WeightedDraw):
 
     def __init__(self, weights: dict[str, float], seed: int = 0):
         super().__init__(weights, "source", lambda step: seed * 1_000_039 + step)
-        self.seed = seed
 
 
 def pl_rows(cfg: StudentConfig, root: str, languages: list[str]):
