@@ -1,5 +1,5 @@
-"""ONNX model files: a model proto written atomically with its metadata, its int8 twin made by ONNX Runtime's own
-dynamic quantization, and the metadata read back."""
+"""ONNX model files: a model proto written atomically with its metadata, and the int8 twin of a serialized model
+made by ONNX Runtime's own dynamic quantization."""
 
 from __future__ import annotations
 
@@ -9,25 +9,19 @@ import tempfile
 
 import onnx
 
-from storage.files import atomic_write_bytes, read_bytes
+from storage.files import atomic_write_bytes
 
 
-def save_onnx_model(url: str, model: onnx.ModelProto, metadata: dict[str, str]) -> int:
-    """Write `model` with `metadata` as its metadata_props (replacing keys of the same name); returns its bytes."""
+def save_onnx_model(url: str, model: onnx.ModelProto, metadata: dict[str, str]) -> bytes:
+    """Write `model` with `metadata` as its metadata_props (replacing keys of the same name); returns what it
+    wrote."""
     keep = [p for p in model.metadata_props if p.key not in metadata]
     del model.metadata_props[:]
     model.metadata_props.extend(keep)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in keep}, **metadata})
     data = model.SerializeToString()
     atomic_write_bytes(url, data)
-    return len(data)
-
-
-def quantize_int8(src_url: str, dst_url: str) -> int:
-    """ONNX Runtime's dynamic quantization of `src_url` (int8 weights of MatMul/Gemm, activations quantized per
-    batch at run time), written to `dst_url` with the source's metadata; returns its bytes."""
-    quantized = onnx.load_from_string(int8_bytes(read_bytes(src_url)))
-    return save_onnx_model(dst_url, quantized, onnx_metadata(src_url))
+    return data
 
 
 def int8_bytes(model: bytes) -> bytes:
@@ -48,9 +42,4 @@ def int8_bytes(model: bytes) -> bytes:
             root.setLevel(level)
         with open(dst, "rb") as f:
             return f.read()
-
-
-def onnx_metadata(url: str) -> dict[str, str]:
-    """An ONNX model file's metadata_props."""
-    return {p.key: p.value for p in onnx.load_from_string(read_bytes(url)).metadata_props}
 

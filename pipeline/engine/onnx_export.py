@@ -22,7 +22,7 @@ import torch
 from models.export import ExportedCTC
 from pipeline.engine.model import Trained, load_trained
 from storage.files import atomic_write_text, join, write_json
-from storage.onnx_model import quantize_int8, save_onnx_model
+from storage.onnx_model import int8_bytes, save_onnx_model
 
 OPSET = 18
 
@@ -116,9 +116,11 @@ def export_model(checkpoint_url: str, out_dir: str, *, int8: bool = True) -> dic
     meta = export_metadata(trained, int8)
     props = {"mlpl": json.dumps(meta, sort_keys=True)} | {k: str(v) for k, v in meta.items()
                                                           if k in ("model_type", "blank_id", "vocab_size")}
-    sizes = {"model.onnx": save_onnx_model(join(out_dir, "model.onnx"), to_onnx(trained), props)}
-    if int8:
-        sizes["model.int8.onnx"] = quantize_int8(join(out_dir, "model.onnx"), join(out_dir, "model.int8.onnx"))
+    model = save_onnx_model(join(out_dir, "model.onnx"), to_onnx(trained), props)
+    sizes = {"model.onnx": len(model)}
+    if int8:  # from the bytes in memory, not read back from the store
+        quantized = onnx.load_from_string(int8_bytes(model))
+        sizes["model.int8.onnx"] = len(save_onnx_model(join(out_dir, "model.int8.onnx"), quantized, props))
     atomic_write_text(join(out_dir, "tokens.txt"),
                       "".join(f"{s} {i}\n" for i, s in enumerate(token_symbols(trained))))
     write_json(join(out_dir, "metadata.json"), meta | {"bytes": sizes})
