@@ -4,6 +4,7 @@ LM-fused beam search) runs it unchanged."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Literal
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from models.encoder import ModelOutput
 from pipeline.engine.model import Trained, load_trained
 from pipeline.engine.onnx_export import to_onnx
+from storage.files import join, read_text
 from storage.onnx_model import int8_bytes
 
 Precision = Literal["fp32", "int8"]
@@ -58,3 +60,23 @@ def onnx_runtime_teacher(url: str, precision: Precision = "fp32", threads: int |
     engine = OnnxRuntimeCTC(model, language_input=torch_model.language_embedding is not None,
                             conv_kernel=torch_model.conv_kernel, conv_stride=torch_model.conv_stride, threads=threads)
     return replace(trained, model=engine.eval())
+
+
+def sherpa_recognizer(model_dir: str, model_file: str = "model.onnx", threads: int = 1):
+    """A sherpa-onnx offline recognizer over an exported folder: its `zipformer_ctc` model type (padded features and
+    lengths in, log-probs first out), greedy search, and its own Kaldi fbank set to the export's band (0-8 kHz,
+    no edge padding: `snip_edges`); the rest of its front end (povey window, pre-emphasis, 512-point FFT) is its own."""
+    import sherpa_onnx
+
+    meta = json.loads(read_text(join(model_dir, "metadata.json")))
+    features = meta["features"]
+    cfg = sherpa_onnx.OfflineRecognizerConfig(
+        feat_config=sherpa_onnx.FeatureExtractorConfig(sampling_rate=features["sample_rate_hz"],
+                                                       feature_dim=features["n_mels"]),
+        model_config=sherpa_onnx.OfflineModelConfig(
+            zipformer_ctc=sherpa_onnx.OfflineZipformerCtcModelConfig(model=join(model_dir, model_file)),
+            tokens=join(model_dir, "tokens.txt"), num_threads=threads))
+    cfg.feat_config.low_freq, cfg.feat_config.high_freq = 0.0, features["sample_rate_hz"] / 2
+    cfg.feat_config.snip_edges = True
+    # Its public class builds configs only through per-model-type constructors that do not expose the band.
+    return sherpa_onnx.lib._sherpa_onnx.OfflineRecognizer(cfg)

@@ -77,15 +77,10 @@ def test_tokens_and_metadata_say_what_a_consumer_needs(teacher, exported):
 
 
 def test_sherpa_onnx_loads_the_export_and_transcribes_a_clip_like_torch(teacher, exported, smoke_corpus):
-    import sherpa_onnx
+    from pipeline.engine.onnx_runtime import sherpa_recognizer
+
     trained = load_trained(teacher)
-    cfg = sherpa_onnx.OfflineRecognizerConfig(
-        feat_config=sherpa_onnx.FeatureExtractorConfig(sampling_rate=16000, feature_dim=80),
-        model_config=sherpa_onnx.OfflineModelConfig(
-            zipformer_ctc=sherpa_onnx.OfflineZipformerCtcModelConfig(model=str(exported / "model.onnx")),
-            tokens=str(exported / "tokens.txt"), num_threads=1))
-    cfg.feat_config.low_freq, cfg.feat_config.high_freq, cfg.feat_config.snip_edges = 0.0, 8000.0, True
-    recognizer = sherpa_onnx.lib._sherpa_onnx.OfflineRecognizer(cfg)
+    recognizer = sherpa_recognizer(str(exported))
     hyps, torch_hyps = [], []
     for row in _smoke_clips(smoke_corpus, 6):
         wav = load_audio(row["path"], trained.audio_policy)
@@ -133,3 +128,22 @@ def test_the_onnx_runtime_engine_decodes_like_torch_through_the_one_decode_path(
         int8 = decode_features(onnx_runtime_teacher(teacher, "int8").model, feats, **kw)
         int8_cer = jiwer.cer([r["hypothesis"] for r in reference], [r["hypothesis"] for r in int8])
         assert int8_cer < 0.1
+
+
+def test_the_readme_snippet_transcribes_a_clip_with_plain_onnx_runtime(teacher, exported, smoke_corpus, capsys):
+    from pipeline.engine.onnx_runtime import onnx_runtime_teacher
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Serving the student"):]
+    code = section[section.index("```python\n") + 10: section.index("\n```", section.index("```python"))]
+    row = _smoke_clips(smoke_corpus, 1)[0]
+    line = 'model_dir, audio = "student-onnx", "clip.flac"'
+    assert line in code
+    exec(code.replace(line, f"model_dir, audio = {str(exported)!r}, {row['path']!r}"), {})
+    text, language = capsys.readouterr().out.strip().rsplit(" ", 1)
+    trained = onnx_runtime_teacher(teacher, "int8")  # the same weights through mlpl's decode path
+    wav = load_audio(row["path"], trained.audio_policy)
+    want = decode_features(trained.model, [log_mel(wav, trained.features)], tokenizer=trained.tokenizer,
+                           languages=trained.languages, bf16=False)[0]
+    assert text and jiwer.cer(want["hypothesis"], text) < 0.05, (text, want["hypothesis"])
+    assert language == want["lid_pred"]
