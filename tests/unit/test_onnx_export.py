@@ -61,6 +61,24 @@ def test_onnx_runtime_gives_the_torch_models_log_probs_on_a_padded_batch(teacher
     assert sizes["model.int8.onnx"] <= 0.3 * sizes["model.onnx"], sizes
 
 
+def test_a_quantization_aware_serving_model_exports_with_its_fake_quantized_weights(teacher, smoke_corpus):
+    import onnxruntime as ort
+
+    from models.quant import fake_quantize_model_
+    from pipeline.engine.onnx_export import to_onnx
+
+    trained = load_trained(teacher)
+    fake_quantize_model_(trained.model, 1)  # what the quantize stage trains: 1-bit blocks, computed in float
+    trained.model.eval()
+    feats, lens = _padded(trained, [load_audio(r["path"], trained.audio_policy) for r in _smoke_clips(smoke_corpus, 2)])
+    with torch.no_grad():
+        ref = trained.model(feats, lens)
+    session = ort.InferenceSession(to_onnx(trained).SerializeToString(), providers=["CPUExecutionProvider"])
+    log_probs, out_lens, _ = session.run(None, {"feats": feats.numpy(), "lens": lens.numpy()})
+    valid = torch.arange(log_probs.shape[1])[None, :] < ref.out_lens[:, None]
+    assert (torch.from_numpy(log_probs) - ref.log_probs).abs()[valid].max().item() < 1e-4
+
+
 def test_tokens_and_metadata_say_what_a_consumer_needs(teacher, exported):
     trained = load_trained(teacher)
     lines = (exported / "tokens.txt").read_text(encoding="utf-8").splitlines()
