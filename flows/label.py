@@ -65,7 +65,7 @@ def label_flow(cfg: LabelConfig, root: str) -> dict:
     progress = ProgressArtifact(artifact_key("label", "progress"), f"labeling {cfg.manifest}")
     ctx = FlowRunContext.get()
     local = ctx is None or isinstance(ctx.task_runner, ThreadPoolTaskRunner)
-    logger.info("%d work units, %.0f s of audio, %s, on %s", len(plan.units), total, plan.precision,
+    logger.info("%d work units, %.0f s of audio, %s %s, on %s", len(plan.units), total, cfg.engine, plan.precision,
                 "this machine" if local else type(ctx.task_runner).__name__)
     unit_task = label_unit_task if local else label_unit_cluster_task
     futures = unit_task.map(unmapped(task_plan(plan)), plan.units)

@@ -71,8 +71,8 @@ class RelativeSelfAttention(nn.Module):
     def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor, lens: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)  # (B, T, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        if lens is not None and not torch.is_grad_enabled():
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        if lens is not None and not torch.is_grad_enabled() and not tracing():
             y = self._inference_attention(q, k, v, lens)  # (B, H, T, D)
         else:
             # Same table for any T: distances beyond K share one value, so long audio sees no unseen position.
@@ -118,6 +118,12 @@ class RelativeSelfAttention(nn.Module):
                 y[b : b + 1, :, :n] = F.scaled_dot_product_attention(q[b : b + 1, :, :n], k[b : b + 1, :, :n],
                                                                      v[b : b + 1, :, :n], attn_mask=m)
         return y
+
+
+def tracing() -> bool:
+    """True while torch.export or the ONNX exporter traces the model: the inference attention's per-utterance loop
+    and cached tables depend on the data, so a traced graph takes the masked path that any batch shape runs."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 def _valid_frames(x: Tensor, lens: Tensor | None) -> Tensor | None:
@@ -361,7 +367,8 @@ class CTCLIDModel(nn.Module):
         key_pad_bias = torch.zeros(valid.shape, device=x.device).masked_fill(~valid, _MASK_VALUE)
         key_pad_bias = key_pad_bias[:, None, None, :]  # (B, 1, 1, T'): broadcasts over heads and queries
         # Without gradients attention builds its bias as a Toeplitz table instead (see _inference_attention).
-        rel_index = self._relative_index(x.shape[1], x.device) if torch.is_grad_enabled() else None  # (T', T')
+        masked = torch.is_grad_enabled() or tracing()  # the (B, H, T, T) mask path: training, and a traced graph
+        rel_index = self._relative_index(x.shape[1], x.device) if masked else None  # (T', T')
         for layer in self.layers:
             # Layerdrop skips a whole layer for the whole batch; never in eval, so labeling is deterministic.
             if self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop:

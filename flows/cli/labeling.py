@@ -20,7 +20,18 @@ def label_config(args: argparse.Namespace):
     teachers |= teacher_args(args.teacher)
     if not teachers:
         raise ValueError("no teachers: pass --run-dir (each language's best model there) or --teacher LANG=CHECKPOINT")
+    sets = [f"engine={args.engine}"] if args.engine else []
+    sets += [f"onnx_precision={args.onnx_precision}"] if args.onnx_precision else []
+    args.set = sets + list(args.set or [])  # --set wins over the flags
     return stage_config("label", args, args.manifest, teachers)
+
+
+def engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--engine and --onnx-precision: what runs the teachers."""
+    p.add_argument("--engine", default=None, choices=["torch", "onnxruntime"],
+                   help="what runs the teachers: torch, or ONNX Runtime on the CPU (default: the preset's, torch)")
+    p.add_argument("--onnx-precision", default=None, choices=["fp32", "int8"],
+                   help="the ONNX Runtime engine's weights: int8 (dynamic quantization, default) or fp32")
 
 
 def add_label(sub: Subparsers) -> None:
@@ -37,6 +48,7 @@ def add_label(sub: Subparsers) -> None:
     lb.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     lb.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="config override, e.g. filters.min_confidence=0.8")
+    engine_arguments(lb)
     lb.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-label (artifacts, task runs)")
     dask = lb.add_mutually_exclusive_group()
     dask.add_argument("--dask-workers", type=int, default=None, metavar="N",
@@ -86,6 +98,7 @@ def add_relabel(sub: Subparsers) -> None:
     rl.add_argument("--preset", default=None, choices=["tiny", "paper"], help="labeling preset (default: paper)")
     rl.add_argument("--config", default=None, help="RelabelConfig JSON (flags override it)")
     rl.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. label.bf16=false")
+    engine_arguments(rl)
     rl.add_argument("--flow", action="store_true", help="run as the Prefect flow mlpl-relabel")
     rl.set_defaults(func=cmd_relabel)
 
@@ -101,6 +114,10 @@ def cmd_relabel(args: argparse.Namespace) -> int:
     base |= {k: v for k, v in given.items() if v is not None}
     if args.teacher:
         base["teachers"] = teacher_args(args.teacher)
+    if args.engine:
+        base["labeling_engine"] = args.engine
+    if args.onnx_precision:
+        base.setdefault("label", {})["onnx_precision"] = args.onnx_precision
     cfg = RelabelConfig(**deep_merge(base, parse_assignments(list(args.set or []))))
     if args.flow:
         from flows.relabel import relabel_flow

@@ -174,11 +174,35 @@ def add_bench(sub: Subparsers) -> None:
     bn.add_argument("--teacher", default=None, help="checkpoint to label with (default: --default-teacher if present, "
                     "else a model trained for 150 updates)")
     bn.add_argument("--default-teacher", default="runs/demo/slimipl/sl/checkpoints/best.pt", help=argparse.SUPPRESS)
+    bn.add_argument("--export", default=None, help="checkpoint to export and transcribe the test split with "
+                    "(default: make demo's student if present, else the labeling teacher)")
+    bn.add_argument("--default-export", default="runs/demo/student/finetune/checkpoints/best.pt",
+                    help=argparse.SUPPRESS)
     bn.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4], help="corpus sizes for the memory/time figures")
     bn.add_argument("--skip-labeling", action="store_true", help="training and decoding figures only")
+    bn.add_argument("--engines-only", action="store_true",
+                    help="only the labeling engines side by side (torch, ONNX Runtime fp32 and int8) and the exported "
+                    "model's test CER through ONNX Runtime and sherpa-onnx")
     bn.add_argument("--dask-units", type=int, default=30,
                     help="the Dask path's overhead per unit: K and 2K one-clip units on 2 workers (0: skip)")
     bn.set_defaults(func=cmd_bench)
+
+
+def _print_engine_figures(args: argparse.Namespace, teacher: str) -> None:
+    """The labeling engines side by side, then the exported model's test CER (issue 32's figures)."""
+    from pipeline.studies.engine_bench import (
+        export_checkpoint,
+        format_engine_bench,
+        format_export_bench,
+        run_engine_bench,
+        run_export_bench,
+    )
+
+    print(format_engine_bench(run_engine_bench(args.corpus_dir, teacher)))
+    print()
+    print(format_export_bench(run_export_bench(args.corpus_dir, export_checkpoint(args.export, args.default_export,
+                                                                                  teacher))))
+    print()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -202,6 +226,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ensure_corpus(args.corpus, args.corpus_dir, on_progress=update)
     from pipeline.studies.import_bench import format_import_bench, run_import_bench
 
+    if args.engines_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            teacher, note = label_teacher(args.corpus_dir, args.teacher, args.default_teacher, tmp)
+            print(f"{note}\n")
+            _print_engine_figures(args, teacher)
+        return 0
     print(format_figures(run_bench(args.corpus_dir, updates=args.updates)))
     print()
     print(format_import_bench(run_import_bench()))
@@ -212,6 +242,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\n{note}\n")
         print(format_label_bench(run_label_bench(args.corpus_dir, teacher, scales=args.scales)))
         print()
+        _print_engine_figures(args, teacher)
         print(format_label_profile(label_profile(args.corpus_dir, teacher)))
         print()
         print(format_lm_label_bench(run_lm_label_bench(args.corpus_dir, teacher)))

@@ -204,6 +204,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- taking the model out -------------------------------------------------------------------------------------------
+def add_export_model(sub: Subparsers) -> None:
+    """`mlpl export-model`: its arguments."""
+    e = sub.add_parser("export-model", help="a finished checkpoint as ONNX (fp32 + int8), tokens.txt and metadata "
+                                            "for onnxruntime and sherpa-onnx")
+    e.add_argument("--checkpoint", required=True, help="a stage's best.pt, a student's, or a serving checkpoint")
+    e.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    e.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write model.int8.onnx (ONNX Runtime dynamic quantization; default: on)")
+    e.set_defaults(func=cmd_export_model)
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    """Export a checkpoint to ONNX."""
+    from pipeline.engine.onnx_export import export_model
+
+    meta = export_model(args.checkpoint, args.out, int8=args.int8)
+    sizes = ", ".join(f"{name} {size / 1e6:.2f} MB" for name, size in meta["bytes"].items())
+    print(f"{args.checkpoint} → {args.out}: {sizes}; tokens.txt ({meta['vocab_size']} symbols, blank "
+          f"{meta['blank_id']}), metadata.json; languages {', '.join(meta['languages'])}")
+    return 0
+
+
 # The recipe's first four stages keep hand-written flags (positional preset arguments, model presets, PL sources).
 HAND_WRITTEN = {c.name: c for c in (TRAIN, FINETUNE, SLIMIPL, STUDENT)}
 
@@ -226,4 +249,4 @@ def add_stages(sub: Subparsers) -> None:
         p.set_defaults(func=run_stage_command, stage_spec=spec, stage_command=cmd)
 
 
-COMMANDS = (add_stages, add_evaluate)
+COMMANDS = (add_stages, add_evaluate, add_export_model)

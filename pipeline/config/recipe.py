@@ -104,6 +104,9 @@ class RecipeConfig(Config):
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels labeling writes (the rest become rejects with the reason); None: "
                           "preset (paper: 1-630 tokens)")
+    labeling_engine: Literal["torch", "onnxruntime"] | None = Field(
+        None, description="what runs the teachers while labeling: torch, or ONNX Runtime on the CPU (the teacher "
+                          "exported in memory; int8 unless label.onnx_precision=fp32); None: preset (torch)")
     student_modes: list[StudentMode] = Field(
         default_factory=lambda: ["from_scratch"], description="students to train: from_scratch (the teacher's size), "
                                                               "from_scratch_large (its FFN and attention width "
@@ -221,7 +224,7 @@ class RecipeConfig(Config):
                      decoders: dict[str, BeamDecoderConfig] | None = None) -> LabelConfig:
         """Step 4's config with each language's teacher and, with `labeling_lm`, its tuned beam decoder."""
         base = preset("label", self.preset, self.unlabeled_manifest, teachers)
-        knobs = _set(filters=_dumped(self.labeling_filter),
+        knobs = _set(filters=_dumped(self.labeling_filter), engine=self.labeling_engine,
                      decoders={k: v.model_dump(mode="json") for k, v in decoders.items()} if decoders else None,
                      audit_manifest=self.dev_manifest, audit_max_dev_cer=self.pl_max_dev_cer)
         return configured(LabelConfig, base, self.label | knobs)
@@ -429,6 +432,9 @@ class RelabelConfig(Config):
     preset: Literal["tiny", "paper"] = Field("paper", description="labeling preset: paper defaults or tiny (CPU)")
     labeling_filter: PLFilter | None = Field(
         None, description="which pseudo-labels are written (the rest become rejects with the reason); None: preset")
+    labeling_engine: Literal["torch", "onnxruntime"] | None = Field(
+        None, description="what runs the teachers while labeling: torch, or ONNX Runtime on the CPU (the teacher "
+                          "exported in memory; int8 unless label.onnx_precision=fp32); None: preset (torch)")
     lm_from_run: bool = Field(
         True, description="label with the LM-fused decoders the recipe in run_dir tuned for these teachers "
                           "(<run>/lm/<lang>/tuning-*.json); languages without one decode greedy")
@@ -452,6 +458,6 @@ class RelabelConfig(Config):
         form's `label.decoders` wins)."""
         base = preset("label", self.preset, manifest, teachers)
         tuned = decoders if decoders and "decoders" not in self.label else None
-        knobs = _set(filters=_dumped(self.labeling_filter),
+        knobs = _set(filters=_dumped(self.labeling_filter), engine=self.labeling_engine,
                      decoders={k: v.model_dump(mode="json") for k, v in tuned.items()} if tuned else None)
         return configured(LabelConfig, base, self.label | knobs)

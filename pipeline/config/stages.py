@@ -249,9 +249,13 @@ class LabelConfig(Config):
     filters: PLFilter = Field(default_factory=PLFilter)  # what is written; the rest is a reject with its reason
     unit_max_utterances: int = Field(1000, gt=0)  # a work unit = one Parquet file + one shard
     unit_max_audio_s: float = Field(3600.0, gt=0.0)  # ≤ ≈ 115 MB of 16-bit FLAC per shard
-    bf16: bool = True  # autocast where the device has native bf16; fp32 elsewhere
+    bf16: bool = True  # autocast where the device has native bf16; fp32 elsewhere (the torch engine)
     num_threads: int | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # where teachers decode
+    # What runs the teachers: torch (the checkpoint as trained), or ONNX Runtime on the CPU (the checkpoint
+    # exported in memory; int8: its dynamically quantized twin). Part of every unit's key and `decode` column.
+    engine: Literal["torch", "onnxruntime"] = "torch"
+    onnx_precision: Literal["fp32", "int8"] = "int8"
     prefetch_batches: int = Field(2, ge=0)  # 0: decode in the labeling thread (no prefetch thread)
     # LM-fused beam search in this many child processes, overlapping the model's next batch (0: in the labeling
     # process; a daemonic process, e.g. a Dask worker, always decodes in-process). Not part of any key.
@@ -271,6 +275,9 @@ class LabelConfig(Config):
                           "checkpoints/best.pt'}")
         if self.crop_overlap_s >= self.crop_s:
             errors.append(f"crop_overlap_s={self.crop_overlap_s} must be below crop_s={self.crop_s}")
+        if self.engine == "onnxruntime" and self.device.startswith("cuda"):
+            errors.append(f"engine='onnxruntime' runs on the CPU (onnxruntime's CPU build) but device={self.device!r}: "
+                          "set device='cpu' or 'auto', or engine='torch' to label on the GPU")
         if self.batch.max_batch_duration_s < self.max_whole_s:
             errors.append(
                 f"batch.max_batch_duration_s={self.batch.max_batch_duration_s} is below max_whole_s="
@@ -281,12 +288,14 @@ class LabelConfig(Config):
 
     def decode_key(self, precision: str, features: dict[str, Any], decoder: dict[str, Any] | None = None) -> str:
         """Hash of everything that changes a unit's rows: how audio is read, decoded (greedy, or the language's
-        beam search and its LM's identity) and filtered, and the precision that ran (not batching, threads or
-        unit sizes)."""
+        beam search and its LM's identity) and filtered, and the engine and precision that ran (not batching,
+        threads or unit sizes)."""
+        # The torch engine adds nothing, so roots labeled before engines existed keep their keys.
+        engine = {} if self.engine == "torch" else {"engine": self.engine}
         blob = json.dumps(
             {"audio": self.audio.model_dump(mode="json"), "filters": self.filters.model_dump(mode="json"),
              "max_whole_s": self.max_whole_s, "crop_s": self.crop_s, "crop_overlap_s": self.crop_overlap_s,
-             "precision": precision, "features": features} | ({"decoder": decoder} if decoder else {}),
+             "precision": precision, "features": features} | engine | ({"decoder": decoder} if decoder else {}),
             sort_keys=True,
         ).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

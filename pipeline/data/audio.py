@@ -253,11 +253,14 @@ def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
     return max(0, (num_samples - win) // hop + 1)
 
 
-def log_mel(wav: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
-    """Per-utterance normalized log-mel features, shape (T, n_mels)."""
+def log_mel(wav: torch.Tensor, cfg: FeatureConfig, normalize: bool = True) -> torch.Tensor:
+    """Per-utterance normalized log-mel features, shape (T, n_mels); `normalize=False`: as an exported model takes
+    them (it normalizes inside its graph)."""
     with torch.no_grad():
         spec = _mel(cfg)(wav)  # (n_mels, T)
         feats = torch.log(spec + 1e-6).transpose(0, 1)  # (T, n_mels)
+        if not normalize:
+            return feats
         mean = feats.mean(dim=0, keepdim=True)
         std = feats.std(dim=0, keepdim=True)
         return (feats - mean) / (std + 1e-5)

@@ -27,6 +27,7 @@ class Tokenizer(Protocol):
     """What the pipeline needs of a tokenizer."""
 
     blank_id: int
+    symbols: list[str]  # output symbols by id
     vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
@@ -104,6 +105,11 @@ class SentencePieceTokenizer:
             minloglevel=2,
         )
         return cls(buf.getvalue())
+
+    @property
+    def symbols(self) -> list[str]:
+        """Output symbols by id: the blank, then the pieces."""
+        return [BLANK, *(self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()))]
 
     def encode(self, text: str) -> list[int]:
         """Piece ids (+1) of a transcript."""

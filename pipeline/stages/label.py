@@ -41,7 +41,6 @@ from pipeline.data.rows import ProgressFn, Reject, Utterance, read_utterances
 from pipeline.data.stream import LoadedBatch
 from pipeline.engine.beam import cached_workers, drop_workers
 from pipeline.engine.decode import with_beam_text
-from pipeline.engine.device import precision_used, resolve_device
 from pipeline.stages.label_audit import apply_audit
 from pipeline.stages.label_decode import (
     LabelPlan,
@@ -49,6 +48,8 @@ from pipeline.stages.label_decode import (
     UnitStats,
     WorkUnit,
     decode_batch,
+    decode_precision,
+    engine_model,
     filter_reason,
     load_teacher,
     rows_sha256,
@@ -110,7 +111,7 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
     if moved:
         log.info("%s: moved %d files of the layout before schema 3 to plain language folders", root, moved)
     teachers = {lang: load_teacher(lang, url) for lang, url in sorted(cfg.teachers.items())}
-    precision = precision_used(cfg.bf16, resolve_device(cfg.device))
+    precision = decode_precision(cfg)
     lm_identities = {lang: lm_identity(lang, d.lm) for lang, d in cfg.decoders.items() if lang in teachers}
     decode_keys = {
         lang: cfg.decode_key(precision, teacher_model(t.url, t.sha256).features.model_dump(mode="json"),
@@ -200,8 +201,7 @@ def _label_with_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput,
                         on_progress: Callable[[float], None] | None) -> None:
     """Decode the unit's clips with its language's teacher (whole clips batched, long ones in crops)."""
     cfg, teacher = plan.cfg, out.teacher
-    trained = teacher_model(teacher.url, teacher.sha256)
-    trained.model.to(resolve_device(cfg.device))  # once per process: a no-op when it is there already
+    trained = engine_model(cfg, teacher.url, teacher.sha256)
     etags = {u.id: u.etag for u in unit.utterances}
     beam = plan.beam(unit.language, trained)
     workers = None if beam is None else cached_workers(beam, cfg.decode_workers)
@@ -264,7 +264,7 @@ def _reject_all_without_teacher(plan: LabelPlan, unit: WorkUnit, out: UnitOutput
 def _unit_record(plan: LabelPlan, unit: WorkUnit, keys: dict[str, str], out: UnitOutput, wall_s: float) -> dict:
     """The unit's catalog record: its keys, teacher, decode settings, counts, costs and files."""
     cfg, teacher, rows, stats = plan.cfg, out.teacher, out.rows, out.stats
-    decode = {"key": keys["decode"], "what": out.decode, "precision": plan.precision,
+    decode = {"key": keys["decode"], "what": out.decode, "engine": cfg.engine, "precision": plan.precision,
               "config": cfg.model_dump(mode="json", include={"max_whole_s", "crop_s", "crop_overlap_s", "filters",
                                                              "audio"}),
               "decoder": _decoder_identity(cfg, unit.language, plan.lm_identities)}
@@ -410,8 +410,8 @@ def run_label(cfg: LabelConfig, root: str, *, on_progress: ProgressFn | None = N
     plan = plan_labeling(cfg, root)
     total = sum(u.audio_s for u in plan.units)
     done = 0.0
-    log.info("labeling %s: %d units, %.0f s of audio, %s; teachers: %s", cfg.manifest, len(plan.units), total,
-             plan.precision, ", ".join(f"{k}={t.ident}" for k, t in plan.teachers.items()))
+    log.info("labeling %s: %d units, %.0f s of audio, %s %s; teachers: %s", cfg.manifest, len(plan.units), total,
+             cfg.engine, plan.precision, ", ".join(f"{k}={t.ident}" for k, t in plan.teachers.items()))
 
     def advance(seconds: float) -> None:
         nonlocal done

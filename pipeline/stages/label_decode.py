@@ -15,13 +15,15 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
+import torch
+
 from pipeline.config import LabelConfig
 from pipeline.data.audio import probe_audio
 from pipeline.data.rows import Reject, Utterance
 from pipeline.data.stream import LazyBatchLoader, LoadedBatch
 from pipeline.engine.beam import BeamDecoder
 from pipeline.engine.decode import CropSpec, decode_features
-from pipeline.engine.device import resolve_device
+from pipeline.engine.device import precision_used, resolve_device
 from pipeline.engine.model import Trained, load_trained
 from pipeline.stages.lm import open_decoder
 from storage.files import sha256_of
@@ -106,9 +108,24 @@ class LabelPlan:
                                                      self.lm_identities.get(language))
 
     def decode_column(self, language: str) -> str:
-        """The `decode` column: what decoded (greedy, or the beam search and its LM settings) and the key."""
+        """The `decode` column: what decoded (greedy, or the beam search and its LM settings), on which engine
+        and precision, and the key."""
         cfg = self.cfg.decoders.get(language)
-        return f"{'greedy' if cfg is None else cfg.describe()} #{self.unit_decode_key(language)}"
+        return (f"{'greedy' if cfg is None else cfg.describe()} on {self.cfg.engine} {self.precision} "
+                f"#{self.unit_decode_key(language)}")
+
+
+def decode_precision(cfg: LabelConfig) -> str:
+    """The precision the labeling engine runs: what bf16 autocast really does on the device (torch), or the
+    exported model's weights (onnxruntime: fp32 or int8)."""
+    if cfg.engine == "onnxruntime":
+        return cfg.onnx_precision
+    return precision_used(cfg.bf16, resolve_device(cfg.device))
+
+
+def decode_device(cfg: LabelConfig) -> torch.device:
+    """Where the teachers run: the config's device (torch), or the CPU (ONNX Runtime's CPU build)."""
+    return torch.device("cpu") if cfg.engine == "onnxruntime" else resolve_device(cfg.device)
 
 
 @lru_cache(maxsize=8)
@@ -116,6 +133,24 @@ def teacher_model(url: str, sha256: str) -> Trained:
     """A teacher loaded once per process (keyed by content, so a replaced file is reloaded)."""
     del sha256
     return load_trained(url)
+
+
+@lru_cache(maxsize=8)
+def _onnx_teacher(url: str, sha256: str, precision: str, threads: int | None) -> Trained:
+    """A teacher exported to ONNX Runtime once per process (keyed by content, precision and threads)."""
+    del sha256
+    from pipeline.engine.onnx_runtime import onnx_runtime_teacher  # onnx and onnxruntime load only when asked for
+
+    return onnx_runtime_teacher(url, precision, threads)  # type: ignore[arg-type]
+
+
+def engine_model(cfg: LabelConfig, url: str, sha256: str) -> Trained:
+    """A teacher as the config's labeling engine runs it, on its device."""
+    if cfg.engine == "onnxruntime":
+        return _onnx_teacher(url, sha256, cfg.onnx_precision, cfg.num_threads)
+    trained = teacher_model(url, sha256)
+    trained.model.to(decode_device(cfg))  # once per process: a no-op when it is there already
+    return trained
 
 
 def load_teacher(language: str, url: str) -> Teacher:
@@ -228,8 +263,7 @@ def identify_languages(utts: Sequence[Utterance], checkpoint: str,
                        cfg: LabelConfig) -> tuple[dict[str, Any], list[Reject]]:
     """The LID head's language for each clip ({id: (language, probability)}) through the labeling decode path
     (long clips in crops); clips that cannot be read come back as rejects with the reason."""
-    trained = teacher_model(checkpoint, sha256_of(checkpoint))
-    trained.model.to(resolve_device(cfg.device))
+    trained = engine_model(cfg, checkpoint, sha256_of(checkpoint))
     unit = WorkUnit(trained.languages[0], 0, tuple(with_duration(u) for u in utts), rows_sha256(utts))
     found: dict[str, Any] = {}
     rejects: list[Reject] = []
@@ -248,8 +282,7 @@ def decode_clips(plan: LabelPlan, language: str, utts: Sequence[Utterance],
     """Clips decoded with the language's teacher and decoder exactly as its units are (whole clips batched, long
     ones in crops), writing nothing: (clip, decoded row) pairs, and the clips that could not be read."""
     teacher = plan.teachers[language]
-    trained = teacher_model(teacher.url, teacher.sha256)
-    trained.model.to(resolve_device(plan.cfg.device))
+    trained = engine_model(plan.cfg, teacher.url, teacher.sha256)
     beam = plan.beam(language, trained)
     unit = WorkUnit(language, 0, tuple(with_duration(u) for u in utts), "")
     found: list[tuple[Utterance, dict[str, Any]]] = []

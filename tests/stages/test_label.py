@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import jiwer
 import numpy as np
 import pandas as pd
 import pytest
@@ -194,22 +196,24 @@ import sys
 from pipeline.config import label_tiny
 from pipeline.stages.label import run_label
 teacher, manifest, root = sys.argv[1:4]
-run_label(label_tiny(manifest, {l: teacher for l in ("es", "el", "sl")}, unit_max_utterances=int(sys.argv[4])), root)
+run_label(label_tiny(manifest, {l: teacher for l in ("es", "el", "sl")}, unit_max_utterances=int(sys.argv[4]),
+                     engine=sys.argv[5]), root)
 """
 
 
-def _kill_and_resume(corpus: str, teacher: str, root: Path, trials: int, seed: int, unit_size: int = 2) -> int:
-    """SIGKILL the labeling process `trials` times at random points, then let it finish; returns the kills
-    that landed while it was still working."""
+def _kill_and_resume(corpus: str, teacher: str, root: Path, trials: int, seed: int, unit_size: int = 2,
+                     engine: str = "torch", window_s: float = 1.5) -> int:
+    """SIGKILL the labeling process `trials` times at random points (within `window_s` of planning), then let it
+    finish; returns the kills that landed while it was still working."""
     rng = random.Random(seed)
     landed = 0
-    args = [sys.executable, "-c", _CHILD, teacher, _unlabeled(corpus), str(root), str(unit_size)]
+    args = [sys.executable, "-c", _CHILD, teacher, _unlabeled(corpus), str(root), str(unit_size), engine]
     for _ in range(trials):
         proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while not (root / "catalog" / "manifests").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)  # planning done: model work starts now
-        time.sleep(rng.uniform(0.0, 1.5))
+        time.sleep(rng.uniform(0.0, window_s))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             landed += 1
@@ -277,6 +281,80 @@ def test_a_new_teacher_for_one_language_relabels_only_its_units_and_supersedes_i
     result = run_label(cfg.model_copy(update={"max_whole_s": 20.0}), root)
     assert result.units_labeled == 5
     assert len(load_pseudo_labels(root)) == 10
+
+
+# --- the ONNX Runtime engine ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnx_root(smoke_corpus, teacher, tmp_path_factory) -> str:
+    """The smoke corpus labeled once, uninterrupted, by the ONNX Runtime engine (int8)."""
+    root = str(tmp_path_factory.mktemp("onnx-labels"))
+    run_label(_cfg(smoke_corpus, teacher, engine="onnxruntime"), root)
+    return root
+
+
+def test_the_onnx_runtime_engine_labels_like_torch_and_says_so_in_every_row(onnx_root, labeled_root):
+    got, want = _table(onnx_root), _table(labeled_root)
+    assert list(got["id"]) == list(want["id"])
+    assert jiwer.cer(list(want["text"]), list(got["text"])) < 0.1  # int8 weights: near, not equal
+    assert got["decode"].str.match(r"^greedy on onnxruntime int8 #[0-9a-f]{16}$").all()
+    assert want["decode"].str.match(r"^greedy on torch (bf16|fp32) #[0-9a-f]{16}$").all()
+    record = json.loads(next(Path(onnx_root, "catalog/units").glob("sl-*.json")).read_text())
+    assert record["decode"]["engine"] == "onnxruntime" and record["decode"]["precision"] == "int8"
+
+
+def test_onnx_runtime_labeling_killed_at_random_points_then_rerun_gives_its_uninterrupted_result(
+        smoke_corpus, teacher, onnx_root, tmp_path):
+    # Each process exports its teacher before its first unit: kills spread over that and the labeling.
+    landed = _kill_and_resume(smoke_corpus, teacher, tmp_path / "labels", trials=4, seed=3, engine="onnxruntime",
+                              window_s=6.0)
+    assert landed >= 2
+    _assert_same_corpus(tmp_path / "labels", onnx_root)
+
+
+def test_switching_the_engine_relabels_every_unit_once_under_new_keys(smoke_corpus, teacher, labeled_root,
+                                                                      tmp_path):
+    root = tmp_path / "labels"
+    shutil.copytree(labeled_root, root)  # labeled by the torch engine
+    keys = {p.name: json.loads(p.read_text())["keys"] for p in Path(root, "catalog/units").glob("*.json")}
+    for engine, precision in (("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("torch", "int8")):
+        cfg = _cfg(smoke_corpus, teacher, engine=engine, onnx_precision=precision)
+        first, again = run_label(cfg, str(root)), run_label(cfg, str(root))
+        assert (first.units_labeled, again.units_labeled, again.units_skipped) == (5, 0, 5)
+        now = {p.name: json.loads(p.read_text())["keys"] for p in Path(root, "catalog/units").glob("*.json")}
+        assert all(now[u]["decode"] != keys[u]["decode"] and now[u]["teacher"] == keys[u]["teacher"] for u in now)
+        keys = now
+        df = load_pseudo_labels(str(root))
+        assert len(df) == 10 and df["id"].is_unique and df["decode"].str.contains(f" on {engine} ").all()
+    # back on torch (onnx_precision means nothing there): the same keys and rows as the first torch run
+    first_keys = {p.name: json.loads(p.read_text())["keys"]
+                  for p in Path(labeled_root, "catalog/units").glob("*.json")}
+    assert keys == first_keys
+    assert list(_table(str(root))["text"]) == list(_table(labeled_root)["text"])
+
+
+def test_engine_flags_and_form_fields_reach_the_labeling_config():
+    from flows.cli import build_parser
+    from flows.cli.labeling import label_config
+    from pipeline.config import RecipeConfig, RelabelConfig
+
+    args = build_parser().parse_args(["label", "--manifest", "m.jsonl", "--teacher", "sl=t.pt", "--engine",
+                                      "onnxruntime", "--onnx-precision", "fp32"])
+    cfg = label_config(args)
+    assert (cfg.engine, cfg.onnx_precision) == ("onnxruntime", "fp32")
+    assert label_config(build_parser().parse_args(["label", "--manifest", "m", "--teacher", "sl=t"])).engine == "torch"
+    recipe = RecipeConfig(labeled_manifest="l.jsonl", unlabeled_manifest="u.jsonl", labeling_engine="onnxruntime")
+    assert recipe.label_config({"sl": "t.pt"}).engine == "onnxruntime"
+    relabel = RelabelConfig(watch="w", labels_root="r", teachers={"sl": "t.pt"}, unknown_language="reject",
+                            labeling_engine="onnxruntime", label={"onnx_precision": "fp32"})
+    got = relabel.label_config("m.jsonl", {"sl": "t.pt"})
+    assert (got.engine, got.onnx_precision) == ("onnxruntime", "fp32")
+
+
+def test_the_onnx_runtime_engine_refuses_a_gpu_device_in_one_line():
+    with pytest.raises(ValueError, match="engine='onnxruntime' runs on the CPU"):
+        label_tiny("m.jsonl", {"sl": "t.pt"}, engine="onnxruntime", device="cuda")
 
 
 def test_changing_the_unit_split_of_a_labeled_manifest_is_refused(smoke_corpus, teacher, labeled_root):

@@ -1,0 +1,216 @@
+"""`make bench`, the labeling engines side by side (issue 32): the one labeling path (`run_label`) on the corpus'
+unlabeled audio with the torch engine and the ONNX Runtime engine in fp32 and int8, same teacher, same run:
+audio-s/s, share of each engine's own GEMM peak, and PL CER against the hidden transcripts."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import LabelConfig, label_tiny
+from pipeline.engine.device import cpu_name, gemm_peak_flops, precision_used
+from pipeline.engine.model import load_trained
+from pipeline.layout import hidden_file, split_manifest
+from pipeline.report.report import hidden_references, pl_quality
+from pipeline.stages.label import run_label
+from storage.files import exists, join, read_text
+from storage.pl import LabelStore, load_pseudo_labels
+
+ENGINES = (("torch", {}), ("onnxruntime fp32", {"engine": "onnxruntime", "onnx_precision": "fp32"}),
+           ("onnxruntime int8", {"engine": "onnxruntime", "onnx_precision": "int8"}))
+
+
+def ort_int8_gemm_peak(n: int = 1536, repeats: int = 5) -> float:
+    """ONNX Runtime's int8 matmul ops/s on this CPU (MatMulInteger, uint8 × int8 as its dynamic quantization
+    runs them): best of `repeats` n×n×n products."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+         helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(onnx.shape_inference.infer_shapes(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
+    session.run(None, feeds)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _timed_label(cfg: LabelConfig, root: str) -> dict[str, float]:
+    """One labeling run: its wall time and the model's time (the units' records)."""
+    t0 = time.perf_counter()
+    run_label(cfg, root)
+    wall = time.perf_counter() - t0
+    records = LabelStore(root).records()
+    return {"wall_s": wall, "model_s": sum(r["model_s"] for r in records),
+            "audio_s": sum(r["audio_s"] for r in records)}
+
+
+def run_engine_bench(corpus_dir: str, teacher_url: str, repeats: int = 2) -> dict[str, Any]:
+    """Each engine labels the corpus' unlabeled manifest once untimed (teacher loaded or exported, audio in the page
+    cache), then `repeats` times interleaved (a slow spell of the machine hits every engine); the best run counts."""
+    manifest = split_manifest(corpus_dir, "unlabeled")
+    references = hidden_references(hidden_file(corpus_dir, "unlabeled_reference.jsonl"))
+    trained = load_trained(teacher_url)
+    teachers = {lang: teacher_url for lang in trained.languages}
+    precision = precision_used(True)
+    fp32_peak = gemm_peak_flops(torch.float32)
+    peaks = {"torch": gemm_peak_flops(torch.bfloat16) if precision == "bf16" else fp32_peak,
+             "torch fp32": fp32_peak, "onnxruntime fp32": fp32_peak, "onnxruntime int8": ort_int8_gemm_peak()}
+    # Where torch runs bf16, its fp32 run shows the ratios of a CPU without native bf16 (AVX2-only).
+    variants = ENGINES + ((("torch fp32", {"bf16": False}),) if precision == "bf16" else ())
+    configs = {name: label_tiny(manifest, teachers, **kw) for name, kw in variants}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    quality, prepare_s = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, cfg) in enumerate(configs.items()):
+            t0 = time.perf_counter()
+            run_label(cfg, join(tmp, f"warm-up-{i}"))
+            prepare_s[name] = time.perf_counter() - t0
+        for r in range(repeats):
+            for i, (name, cfg) in enumerate(configs.items()):
+                runs[name].append(_timed_label(cfg, join(tmp, f"{i}-{r}")))
+        for i, name in enumerate(configs):
+            table = load_pseudo_labels(join(tmp, f"{i}-0"))
+            quality[name] = pl_quality(table, references)
+        durations = list(table["duration_s"])
+    frames_per_s = 1000.0 / trained.features.hop_ms
+    useful_flops = sum(trained.model.matmul_flops(round(d * frames_per_s)) for d in durations)
+    engines = {}
+    for name, got in runs.items():
+        best = min(got, key=lambda g: g["wall_s"])
+        cers = [q["cer"] for q in quality[name].values()]
+        engines[name] = best | {
+            "audio_s_per_s": best["audio_s"] / best["wall_s"], "model_audio_s_per_s": best["audio_s"] / best["model_s"],
+            "peak_gops": peaks[name] / 1e9, "share_of_peak": useful_flops / best["model_s"] / peaks[name],
+            "pl_cer": quality[name], "avg_pl_cer": sum(cers) / len(cers), "first_run_s": prepare_s[name]}
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch_precision": precision,
+            "teacher": teacher_url, "repeats": repeats, "engines": engines}
+
+
+def format_engine_bench(b: dict[str, Any]) -> str:
+    """Markdown of `run_engine_bench`, each ratio beside the issue's target."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    e = b["engines"]
+    torch_rate, torch_cer = e["torch"]["audio_s_per_s"], e["torch"]["avg_pl_cer"]
+    peak_kind = {"torch": f"{b['torch_precision']} matmul", "torch fp32": "fp32 matmul",
+                 "onnxruntime fp32": "fp32 matmul", "onnxruntime int8": "MatMulInteger"}
+    lines = [f"Labeling engines, same teacher ({b['teacher']}), same run; {b['cpu']}, {b['threads']} threads; best of "
+             f"{b['repeats']} interleaved runs after an untimed one (teacher loaded or exported, audio cached)", "",
+             "| engine | audio-s/s | model-time audio-s/s | × torch | share of its GEMM peak | PL CER % | "
+             "first run s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, f in e.items():
+        label = f"torch ({b['torch_precision']}, the default)" if name == "torch" else name
+        lines.append(f"| {label} | {f['audio_s_per_s']:.0f} | {f['model_audio_s_per_s']:.0f} | "
+                     f"{f['audio_s_per_s'] / torch_rate:.2f}× | {100 * f['share_of_peak']:.0f} % of "
+                     f"{f['peak_gops']:.0f} G/s ({peak_kind[name]}) | {f['avg_pl_cer']:.2f} | {f['first_run_s']:.1f} |")
+    int8, fp32 = e["onnxruntime int8"], e["onnxruntime fp32"]
+    lines += ["", f"int8 / torch: {int8['audio_s_per_s'] / torch_rate:.2f}× (target ≥ 2×: "
+              f"{mark(int8['audio_s_per_s'] >= 2 * torch_rate)}); PL CER {int8['avg_pl_cer'] - torch_cer:+.2f} points "
+              f"(target within 1: {mark(abs(int8['avg_pl_cer'] - torch_cer) <= 1)}); fp32 / torch: "
+              f"{fp32['audio_s_per_s'] / torch_rate:.2f}× (target ≥ 1×: {mark(fp32['audio_s_per_s'] >= torch_rate)})"]
+    return "\n".join(lines)
+
+
+def export_checkpoint(given: str | None, default: str, teacher: str) -> str:
+    """What the export figures use: the checkpoint given, else the default (make demo's student) when it exists,
+    else the labeling teacher."""
+    return given or (default if exists(default) else teacher)
+
+
+def _greedy_text(log_probs: np.ndarray, symbols: list[str], blank_id: int) -> str:
+    """Greedy CTC over one utterance's log-probs with the export's own symbol table (as the README's snippet)."""
+    ids = log_probs.argmax(-1)
+    kept = [int(i) for j, i in enumerate(ids) if i != blank_id and (j == 0 or i != ids[j - 1])]
+    return "".join(symbols[i] for i in kept).replace("▁", " ").strip()
+
+
+def run_export_bench(corpus_dir: str, checkpoint: str, split: str = "test") -> dict[str, Any]:
+    """A checkpoint exported (`mlpl export-model`) and its test split transcribed four ways: torch (mlpl's decode
+    path, fp32), plain ONNX Runtime on model.onnx and model.int8.onnx (unnormalized log-mel in, greedy over
+    tokens.txt: the README's snippet), and sherpa-onnx (its own front end); CER per language and their average."""
+    import onnxruntime as ort
+
+    from pipeline.data.audio import load_audio, log_mel
+    from pipeline.data.rows import read_utterances
+    from pipeline.engine.decode import decode_features
+    from pipeline.engine.evaluate import score
+    from pipeline.engine.onnx_export import export_model
+    from pipeline.engine.onnx_runtime import sherpa_recognizer
+
+    trained = load_trained(checkpoint)
+    utts, _ = read_utterances(split_manifest(corpus_dir, split), require_text=True, languages=None)
+    hyps: dict[str, list[str]] = {"torch": [], "onnxruntime fp32": [], "onnxruntime int8": [], "sherpa-onnx fp32": []}
+    with tempfile.TemporaryDirectory() as out:
+        meta = export_model(checkpoint, out)
+        symbols = [line.rsplit(" ", 1)[0] for line in read_text(join(out, "tokens.txt")).splitlines()]
+        sessions = {name: ort.InferenceSession(join(out, f), providers=["CPUExecutionProvider"])
+                    for name, f in (("onnxruntime fp32", "model.onnx"), ("onnxruntime int8", "model.int8.onnx"))}
+        sherpa = sherpa_recognizer(out)
+        for u in utts:
+            wav = load_audio(u.audio, trained.audio_policy)
+            hyps["torch"].append(decode_features(trained.model, [log_mel(wav, trained.features)],
+                                                 tokenizer=trained.tokenizer, languages=trained.languages,
+                                                 bf16=False)[0]["hypothesis"])
+            feats = log_mel(wav, trained.features, normalize=False)[None].numpy()
+            inputs = {"feats": feats, "lens": np.array([feats.shape[1]], dtype=np.int64)}
+            if meta["language_input"]:
+                inputs["lang_ids"] = np.array([-1], dtype=np.int64)
+            for name, session in sessions.items():
+                log_probs, out_lens, _ = session.run(None, inputs)
+                hyps[name].append(_greedy_text(log_probs[0, : out_lens[0]], symbols, meta["blank_id"]))
+            stream = sherpa.create_stream()
+            stream.accept_waveform(trained.features.sample_rate_hz, wav.numpy())
+            sherpa.decode_stream(stream)
+            hyps["sherpa-onnx fp32"].append(stream.result.text)
+    sizes = meta["bytes"]
+    cers = {}
+    for name, got in hyps.items():
+        table = score([{"language": u.language, "reference": u.text, "hypothesis": h, "lid_pred": u.language}
+                       for u, h in zip(utts, got, strict=True)])
+        cers[name] = {lang: v["cer"] for lang, v in table.items() if lang not in ("all", "macro")}
+        cers[name]["avg"] = table["macro"]["cer"]
+    return {"checkpoint": checkpoint, "split": split, "clips": len(utts), "cer": cers, "bytes": sizes,
+            "int8_size_ratio": sizes["model.int8.onnx"] / sizes["model.onnx"], "cpu": cpu_name()}
+
+
+def format_export_bench(b: dict[str, Any]) -> str:
+    """Markdown of `run_export_bench`, each difference beside the issue's target."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    langs = [k for k in b["cer"]["torch"] if k != "avg"]
+    # path → (what it is compared with, the issue's tolerance in CER points)
+    targets = {"onnxruntime fp32": ("torch", 0.1), "onnxruntime int8": ("onnxruntime fp32", 1.0),
+               "sherpa-onnx fp32": ("torch", 0.5)}
+    lines = [f"`mlpl export-model` of {b['checkpoint']}; {b['split']} split, {b['clips']} clips, one at a time; "
+             f"{b['cpu']}", "", f"| path | {' | '.join(langs)} | avg CER % | difference (target) |",
+             "|---|" + "---:|" * (len(langs) + 2)]
+    for name, cer in b["cer"].items():
+        note = ""
+        if name in targets:
+            other, tolerance = targets[name]
+            diff = cer["avg"] - b["cer"][other]["avg"]
+            note = f"{diff:+.2f} vs {other} (within {tolerance}: {mark(abs(diff) <= tolerance)})"
+        lines.append(f"| {name} | {' | '.join(f'{cer[k]:.2f}' for k in langs)} | {cer['avg']:.2f} | {note} |")
+    lines += ["", f"model.onnx {b['bytes']['model.onnx'] / 1e6:.2f} MB, model.int8.onnx "
+              f"{b['bytes']['model.int8.onnx'] / 1e6:.2f} MB = {b['int8_size_ratio']:.2f}× (target ≤ 0.3×: "
+              f"{mark(b['int8_size_ratio'] <= 0.3)})"]
+    return "\n".join(lines)
