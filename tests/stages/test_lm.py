@@ -197,7 +197,7 @@ def test_labeling_with_the_lm_says_what_decoded_and_a_new_lm_weight_relabels_its
     run_label(cfg, root)
     df = load_pseudo_labels(root)
     sl, others = df[df.language == "sl"], df[df.language != "sl"]
-    assert len(sl) > 0 and sl.decode.str.startswith(decoder.describe() + " #").all()
+    assert len(sl) > 0 and sl.decode.str.startswith(decoder.describe() + " on torch ").all()
     assert others.decode.str.startswith("greedy on torch ").all()
     heavier = decoder.model_copy(update={"lm_weight": decoder.lm_weight + 1.0})
     again = run_label(cfg.model_copy(update={"decoders": {"sl": heavier}}), root)
