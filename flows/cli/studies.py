@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from flows.cli.common import (
     Subparsers,
@@ -280,12 +281,13 @@ def cmd_faults(args: argparse.Namespace) -> int:
     from pipeline.studies.common import ensure_corpus, write_section
     from pipeline.studies.faults import fault_teacher, format_faults, results_json, run_faults
 
+    t0 = time.perf_counter()
     with progress_bar(single=True) as update:
         ensure_corpus(args.corpus, args.corpus_dir, on_progress=update)
     teacher = args.teacher or fault_teacher(args.corpus_dir, args.out)
     results = run_faults(args.corpus_dir, teacher, args.out, trials=args.trials, seed=args.seed, only=args.only)
     print(results_json(results), file=sys.stderr)
-    text = format_faults(results, cpu_name(), args.results_command or "mlpl faults")
+    text = format_faults(results, cpu_name(), args.results_command or "mlpl faults", time.perf_counter() - t0)
     write_section(args.results, "Fault trials", text)
     _published(text, args.results, "Fault trials")
     return 0 if all(r.recovered for r in results) else 1

@@ -51,7 +51,7 @@ class TrialResult:
     rows_lost: int = 0
     rows_duplicated: int = 0
     differing: int = 0  # PL rows, shard members or checkpoint tensors unequal to the reference (timestamps aside)
-    recover_s: float = 0.0  # wall time of the clean rerun
+    recover_s: float | None = None  # wall time of the clean rerun (None: the trial has none)
     problems: list[str] = field(default_factory=list)  # what did not hold, one line each
     note: str = ""
 
@@ -80,11 +80,12 @@ def _shard_samples(folder: Path, ignore: tuple[str, ...]) -> dict[str, bytes]:
     return out
 
 
-def compare_labels(reference: str, root: str, same_units: bool = True) -> dict[str, int]:
+def compare_labels(reference: str, root: str, same_units: bool = True, same_teachers: bool = True) -> dict[str, int]:
     """Rows lost and duplicated, and PL rows plus shard samples that differ, of a labels root against the
     reference (local folders), timestamps aside; `same_units=False` (a relabel that split its work differently)
-    also sets aside which shard and unit a row is in."""
-    ignore = _TIMESTAMPS + (() if same_units else ("shard", "key"))
+    also sets aside which shard and unit a row is in, `same_teachers=False` (teachers trained again) the
+    `teacher` column: a checkpoint's sha256 covers the wall times it records (the weights are compared apart)."""
+    ignore = _TIMESTAMPS + (() if same_units else ("shard", "key")) + (() if same_teachers else ("teacher",))
     want, got = load_pseudo_labels(reference), load_pseudo_labels(root)
     lost = len(set(want["id"]) - set(got["id"]))
     duplicated = len(got) - got["id"].nunique()
@@ -175,7 +176,7 @@ def disk_full_labeling(corpus_dir: str, teacher: str, work: Path, reference: str
         _clean_rerun(result, lambda root=root: run_label(cfg, str(root)))
         recover.append(result.recover_s)
         _add_comparison(result, compare_labels(reference, str(root)))
-    result.recover_s = sum(recover) / len(recover) if recover else 0.0
+    result.recover_s = sum(recover) / len(recover) if recover else None
     result.note = (f"fulldisk:// (a local folder with a byte budget; a whole run writes {total / 1e6:.1f} MB in "
                    f"{len(spans)} files); hit: {', '.join(f'{k} {v}' for k, v in sorted(hit.items()))}")
     return result
@@ -415,6 +416,33 @@ def _recipe_form(corpus_dir: str, run_dir: Path) -> dict[str, Any]:
             "labeling_filter": {"min_tokens": 0}, "student_pl_filter": {"min_tokens": 0}}
 
 
+def reference_recipe(corpus_dir: str, work: Path) -> Path:
+    """The trials' recipe run once, uninterrupted, into `<work>/reference-recipe` (once per harness run)."""
+    run = work / "reference-recipe" / "run"
+    if not (run / "report" / "report.json").exists():
+        form = work / "reference-recipe" / "recipe.json"
+        form.parent.mkdir(parents=True, exist_ok=True)
+        form.write_text(json.dumps(_recipe_form(corpus_dir, run)))
+        subprocess.run([sys.executable, "-m", "flows.cli", "recipe", "--config", str(form)], check=True,
+                       capture_output=True, timeout=900)
+    return run
+
+
+def compare_recipe_runs(reference: Path, run: Path) -> dict[str, int]:
+    """A recipe run folder against the reference's: its PL corpus (`compare_labels`, teachers by their weights)
+    and the weights of every stage's last checkpoint (tensors not equal count as differing; a checkpoint
+    missing, as a row lost)."""
+    found = compare_labels(str(reference / "labels"), str(run / "labels"), same_teachers=False)
+    for ckpt in sorted(reference.rglob("checkpoints/last.pt")):
+        mine = run / ckpt.relative_to(reference)
+        if not mine.exists():
+            found["rows_lost"] += 1
+            continue
+        want, got = load_checkpoint(str(ckpt))["model"], load_checkpoint(str(mine))["model"]
+        found["differing"] += sum(not torch.equal(want[k], got[k]) for k in want)
+    return found
+
+
 def two_recipes_on_one_run_folder(corpus_dir: str, work: Path, trials: int, rng: random.Random) -> TrialResult:
     """A second `mlpl recipe` on a run folder where one is running, `trials` times at random points of the first:
     it is refused at once with who holds the folder; the first is then SIGKILLed there, and a rerun takes the
@@ -449,6 +477,7 @@ def two_recipes_on_one_run_folder(corpus_dir: str, work: Path, trials: int, rng:
         result.fail(problem)
     if not Path(run, "report", "report.json").exists():
         result.fail("the rerun did not finish the recipe (no report/report.json)")
+    _add_comparison(result, compare_recipe_runs(reference_recipe(corpus_dir, work.parent), run))
     result.note = ("the second is refused at once (`run_dir_wait_s` makes it wait); a holder that died is taken "
                    f"over by the next run, which resumes. The refusal: `{refusal}`")
     return result
@@ -544,11 +573,12 @@ def prefect_server_restarted(corpus_dir: str, work: Path, trials: int, rng: rand
             again = [name for name, st in record["stages"].items() if name in finished and not st.get("cached")]
             if again:
                 result.fail(f"stages done again from scratch after the restart: {again}")
+            _add_comparison(result, compare_recipe_runs(reference_recipe(corpus_dir, work.parent), run))
         states = _recipe_run_states(home, port)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()
-    result.recover_s = sum(recover) / len(recover) if recover else 0.0
+    result.recover_s = sum(recover) / len(recover) if recover else None
     result.note = (f"the recipe, its server killed: {'; '.join(outcomes) or 'none'}; the server's mlpl-recipe runs: "
                    f"{', '.join(states)}")
     return result
@@ -697,14 +727,18 @@ def run_faults(corpus_dir: str, teacher: str, work_dir: str, trials: int = 3, se
     return results
 
 
-def format_faults(results: list[TrialResult], cpu: str, command: str) -> str:
+def format_faults(results: list[TrialResult], cpu: str, command: str, wall_s: float | None = None) -> str:
     """The fault table as Markdown."""
-    lines = [f"Command: `{command}`; {cpu}", "",
+    took = "" if wall_s is None else f"; {wall_s / 60:.1f} min in all (corpus and teacher included when built)"
+    lines = [f"Command: `{command}`; {cpu}, 2 cores{took}. Trials: faults that landed while the component was "
+             "working; samples differing: PL rows, shard samples and model tensors unequal to the uninterrupted "
+             "run's, timestamps aside.", "",
              "| fault | trials | recovered | rows lost | rows duplicated | samples differing | recover s | how |",
              "|---|---:|---|---:|---:|---:|---:|---|"]
     for r in results:
         lines.append(f"| {r.fault} | {r.trials} | {'yes' if r.recovered else '**no**'} | {r.rows_lost} | "
-                     f"{r.rows_duplicated} | {r.differing} | {r.recover_s:.1f} | {r.note} |")
+                     f"{r.rows_duplicated} | {r.differing} | "
+                     f"{'—' if r.recover_s is None else f'{r.recover_s:.1f}'} | {r.note} |")
     problems = [f"- {r.fault}: {p}" for r in results for p in r.problems]
     return "\n".join(lines + (["", "What did not hold:", *problems] if problems else []))
 
