@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint bench gpu-check reproduce datasize levers ablations capacity serving serving-student server serve screenshot clean
+.PHONY: install demo test test-fast lint bench faults gpu-check reproduce datasize levers ablations capacity serving serving-student server serve screenshot clean
 
 $(STAMP): pyproject.toml $(LMPLZ)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,14 @@ bench: $(STAMP)
 # without a GPU it says so and runs the CPU parts.
 gpu-check: $(STAMP)
 	$(BIN)/python -m pipeline.studies.gpu_check docs
+
+# Faults an operator meets, injected at random points through the real components (issue 33; ≤ 20 min on 2
+# cores, smoke corpus): each trial N times, a clean rerun, compared with an uninterrupted run; the table goes to
+# docs/benchmarks.md ("Fault trials"). Exits 1 when a trial did not recover.
+faults: $(STAMP)
+	@mkdir -p runs/faults
+	bash -o pipefail -c '$(BIN)/mlpl faults --corpus smoke --corpus-dir data/smoke --out runs/faults \
+		--results docs/benchmarks.md --results-command "make faults" 2>&1 | tee runs/faults/faults.log'
 
 # The whole recipe on the bench corpus (six languages, LM-fused labeling, the paper's three students, the
 # same-compute control); writes docs/results.md (≈ 2.5 h on the 2-core AVX-512 Xeon; a rerun resumes where it

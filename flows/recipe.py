@@ -168,6 +168,12 @@ def recipe_flow(cfg: RecipeConfig) -> dict:
     Args:
         cfg: the recipe config: data manifests, stage presets (paper or tiny), budgets and overrides.
     """
+    with RunLayout(cfg.run_dir).recipe_lock(cfg.run_dir_wait_s):
+        return _recipe(cfg)
+
+
+def _recipe(cfg: RecipeConfig) -> dict:
+    """The recipe's stages in order, under the run folder's lock."""
     logger = get_run_logger()
     stages: dict[str, dict] = {}
     walls: dict[str, float] = {}

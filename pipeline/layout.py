@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from storage.checkpoint import read_checkpoint_fields
-from storage.files import exists, join, list_files
+from storage.files import StorageLock, exists, join, list_files
 
 # Per-language stages in the order of the recipe; a language's teacher is its latest stage that finished.
 PER_LANGUAGE_STAGES = ("finetune", "slimipl")
@@ -201,6 +201,13 @@ class RunLayout:
     def labels(self) -> str:
         """The PL corpus of the run (step 4)."""
         return join(self.run_dir, "labels")
+
+    def recipe_lock(self, wait_s: float = 0.0) -> StorageLock:
+        """The lock a recipe holds on its run folder while it runs: a second recipe on the same folder waits up to
+        `wait_s`, then is refused with who holds it (two recipes would train the same stages into one folder)."""
+        return StorageLock(join(self.run_dir, "recipe.lock"), wait_s=wait_s,
+                           busy=f"another recipe is running in {self.run_dir}: wait for it to finish (or stop it; "
+                                "a stopped recipe's rerun resumes), or give this one another run folder")
 
     def round_labels(self, round_: int) -> str:
         """The PL corpus of a round: step 4's for round 1, else the one round k-1's student labeled."""

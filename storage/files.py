@@ -13,6 +13,7 @@ processes write to the same bucket.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -163,6 +164,16 @@ def copy_tree(src: str, dst: str) -> None:
             fs.rm(partial, recursive=True)
 
 
+def download_tree(src: str, dst: str) -> None:
+    """Copy every file under a folder of any file system into a local folder (an object store's prefix, to
+    inspect or compare it locally)."""
+    fs, src_path = _fs(src)
+    for found in fs.find(src_path):
+        target = os.path.join(dst, posixpath.relpath(found, src_path))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(found, target)
+
+
 def sha256_of(url: str, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks (identity of a manifest or checkpoint).
 
@@ -234,8 +245,10 @@ class StorageLock:
     tiny race. A lock left by a dead process on this host is broken; one older than `stale_s` is too.
     """
 
-    def __init__(self, url: str, *, wait_s: float = 3600.0, poll_s: float = 0.5, stale_s: float = 24 * 3600.0):
+    def __init__(self, url: str, *, wait_s: float = 3600.0, poll_s: float = 0.5, stale_s: float = 24 * 3600.0,
+                 busy: str | None = None):
         self.url, self.wait_s, self.poll_s, self.stale_s = url, wait_s, poll_s, stale_s
+        self.busy = busy  # what a refused holder is told to do, after who holds the lock
         self.token = {"pid": os.getpid(), "host": socket.gethostname(), "id": uuid.uuid4().hex, "since": time.time()}
 
     def _try(self) -> bool:
@@ -285,7 +298,11 @@ class StorageLock:
                 remove(self.url)  # its holder died without releasing it
                 continue
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{self.url} is held by {holder} and was not released within {self.wait_s:.0f} s")
+                who = (f"pid {holder.get('pid')} on {holder.get('host')} since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(holder.get('since', 0))))}"
+                       if holder else "another process")
+                raise TimeoutError(f"{self.url} is held by {who} and was not released within {self.wait_s:.0f} s"
+                                   + (f": {self.busy}" if self.busy else ""))
             time.sleep(self.poll_s)
         return self
 
@@ -321,10 +338,97 @@ def local_path(url: str) -> str:
     return url.removeprefix("file://")
 
 
+class DiskFullError(OSError):
+    """No space left while writing a file: the message names it and says what to do."""
+
+
+def disk_full(err: OSError, url: str) -> DiskFullError | None:
+    """`err` restated when it is a full disk (ENOSPC, or a quota: EDQUOT): which file, how much room is left, and
+    what to do; None for any other error (and for one restated already)."""
+    if isinstance(err, DiskFullError) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    folder = posixpath.dirname(local_path(url)) if is_local(url) else None
+    free = ""
+    if folder and os.path.isdir(folder):
+        free = f", {shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
+    return DiskFullError(err.errno, f"no space left writing {url}{free}: free space (or point the run at another "
+                                    "folder) and rerun the same command; what was committed is kept, nothing "
+                                    "half-written is")
+
+
+class _SpaceChecked:
+    """A writable stream whose full-disk errors name the file being written (`disk_full`)."""
+
+    def __init__(self, stream: Any, url: str):
+        self._stream, self._url = stream, url
+
+    def write(self, data: bytes) -> int:
+        """Append bytes."""
+        try:
+            return self._stream.write(data)
+        except OSError as err:
+            full = disk_full(err, self._url)
+            if full is None:
+                raise
+            raise full from err
+
+    def close(self) -> None:
+        """Flush and close."""
+        try:
+            self._stream.close()
+        except OSError as err:
+            full = disk_full(err, self._url)
+            if full is None:
+                raise
+            raise full from err
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _temp_name(name: str) -> str:
+    """A dot-prefixed temp name beside `name` that says who writes it: `.<name>.tmp-<host>-<pid>-<random>`."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def _writer_dead(temp_name: str, modified: float | None, stale_s: float) -> bool:
+    """Whether a temp file's writer is gone: its pid is dead on this host, or it is older than `stale_s` (another
+    host's, or a name from before temp names carried their writer)."""
+    suffix = temp_name.rsplit(".tmp-", 1)[-1]
+    parts = suffix.rsplit("-", 2)
+    if len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return modified is not None and time.time() - modified > stale_s
+
+
+def sweep_temp_files(folder: str, stale_s: float = 24 * 3600.0) -> list[str]:
+    """Remove the temp files under `folder` whose writer died (a SIGKILL leaves its temp file: nothing under a
+    final name is ever half-written, but the bytes stay); returns what it removed. A live writer's are kept."""
+    fs, path = _fs(folder)
+    if not fs.exists(path):
+        return []
+    removed = []
+    for found in fs.glob(posixpath.join(path, "**", ".*.tmp-*")):
+        try:
+            modified = fs.modified(found).timestamp()
+        except (NotImplementedError, FileNotFoundError, AttributeError):
+            modified = None
+        if _writer_dead(posixpath.basename(found), modified, stale_s):
+            fs.rm(found)
+            removed.append(found)
+    return removed
+
+
 class AtomicWriter:
     """A file written as a stream and made visible whole by `commit()`: on object stores the upload completes
     at commit; elsewhere it goes to a dot-prefixed temp name beside the target, renamed at commit. `abort()`
-    (or leaving a `with` block on an error) drops it."""
+    (or leaving a `with` block on an error) drops it. A full disk is an error naming the file (`disk_full`)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -332,8 +436,8 @@ class AtomicWriter:
         parent, name = posixpath.split(self.path)
         if parent:
             self.fs.makedirs(parent, exist_ok=True)
-        self.tmp = self.path if _atomic_put(self.fs) else posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-        self.file = self.fs.open(self.tmp, "wb")
+        self.tmp = self.path if _atomic_put(self.fs) else posixpath.join(parent, _temp_name(name))
+        self.file = _SpaceChecked(self.fs.open(self.tmp, "wb"), url)
 
     def write(self, data: bytes) -> None:
         """Append bytes."""
@@ -341,14 +445,17 @@ class AtomicWriter:
 
     def commit(self) -> None:
         """Close the stream and make the file visible under its name (replacing an older one)."""
-        if not self.file.closed:
-            self.file.close()
-        if self.tmp != self.path:
-            try:
+        try:
+            if not self.file.closed:
+                self.file.close()
+            if self.tmp != self.path:
                 self.fs.mv(self.tmp, self.path)
-            except Exception:
-                self.fs.rm(self.tmp)  # a failed rename leaves no temp file behind
+        except Exception as err:
+            self.abort()  # a failed close or rename leaves no temp file behind
+            full = disk_full(err, self.url) if isinstance(err, OSError) else None
+            if full is None:
                 raise
+            raise full from err
 
     def abort(self) -> None:
         """Drop what was written (an error half-way)."""
@@ -359,7 +466,7 @@ class AtomicWriter:
                 discard()
                 return
         if not self.file.closed:
-            self.file.close()
+            close_quietly(self.file)  # a full disk fails the flush too; the temp file goes either way
         if self.tmp != self.path and self.fs.exists(self.tmp):
             self.fs.rm(self.tmp)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from flows.cli.common import (
     Subparsers,
@@ -259,4 +260,37 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = (add_ablate, add_capacity, add_datasize, add_serving, add_bench)
+def add_faults(sub: Subparsers) -> None:
+    """`mlpl faults`: its arguments."""
+    fa = sub.add_parser("faults", help="inject the faults an operator meets (full disk, killed relabel, ...) at "
+                        "random points, rerun, and compare with an uninterrupted run")
+    _study_corpus(fa, corpus="smoke", out="runs/faults")
+    fa.add_argument("--trials", type=int, default=3, help="faults per kind, at random points (default: 3)")
+    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--only", nargs="+", default=None, help="run these trials only (names as in the table's log)")
+    fa.add_argument("--teacher", default=None, help="checkpoint to label with (default: one trained for 150 "
+                    "updates into --out, once)")
+    fa.add_argument("--results", default=None, help="Markdown page to put the table in, as its 'Fault trials' section")
+    fa.add_argument("--results-command", default=None, help="the command the page names")
+    fa.set_defaults(func=cmd_faults)
+
+
+def cmd_faults(args: argparse.Namespace) -> int:
+    """Run the fault trials and print (and publish) their table; exit 1 when one did not recover."""
+    from pipeline.engine.device import cpu_name
+    from pipeline.studies.common import ensure_corpus, write_section
+    from pipeline.studies.faults import fault_teacher, format_faults, results_json, run_faults
+
+    t0 = time.perf_counter()
+    with progress_bar(single=True) as update:
+        ensure_corpus(args.corpus, args.corpus_dir, on_progress=update)
+    teacher = args.teacher or fault_teacher(args.corpus_dir, args.out)
+    results = run_faults(args.corpus_dir, teacher, args.out, trials=args.trials, seed=args.seed, only=args.only)
+    print(results_json(results), file=sys.stderr)
+    text = format_faults(results, cpu_name(), args.results_command or "mlpl faults", time.perf_counter() - t0)
+    write_section(args.results, "Fault trials", text)
+    _published(text, args.results, "Fault trials")
+    return 0 if all(r.recovered for r in results) else 1
+
+
+COMMANDS = (add_ablate, add_capacity, add_datasize, add_serving, add_bench, add_faults)

@@ -45,6 +45,9 @@ class RecipeConfig(Config):
     overrides, then the typed knobs (a knob wins over the same key in the overrides)."""
 
     run_dir: str = Field("runs/recipe", description="run directory (any fsspec URL): every stage writes below it")
+    run_dir_wait_s: float = Field(
+        0.0, ge=0.0, description="how long to wait when another recipe is running in run_dir before refusing (0: "
+                                 "refuse at once, naming who holds it)")
     corpus_dir: str | None = Field(
         None, description="a corpus folder (`mlpl import` or `mlpl corpus build`): the manifests left empty below "
                           "are its manifests/<split>.jsonl")

@@ -48,7 +48,7 @@ from pipeline.engine.evaluate import format_table, score
 from pipeline.engine.stage_cache import StageResult, cache_record
 from pipeline.layout import StageDir, prefers_averaged, teacher_note
 from storage.checkpoint import load_checkpoint, save_checkpoint
-from storage.files import atomic_write_text, exists, list_files, remove, write_json
+from storage.files import atomic_write_text, exists, list_files, remove, sweep_temp_files, write_json
 from storage.manifest import write_manifest
 
 log = logging.getLogger("mlpl.train")
@@ -201,6 +201,9 @@ class Trainer:
             ValueError: when the checkpoint was made with another config or other inputs.
         """
         state = None
+        if self.world.is_main:
+            for url in sweep_temp_files(self.dir.url):  # what a killed save left beside the checkpoints
+                log.info("removed %s: a temp file whose writer is gone", url)
         if resume and exists(self.last_url):
             state = load_checkpoint(self.last_url)
             self._check_resume(state)

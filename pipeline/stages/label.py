@@ -59,7 +59,7 @@ from pipeline.stages.label_decode import (
 )
 from pipeline.stages.label_summary import reject_category, summary_markdown
 from pipeline.stages.lm import lm_identity
-from storage.files import atomic_write_text, exists, join, read_text, sha256_of
+from storage.files import atomic_write_text, exists, join, read_text, sha256_of, sweep_temp_files
 from storage.pl import LabelStore, ShardWriter, sample_key
 
 log = logging.getLogger("mlpl.label")
@@ -107,6 +107,8 @@ def plan_labeling(cfg: LabelConfig, root: str) -> LabelPlan:
         raise ValueError(f"audit_max_dev_cer={cfg.audit_max_dev_cer} chooses confidence thresholds from the dev "
                          "audit: set audit_manifest to labeled dev rows, or drop audit_max_dev_cer")
     manifest_sha = sha256_of(cfg.manifest)
+    for url in sweep_temp_files(root):  # what a killed run left (under temp names only: readers never saw them)
+        log.info("removed %s: a temp file whose writer is gone", url)
     moved = store.upgrade_layout()
     if moved:
         log.info("%s: moved %d files of the layout before schema 3 to plain language folders", root, moved)

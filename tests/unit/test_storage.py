@@ -124,3 +124,81 @@ def test_a_unit_that_labels_ids_again_replaces_their_rows_in_place(tmp_path):
     # Without supersede (none of the ids had a row at planning) nothing earlier is touched.
     _commit(store, 5, {"b": "unchecked"}, supersede=False)
     assert sorted(pd.read_parquet(tmp_path / "labels" / "pl")["text"]) == ["d", "new b", "unchecked"]
+
+
+# --- faults (issue 33): a full disk, a killed writer's temp files, a busy run folder -------------------------
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_file_and_leaves_nothing_half_written(tmp_path, capsys):
+    from storage.faults import FullDiskFileSystem
+    from storage.files import DiskFullError, atomic_write_bytes
+
+    url = f"fulldisk://{tmp_path}/out/shard.tar"
+    for budget in (0, 10, 99):  # nothing, a few bytes, all but the last
+        FullDiskFileSystem.set_budget(budget)
+        try:
+            with pytest.raises(DiskFullError, match=r"^\[Errno 28\] no space left writing fulldisk://.*shard\.tar: "
+                               r"free space .* rerun the same command") as err:
+                atomic_write_bytes(url, b"x" * 100)
+        finally:
+            FullDiskFileSystem.set_budget(None)
+        assert "\n" not in str(err.value)
+        assert list((tmp_path / "out").iterdir()) == []  # no temp file, nothing under the final name
+    atomic_write_bytes(url, b"x" * 100)  # room again: the rerun writes it whole
+    assert (tmp_path / "out/shard.tar").read_bytes() == b"x" * 100
+    # through the CLI: one line, exit 2
+    FullDiskFileSystem.set_budget(0)
+    try:
+        assert main(["corpus", "build", "--preset", "smoke", "--out", f"fulldisk://{tmp_path}/corpus"]) == 2
+    finally:
+        FullDiskFileSystem.set_budget(None)
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and err_lines[0].startswith("mlpl: error: [Errno 28] no space left writing")
+
+
+def test_temp_files_of_dead_writers_are_swept_and_a_live_writers_kept(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from storage.files import AtomicWriter, sweep_temp_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has exited
+    host = socket.gethostname()
+    (tmp_path / "a/b").mkdir(parents=True)
+    (tmp_path / f"a/b/.x.tar.tmp-{host}-{dead}-0123").write_bytes(b"half")
+    (tmp_path / "a/.y.parquet.tmp-0123456789abcdef").write_bytes(b"old format")  # no writer in the name
+    live = AtomicWriter(str(tmp_path / "a/z.json"))  # this process, still writing
+    live.write(b"{}")
+    removed = sweep_temp_files(str(tmp_path))
+    assert [os.path.basename(r) for r in removed] == [f".x.tar.tmp-{host}-{dead}-0123"]
+    assert sweep_temp_files(str(tmp_path), stale_s=0) == [str(tmp_path / "a/.y.parquet.tmp-0123456789abcdef")]
+    live.commit()
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*") if p.is_file()) == ["z.json"]
+
+
+def test_a_second_recipe_on_a_run_folder_is_refused_naming_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.layout import RunLayout
+
+    run = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pipeline.layout import RunLayout\n"
+                               f"with RunLayout({run!r}).recipe_lock():\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match=rf"held by pid {holder.pid} on .* another recipe is running in "
+                           rf"{run}: wait for it"):
+            with RunLayout(run).recipe_lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLayout(run).recipe_lock():  # its holder died: taken over at once
+        assert os.path.exists(f"{run}/recipe.lock")
+    assert not os.path.exists(f"{run}/recipe.lock")
