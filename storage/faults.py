@@ -1,16 +1,21 @@
-"""Storage that fails on purpose, for `make faults` (pipeline/studies/faults.py): a local disk that fills up
-after a byte budget (`fulldisk://<path>`, registered with fsspec on import, so any URL of the pipeline can point
-at it), and an S3 API that throttles, errs and drops connections on a share of requests (`FlakyS3Proxy`)."""
+"""Storage that fails on purpose, for `make faults` (pipeline/studies/faults.py): a local disk that fills up after
+a byte budget (`fulldisk://<path>`, registered with fsspec on import, so any URL of the pipeline can point at it),
+an S3 API that throttles, errs and drops connections on a share of requests (`FlakyS3Proxy`); and the check for
+what no fault may leave behind (`partial_files`)."""
 
 from __future__ import annotations
 
 import errno
 import http.client
+import json
 import os
+import tarfile
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 FULL_DISK_PROTOCOL = "fulldisk"
@@ -77,6 +82,32 @@ class _BudgetedFile:
 
 
 fsspec.register_implementation(FULL_DISK_PROTOCOL, FullDiskFileSystem, clobber=True)
+
+
+def partial_files(folder: str, temp_ok: bool = False) -> list[str]:
+    """Files that a reader must never see: files under a final name that do not read whole (Parquet, tar, JSON),
+    and temp files left behind (`temp_ok`: right after a SIGKILL, which no process survives to clean up; the
+    next run removes them)."""
+    bad = []
+    for p in sorted(Path(folder).rglob("*")):
+        if not p.is_file() or p.suffix == ".lock":
+            continue
+        if ".tmp-" in p.name:
+            if not temp_ok:
+                bad.append(f"temp file left: {p}")
+            continue
+        try:
+            if p.suffix == ".parquet":
+                pq.read_table(p)
+            elif p.suffix == ".tar":
+                with tarfile.open(p) as tar:
+                    for m in tar.getmembers():
+                        tar.extractfile(m).read()
+            elif p.suffix == ".json":
+                json.loads(p.read_text())
+        except Exception as err:  # any failure to read is what this looks for
+            bad.append(f"unreadable under its final name: {p} ({type(err).__name__})")
+    return bad
 
 
 class FlakyS3Proxy:

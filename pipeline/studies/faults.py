@@ -27,14 +27,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import RelabelConfig, label_tiny, supervised_tiny
 from pipeline.layout import split_manifest
 from pipeline.stages.label import run_label
 from storage.checkpoint import load_checkpoint
-from storage.faults import FULL_DISK_PROTOCOL, FullDiskFileSystem
+from storage.faults import FULL_DISK_PROTOCOL, FullDiskFileSystem, partial_files
 from storage.pl import load_pseudo_labels, load_rejects
 
 # Columns and shard fields that hold when a row was written, not what it says.
@@ -97,32 +96,6 @@ def compare_labels(reference: str, root: str, same_units: bool = True, same_teac
     differing += sum(ours.get(i) != data for i, data in theirs.items())
     lost_rejects = len(set(load_rejects(reference)["id"]) - set(load_rejects(root)["id"]))
     return {"rows_lost": lost + lost_rejects, "rows_duplicated": duplicated, "differing": differing}
-
-
-def partial_files(folder: str, temp_ok: bool = False) -> list[str]:
-    """Files that a reader must never see: files under a final name that do not read whole (Parquet, tar, JSON),
-    and temp files left behind (`temp_ok`: right after a SIGKILL, which no process survives to clean up; the
-    next run removes them)."""
-    bad = []
-    for p in sorted(Path(folder).rglob("*")):
-        if not p.is_file() or p.suffix == ".lock":
-            continue
-        if ".tmp-" in p.name:
-            if not temp_ok:
-                bad.append(f"temp file left: {p}")
-            continue
-        try:
-            if p.suffix == ".parquet":
-                pq.read_table(p)
-            elif p.suffix == ".tar":
-                with tarfile.open(p) as tar:
-                    for m in tar.getmembers():
-                        tar.extractfile(m).read()
-            elif p.suffix == ".json":
-                json.loads(p.read_text())
-        except Exception as err:  # any failure to read is what this looks for
-            bad.append(f"unreadable under its final name: {p} ({type(err).__name__})")
-    return bad
 
 
 def _fault_message_ok(message: str, must: tuple[str, ...]) -> bool:

@@ -8,7 +8,8 @@ import tarfile
 
 import pytest
 
-from pipeline.studies.faults import compare_labels, format_faults, partial_files, run_faults
+from pipeline.studies.faults import compare_labels, format_faults, run_faults
+from storage.faults import partial_files
 
 
 def test_disk_full_labeling_and_a_killed_relabel_recover_to_the_reference(smoke_corpus, teacher, tmp_path):
