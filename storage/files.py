@@ -411,7 +411,7 @@ def sweep_temp_files(folder: str, stale_s: float = 24 * 3600.0) -> list[str]:
     """Remove the temp files under `folder` whose writer died (a SIGKILL leaves its temp file: nothing under a
     final name is ever half-written, but the bytes stay); returns what it removed. A live writer's are kept."""
     fs, path = _fs(folder)
-    if not fs.exists(path):
+    if _atomic_put(fs) or not fs.exists(path):  # object stores get no temp files: no listing of a whole root
         return []
     removed = []
     for found in fs.glob(posixpath.join(path, "**", ".*.tmp-*")):
