@@ -13,6 +13,7 @@ processes write to the same bucket.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -356,6 +357,18 @@ def disk_full(err: OSError, url: str) -> DiskFullError | None:
                                     "half-written is")
 
 
+@contextlib.contextmanager
+def _naming_a_full_disk(url: str):
+    """Inside the block, a full-disk OSError is raised again as `disk_full`'s, naming `url`; others as they are."""
+    try:
+        yield
+    except OSError as err:
+        full = disk_full(err, url)
+        if full is None:
+            raise
+        raise full from err
+
+
 class _SpaceChecked:
     """A writable stream whose full-disk errors name the file being written (`disk_full`)."""
 
@@ -364,23 +377,13 @@ class _SpaceChecked:
 
     def write(self, data: bytes) -> int:
         """Append bytes."""
-        try:
+        with _naming_a_full_disk(self._url):
             return self._stream.write(data)
-        except OSError as err:
-            full = disk_full(err, self._url)
-            if full is None:
-                raise
-            raise full from err
 
     def close(self) -> None:
         """Flush and close."""
-        try:
+        with _naming_a_full_disk(self._url):
             self._stream.close()
-        except OSError as err:
-            full = disk_full(err, self._url)
-            if full is None:
-                raise
-            raise full from err
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -401,8 +404,8 @@ def _writer_dead(temp_name: str, modified: float | None, stale_s: float) -> bool
             os.kill(int(parts[1]), 0)
         except ProcessLookupError:
             return True
-        except PermissionError:
-            return False
+        except PermissionError:  # alive, another user's
+            pass
         return False
     return modified is not None and time.time() - modified > stale_s
 
@@ -446,16 +449,14 @@ class AtomicWriter:
     def commit(self) -> None:
         """Close the stream and make the file visible under its name (replacing an older one)."""
         try:
-            if not self.file.closed:
-                self.file.close()
-            if self.tmp != self.path:
-                self.fs.mv(self.tmp, self.path)
-        except Exception as err:
+            with _naming_a_full_disk(self.url):
+                if not self.file.closed:
+                    self.file.close()
+                if self.tmp != self.path:
+                    self.fs.mv(self.tmp, self.path)
+        except Exception:
             self.abort()  # a failed close or rename leaves no temp file behind
-            full = disk_full(err, self.url) if isinstance(err, OSError) else None
-            if full is None:
-                raise
-            raise full from err
+            raise
 
     def abort(self) -> None:
         """Drop what was written (an error half-way)."""
