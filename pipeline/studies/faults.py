@@ -17,10 +17,12 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -129,30 +131,45 @@ def disk_full_labeling(corpus_dir: str, teacher: str, work: Path, reference: str
     FullDiskFileSystem.set_budget(None)
     run_label(cfg, f"{FULL_DISK_PROTOCOL}://{work / 'probe'}")
     total, spans = FullDiskFileSystem.written_bytes, FullDiskFileSystem.file_spans()  # what a whole run writes
-    hit: dict[str, int] = {}
+    hit: Counter = Counter()
     recover = []
     for i in range(trials):
         root = work / f"labels-{i}"
-        FullDiskFileSystem.set_budget(_fault_point(spans, rng))
-        try:
-            run_label(cfg, f"{FULL_DISK_PROTOCOL}://{root}")
+        if not _out_of_space(result, hit, _fault_point(spans, rng),
+                             partial(run_label, cfg, f"{FULL_DISK_PROTOCOL}://{root}"), root):
             result.fail("a budget below a whole run's bytes did not stop it")
-        except OSError as err:
-            result.trials += 1
-            hit[_kind(str(err))] = hit.get(_kind(str(err)), 0) + 1
-            if not _fault_message_ok(str(err), ("no space left writing", "rerun")):
-                result.fail(f"unclear error: {err}")
-        finally:
-            FullDiskFileSystem.set_budget(None)
-        for problem in partial_files(str(root)):
-            result.fail(problem)
         _clean_rerun(result, lambda root=root: run_label(cfg, str(root)))
         recover.append(result.recover_s)
         _add_comparison(result, compare_labels(reference, str(root)))
     result.recover_s = sum(recover) / len(recover) if recover else None
     result.note = (f"fulldisk:// (a local folder with a byte budget; a whole run writes {total / 1e6:.1f} MB in "
-                   f"{len(spans)} files); hit: {', '.join(f'{k} {v}' for k, v in sorted(hit.items()))}")
+                   f"{len(spans)} files); hit: {_hits(hit)}")
     return result
+
+
+def _out_of_space(result: TrialResult, hit: Counter, budget: int, run: Callable[[], Any], folder: Path) -> bool:
+    """`run` with this process's writes limited to `budget` bytes: whether the full disk stopped it (then its
+    error counted by the kind of file and checked to be one line naming the file and the fix), and the folder
+    checked for anything half-written."""
+    FullDiskFileSystem.set_budget(budget)
+    try:
+        run()
+        landed = False
+    except OSError as err:
+        landed = True
+        result.trials += 1
+        hit[_kind(str(err))] += 1
+        if not _fault_message_ok(str(err), ("no space left writing", "rerun")):
+            result.fail(f"unclear error: {err}")
+    finally:
+        FullDiskFileSystem.set_budget(None)
+    for problem in partial_files(str(folder)):
+        result.fail(problem)
+    return landed
+
+
+def _hits(hit: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(hit.items()))
 
 
 def _teachers(teacher: str) -> dict[str, str]:
@@ -184,7 +201,7 @@ def _add_comparison(result: TrialResult, found: dict[str, int]) -> None:
 
 def disk_full_checkpoints(corpus_dir: str, work: Path, trials: int, rng: random.Random,
                           updates: int = 24, save_every: int = 6) -> TrialResult:
-    """ENOSPC at a random byte of a training run's writes (its checkpoints, best, metrics), `trials` times on one
+    """ENOSPC inside a random file of a training run's writes (its checkpoints, best, metrics), `trials` times on one
     run folder, then a clean rerun to the end; the final weights compared with an uninterrupted run's."""
     from pipeline.stages.supervised import run_supervised
 
@@ -195,23 +212,13 @@ def disk_full_checkpoints(corpus_dir: str, work: Path, trials: int, rng: random.
     reference = run_supervised(cfg, f"{FULL_DISK_PROTOCOL}://{work / 'reference'}")
     total, spans = FullDiskFileSystem.written_bytes, FullDiskFileSystem.file_spans()
     run = work / "run"
-    hit: dict[str, int] = {}
+    hit: Counter = Counter()
     for _ in range(trials):
-        FullDiskFileSystem.set_budget(_fault_point(spans, rng))
-        try:
-            run_supervised(cfg, f"{FULL_DISK_PROTOCOL}://{run}")
-            continue
-        except OSError as err:
-            result.trials += 1
-            hit[_kind(str(err))] = hit.get(_kind(str(err)), 0) + 1
-            if not _fault_message_ok(str(err), ("no space left writing", "rerun")):
-                result.fail(f"unclear error: {err}")
-        for problem in partial_files(str(run)):
-            result.fail(problem)
+        landed = _out_of_space(result, hit, _fault_point(spans, rng),
+                               partial(run_supervised, cfg, f"{FULL_DISK_PROTOCOL}://{run}"), run)
         last = run / "supervised/checkpoints/last.pt"
-        if last.exists():
+        if landed and last.exists():
             load_checkpoint(str(last))  # a checkpoint under its name loads (weights_only)
-    FullDiskFileSystem.set_budget(None)
     _clean_rerun(result, lambda: run_supervised(cfg, str(run)))
     want = load_checkpoint(reference.last_checkpoint.replace(f"{FULL_DISK_PROTOCOL}://", ""))["model"]
     got = load_checkpoint(str(run / "supervised/checkpoints/last.pt"))["model"]
@@ -219,7 +226,7 @@ def disk_full_checkpoints(corpus_dir: str, work: Path, trials: int, rng: random.
     if result.differing:
         result.fail(f"{result.differing} of {len(want)} tensors differ from the uninterrupted run's")
     result.note = (f"{updates} updates, a checkpoint every {save_every}; a whole run writes {total / 1e6:.1f} MB in "
-                   f"{len(spans)} files; hit: {', '.join(f'{k} {v}' for k, v in sorted(hit.items()))}")
+                   f"{len(spans)} files; hit: {_hits(hit)}")
     return result
 
 
@@ -459,6 +466,13 @@ def two_recipes_on_one_run_folder(corpus_dir: str, work: Path, trials: int, rng:
 # --- trial: the Prefect server killed and restarted mid-recipe ------------------------------------------------
 
 
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start_prefect_server(home: Path, port: int, log: Path) -> subprocess.Popen:
     """`prefect server start` on 127.0.0.1:`port` with its database under `home`; returns once it answers."""
     import urllib.request
@@ -501,13 +515,9 @@ def prefect_server_restarted(corpus_dir: str, work: Path, trials: int, rng: rand
     """The Prefect server SIGKILLed at a random point of a running recipe and started again on the same database,
     `trials` times on one run folder: the recipe finishes or fails cleanly; its rerun reuses every stage that had
     finished and resumes the one that had not (none done twice from scratch); the server lists every run."""
-    import socket
-
     result = TrialResult("Prefect server killed and restarted mid-recipe")
     home = work / "prefect-home"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     log = work / "server.log"
     env = os.environ | _prefect_env(home, port)
     server = _start_prefect_server(home, port, log)
@@ -568,12 +578,9 @@ _S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DE
 @contextlib.contextmanager
 def _moto_server(log_path: Path):
     """moto's S3 server in its own process on a free port: its endpoint URL."""
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
