@@ -13,6 +13,7 @@ the encoder input (one row per language plus "unknown"); activation checkpointin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -67,8 +68,12 @@ class RelativeSelfAttention(nn.Module):
         # Zero init: the model starts position-agnostic and learns what distance matters.
         self.rel_bias = nn.Parameter(torch.zeros(n_heads, 2 * max_relative_distance + 1))
         self._bias_cache: tuple[tuple, Tensor] | None = None  # inference only: the largest (H, n, n) built so far
+        # Set only while exporting for ONNX Runtime (models.export.fused_attention): the traced graph's attention.
+        self.export_attention: Callable[[RelativeSelfAttention, Tensor, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor, key_pad_bias: Tensor, rel_index: Tensor, lens: Tensor | None = None) -> Tensor:
+        if self.export_attention is not None and lens is not None and tracing():
+            return self.export_attention(self, x, rel_index, lens)  # (B, T, C)
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)  # (B, T, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)

@@ -193,13 +193,17 @@ def _print_engine_figures(args: argparse.Namespace, teacher: str) -> None:
     """The labeling engines side by side, then the exported model's test CER (issue 32's figures)."""
     from pipeline.studies.engine_bench import (
         export_checkpoint,
+        format_attention_bound,
         format_engine_bench,
         format_export_bench,
+        run_attention_bound,
         run_engine_bench,
         run_export_bench,
     )
 
     print(format_engine_bench(run_engine_bench(args.corpus_dir, teacher)))
+    print()
+    print(format_attention_bound(run_attention_bound(teacher)))
     print()
     print(format_export_bench(run_export_bench(args.corpus_dir, export_checkpoint(args.export, args.default_export,
                                                                                   teacher))))

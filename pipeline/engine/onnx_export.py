@@ -14,12 +14,13 @@ import io
 import json
 import re
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import onnx
 import torch
 
-from models.export import ExportedCTC
+from models.export import ExportedCTC, onnx_runtime_attention
 from pipeline.engine.model import Trained, load_trained
 from storage.files import atomic_write_text, join, write_json
 from storage.onnx_model import int8_bytes, save_onnx_model
@@ -76,9 +77,11 @@ def _missing_operator(error: BaseException) -> str | None:
     return None
 
 
-def to_onnx(trained: Trained, normalize_features: bool = True) -> onnx.ModelProto:
+def to_onnx(trained: Trained, normalize_features: bool = True, fused_attention: bool = False) -> onnx.ModelProto:
     """The checkpoint's model as an ONNX model (torch.onnx.export's TorchScript exporter at opset `OPSET`: its
-    dynamo exporter fails on the attention's reshape under symbolic time axes in torch 2.11).
+    dynamo exporter fails on the attention's reshape under symbolic time axes in torch 2.11). `fused_attention`:
+    each attention as ONNX Runtime's `com.microsoft::MultiHeadAttention` (what the labeling engine runs) instead of
+    standard ops that any ONNX runtime runs.
 
     Raises:
         ExportError: naming the operator that has no ONNX equivalent, or the pathway model that cannot export.
@@ -91,8 +94,9 @@ def to_onnx(trained: Trained, normalize_features: bool = True) -> onnx.ModelProt
     names = list(axes)
     try:
         buf = io.BytesIO()
-        with warnings.catch_warnings():  # its deprecation notice: the dynamo exporter does not trace this model yet
-            warnings.simplefilter("ignore", DeprecationWarning)
+        attention = onnx_runtime_attention(trained.model) if fused_attention else nullcontext()
+        with warnings.catch_warnings(), attention:  # its deprecation notice: the dynamo exporter does not trace this
+            warnings.simplefilter("ignore", DeprecationWarning)  # model yet
             torch.onnx.export(wrapper, inputs, buf, input_names=names, output_names=["log_probs", "out_lens",
                               "lid_logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         return onnx.load_from_string(buf.getvalue())

@@ -1,6 +1,7 @@
 """`make bench`, the labeling engines side by side (issue 32): the one labeling path (`run_label`) on the corpus'
 unlabeled audio with the torch engine and the ONNX Runtime engine in fp32 and int8, same teacher, same run:
-audio-s/s, share of each engine's own GEMM peak, and PL CER against the hidden transcripts."""
+audio-s/s, share of each engine's own GEMM peak, and PL CER against the hidden transcripts; then the bound: one
+batch through each graph, and through ONNX Runtime with the attention taken out of the graph."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.config import LabelConfig, label_tiny
 from pipeline.engine.device import cpu_name, gemm_peak_flops, precision_used
@@ -126,6 +128,79 @@ def format_engine_bench(b: dict[str, Any]) -> str:
               f"{mark(int8['audio_s_per_s'] >= 2 * torch_rate)}); PL CER {int8['avg_pl_cer'] - torch_cer:+.2f} points "
               f"(target within 1: {mark(abs(int8['avg_pl_cer'] - torch_cer) <= 1)}); fp32 / torch: "
               f"{fp32['audio_s_per_s'] / torch_rate:.2f}× (target ≥ 1×: {mark(fp32['audio_s_per_s'] >= torch_rate)})"]
+    return "\n".join(lines)
+
+
+def _no_attention(attn: nn.Module, x: torch.Tensor, rel_index: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """An attention layer's output projection alone: the graph's cost with attention free."""
+    return attn.proj(x)
+
+
+def run_attention_bound(teacher_url: str, batch: int = 8, frames: int = 2600, repeats: int = 8) -> dict[str, Any]:
+    """ms per forward of one padded batch (`batch` clips of up to `frames` frames, 20-26 s) through torch (fp32,
+    and bf16 where native), ONNX Runtime's graphs (standard ops, fused attention) in fp32 and int8, and ONNX Runtime
+    with no attention at all: what no attention kernel can beat."""
+    import onnxruntime as ort
+
+    from models.export import onnx_runtime_attention
+    from pipeline.engine.device import autocast
+    from pipeline.engine.onnx_export import to_onnx
+    from storage.onnx_model import int8_bytes
+
+    trained = load_trained(teacher_url)
+    model = trained.model.eval()
+    lens = torch.linspace(frames, frames * 0.77, batch).round().long()
+    feats = torch.randn(batch, frames, trained.features.n_mels, generator=torch.Generator().manual_seed(0))
+
+    def best_ms(forward) -> float:
+        forward()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t0)
+        return 1000 * min(times)
+
+    ms: dict[str, float] = {}
+    with torch.no_grad():
+        for precision in ("fp32", "bf16") if precision_used(True) == "bf16" else ("fp32",):
+            with autocast(precision == "bf16"):
+                ms[f"torch {precision}"] = best_ms(lambda: model(feats, lens))
+    graphs = {"standard ops": to_onnx(trained, normalize_features=False),
+              "fused attention": to_onnx(trained, normalize_features=False, fused_attention=True)}
+    with onnx_runtime_attention(model, _no_attention):
+        graphs["attention removed"] = to_onnx(trained, normalize_features=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    feeds = {"feats": feats.numpy(), "lens": lens.numpy()}
+    for name, graph in graphs.items():
+        fp32 = graph.SerializeToString()
+        for precision, data in (("fp32", fp32), ("int8", int8_bytes(fp32))):
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            ms[f"onnxruntime {name} {precision}"] = best_ms(lambda s=session: s.run(None, feeds))
+    attention_ops = {name: sum(n.op_type in ("Softmax", "MultiHeadAttention") for n in graph.graph.node)
+                     for name, graph in graphs.items()}
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "batch": batch, "frames": frames,
+            "teacher": teacher_url, "ms": ms, "attention_ops": attention_ops}
+
+
+def format_attention_bound(b: dict[str, Any]) -> str:
+    """Markdown of `run_attention_bound`, with the ratio the bound allows against the torch engine."""
+    ms = b["ms"]
+    torch_ms = ms.get("torch bf16", ms["torch fp32"])
+    lines = [f"The bound: one batch of {b['batch']} clips of up to {b['frames']} frames, forward only; {b['cpu']}, "
+             f"{b['threads']} threads; ms per batch (best of several)", "",
+             "| graph | fp32 | int8 (torch: bf16) |", "|---|---:|---:|",
+             f"| torch (the labeling engine) | {ms['torch fp32']:.1f} | "
+             + (f"{ms['torch bf16']:.1f} |" if "torch bf16" in ms else "— (no native bf16) |")]
+    for name in ("standard ops", "fused attention (the engine)", "attention removed (no kernel beats it)"):
+        key = name.split(" (")[0]
+        lines.append(f"| onnxruntime, {name} | {ms[f'onnxruntime {key} fp32']:.1f} | "
+                     f"{ms[f'onnxruntime {key} int8']:.1f} |")
+    bound = torch_ms / ms["onnxruntime attention removed int8"]
+    engine = torch_ms / ms["onnxruntime fused attention int8"]
+    lines += ["", f"ONNX Runtime int8 against the torch engine: {engine:.2f}× as exported, at most {bound:.2f}× with "
+              f"attention free (target 2×: {'reachable' if bound >= 2 else '**out of reach on this CPU**'})"]
     return "\n".join(lines)
 
 

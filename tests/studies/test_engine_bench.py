@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pipeline.studies.engine_bench import format_engine_bench, format_export_bench, run_engine_bench, run_export_bench
+from pipeline.engine.model import load_trained
+from pipeline.studies.engine_bench import (
+    format_attention_bound,
+    format_engine_bench,
+    format_export_bench,
+    run_attention_bound,
+    run_engine_bench,
+    run_export_bench,
+)
 
 
 def test_the_engines_label_the_same_corpus_and_the_table_says_how_fast_and_how_well(smoke_corpus, teacher):
@@ -27,3 +35,15 @@ def test_the_export_transcribes_the_test_split_like_torch_through_onnx_runtime_a
     assert abs(cer["onnxruntime fp32"]["avg"] - cer["torch"]["avg"]) <= 0.1
     assert cer["sherpa-onnx fp32"]["avg"] < 100 and b["int8_size_ratio"] <= 0.3
     assert "| sherpa-onnx fp32 |" in format_export_bench(b)
+
+
+def test_the_bound_times_every_graph_and_says_what_ratio_attention_leaves_room_for(teacher):
+    b = run_attention_bound(teacher, batch=2, frames=300, repeats=1)
+    graphs = [f"onnxruntime {g} {p}" for g in ("standard ops", "fused attention", "attention removed")
+              for p in ("fp32", "int8")]
+    assert set(graphs) | {"torch fp32"} <= set(b["ms"]) and all(v > 0 for v in b["ms"].values())
+    layers = load_trained(teacher).model.layers
+    # the bound's graph really has no attention left; the others have one per layer
+    assert b["attention_ops"] == {"standard ops": len(layers), "fused attention": len(layers), "attention removed": 0}
+    text = format_attention_bound(b)
+    assert "| onnxruntime, attention removed (no kernel beats it) |" in text and "at most" in text

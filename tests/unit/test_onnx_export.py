@@ -61,6 +61,33 @@ def test_onnx_runtime_gives_the_torch_models_log_probs_on_a_padded_batch(teacher
     assert sizes["model.int8.onnx"] <= 0.3 * sizes["model.onnx"], sizes
 
 
+def test_the_engines_fused_attention_graph_gives_the_torch_models_log_probs(teacher, exported, smoke_corpus):
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.engine.onnx_export import to_onnx
+
+    trained = load_trained(teacher)
+    clips = [load_audio(r["path"], trained.audio_policy) for r in _smoke_clips(smoke_corpus, 3)]
+    clips.append(clips[0][:560])  # 35 ms: one frame after subsampling, its attention over a single key
+    feats, lens = _padded(trained, clips)
+    with torch.no_grad():
+        ref = trained.model(feats, lens)
+    assert ref.out_lens.min().item() == 1 and len(set(ref.out_lens.tolist())) == 4
+    fused = to_onnx(trained, normalize_features=False, fused_attention=True)  # as the engine runs it
+    ops = [(n.domain, n.op_type) for n in fused.graph.node]
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == len(trained.model.layers)
+    assert ("", "Softmax") not in ops  # no attention left on the standard ops' masked path
+    log_probs, out_lens, lid = ort.InferenceSession(fused.SerializeToString()).run(
+        None, {"feats": feats.numpy(), "lens": lens.numpy()})
+    assert out_lens.tolist() == ref.out_lens.tolist() and np.isfinite(log_probs).all()
+    valid = torch.arange(log_probs.shape[1])[None, :] < ref.out_lens[:, None]
+    assert (torch.from_numpy(log_probs) - ref.log_probs).abs()[valid].max().item() < 1e-4
+    assert np.abs(lid - ref.lid_logits.numpy()).max() < 1e-4
+    # what `mlpl export-model` writes stays on standard ops, for every ONNX runtime
+    assert {n.domain for n in onnx.load(str(exported / "model.onnx")).graph.node} <= {"", "ai.onnx"}
+
+
 def test_a_quantization_aware_serving_model_exports_with_its_fake_quantized_weights(teacher, smoke_corpus):
     import onnxruntime as ort
 
