@@ -59,3 +59,23 @@ def test_the_conformer_plugs_into_slimipl_and_labeling_unchanged(conformer_run, 
     rejected = sum(s["rows_rejected"] for s in labeled.summary.values())
     rows = sum(1 for _ in Path(manifest).open())
     assert len(table) == kept and kept + rejected == rows and kept > 0
+
+
+def test_a_language_conditioned_conformer_exports_with_fused_attention_and_times_in_the_bound(conformer_run):
+    import onnxruntime as ort
+
+    from pipeline.engine.onnx_export import to_onnx
+    from pipeline.studies.engine_bench import run_attention_bound
+
+    trained = load_trained(conformer_run[0])
+    feats, lens, lang_ids = torch.randn(3, 300, 80), torch.tensor([300, 220, 90]), torch.tensor([0, -1, 1])
+    with torch.no_grad():
+        ref = trained.model(feats, lens, lang_ids)
+    graph = to_onnx(trained, normalize_features=False, fused_attention=True).SerializeToString()
+    log_probs, _, lid = ort.InferenceSession(graph).run(
+        None, {"feats": feats.numpy(), "lens": lens.numpy(), "lang_ids": lang_ids.numpy()})
+    valid = torch.arange(log_probs.shape[1])[None, :] < ref.out_lens[:, None]
+    assert (torch.from_numpy(log_probs) - ref.log_probs).abs()[valid].max().item() < 1e-4
+    assert (torch.from_numpy(lid) - ref.lid_logits).abs().max().item() < 1e-4
+    bound = run_attention_bound(conformer_run[0], batch=2, frames=200, repeats=1)  # feeds lang_ids itself
+    assert bound["attention_ops"]["attention removed"] == 0 and bound["ms"]["onnxruntime fused attention int8"] > 0
