@@ -33,7 +33,7 @@ from pipeline.engine.trainer import make_optimizer, train_step
 from pipeline.layout import hidden_file, split_manifest
 from pipeline.report.report import hidden_references, pl_quality
 from pipeline.stages.label import run_label
-from pipeline.studies.common import child_json
+from pipeline.studies.common import child_json, mark
 from storage.files import exists, join
 from storage.manifest import read_manifest, write_manifest
 from storage.pl import LabelStore, load_pseudo_labels
@@ -298,9 +298,6 @@ def run_lm_label_bench(corpus_dir: str, teacher_url: str) -> dict[str, Any]:
 
 def format_lm_label_bench(b: dict[str, Any]) -> str:
     """Markdown of `run_lm_label_bench`, each ratio beside the issue's target."""
-    def mark(ok: bool) -> str:
-        return "met" if ok else "**missed**"
-
     greedy, lm = b["runs"]["greedy"], b["runs"]["lm"]
     lines = [f"LM-fused against greedy labeling, same teacher ({b['teacher']}); {b['cpu']}, {b['threads']} threads; "
              f"LM build + dev tuning {b['prepare_s']:.0f} s (once per LM and teacher)", "",
@@ -341,9 +338,6 @@ def label_teacher(corpus_dir: str, teacher: str | None, default_teacher: str, tm
 
 def format_label_bench(b: dict[str, Any]) -> str:
     """Markdown of `run_label_bench`, each figure beside its target."""
-    def mark(ok: bool) -> str:
-        return "met" if ok else "**missed**"
-
     lines = [
         f"Labeling on {b['utterances']} clips, {b['audio_s']:.0f} s of audio; {b['cpu']}, {b['threads']} threads, "
         f"{b['precision']}; teacher {b['teacher']}",

@@ -16,6 +16,11 @@ from storage.files import atomic_write_bytes, atomic_write_text, exists, join, r
 from storage.manifest import read_manifest
 
 
+def mark(ok: bool) -> str:
+    """A target's verdict in a results table: met, or missed in bold."""
+    return "met" if ok else "**missed**"
+
+
 def child_json(script: str, *args: str) -> dict[str, Any]:
     """Run a Python script in a fresh process (its own peak RSS) and return the JSON of its last output line."""
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)

@@ -19,6 +19,7 @@ from pipeline.engine.model import load_trained
 from pipeline.layout import hidden_file, split_manifest
 from pipeline.report.report import hidden_references, pl_quality
 from pipeline.stages.label import run_label
+from pipeline.studies.common import mark
 from storage.files import exists, join, read_text
 from storage.pl import LabelStore, load_pseudo_labels
 
@@ -106,9 +107,6 @@ def run_engine_bench(corpus_dir: str, teacher_url: str, repeats: int = 2) -> dic
 
 def format_engine_bench(b: dict[str, Any]) -> str:
     """Markdown of `run_engine_bench`, each ratio beside the issue's target."""
-    def mark(ok: bool) -> str:
-        return "met" if ok else "**missed**"
-
     e = b["engines"]
     torch_rate, torch_cer = e["torch"]["audio_s_per_s"], e["torch"]["avg_pl_cer"]
     peak_kind = {"torch": f"{b['torch_precision']} matmul", "torch fp32": "fp32 matmul",
@@ -272,9 +270,6 @@ def run_export_bench(corpus_dir: str, checkpoint: str, split: str = "test") -> d
 
 def format_export_bench(b: dict[str, Any]) -> str:
     """Markdown of `run_export_bench`, each difference beside the issue's target."""
-    def mark(ok: bool) -> str:
-        return "met" if ok else "**missed**"
-
     langs = [k for k in b["cer"]["torch"] if k != "avg"]
     # path → (what it is compared with, the issue's tolerance in CER points)
     targets = {"onnxruntime fp32": ("torch", 0.1), "onnxruntime int8": ("onnxruntime fp32", 1.0),
