@@ -121,15 +121,20 @@ def cmd_datasize(args: argparse.Namespace) -> int:
 
     study = DataSizeStudy(args.corpus_dir, args.run_dir, args.out, recipe=args.recipe,
                           ratios=tuple(args.ratio or (1.0, 3.0)))
+    command = args.results_command or "mlpl datasize"
     try:
         build_report(args.run_dir)  # the study branches off a finished recipe run
-        run_datasize_study(study, args.levers, args.only)
+
+        def publish() -> None:  # after each part: a study of many hours shows what it has measured so far
+            if args.results:
+                publish_datasize(study, args.results, command, cpu_name())
+
+        run_datasize_study(study, args.levers, args.only, on_saved=publish)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}; the study branches off a finished recipe run: run it first (make reproduce)",
               file=sys.stderr)
         return 2
-    return _published(publish_datasize(study, args.results, args.results_command or "mlpl datasize", cpu_name()),
-                      args.results, SECTION)
+    return _published(publish_datasize(study, args.results, command, cpu_name()), args.results, SECTION)
 
 
 def add_serving(sub: Subparsers) -> None:

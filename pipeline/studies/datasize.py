@@ -23,6 +23,7 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,12 +191,19 @@ def pl_quality_ratio(study: DataSizeStudy) -> dict[str, dict[str, float]]:
     return {lang: {"lm": lm[lang]["cer"], "greedy": gr[lang]["cer"]} for lang in sorted(lm) if lang in gr}
 
 
-def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[str] | None = None) -> dict[str, Any]:
-    """Train (or reuse) the data sizes with the half-budget base, or the levers, and the controls of paths the
-    recipe run lacks; save the record after each and return it."""
+def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[str] | None = None,
+                       on_saved: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train (or reuse) the data sizes with the half-budget base, or the levers, then the controls of paths the
+    recipe run lacks (every variant first: a control as long as a doubled budget takes hours); save the record
+    after each part, call `on_saved` (the CLI publishes the results section there) and return it."""
     url = join(study.out_dir, "datasize.json")
     record: dict[str, Any] = read_json(url) if exists(url) else {"variants": {}, "controls": {}}
     walls = record.setdefault("wall_s", {})
+
+    def save() -> None:
+        write_json(url, record)
+        if on_saved is not None:
+            on_saved()
 
     def timed(name: str, fn, *args) -> Any:
         # A part reused from an earlier run of the study keeps the time it took when it trained.
@@ -206,23 +214,23 @@ def run_datasize_study(study: DataSizeStudy, levers: bool = False, only: list[st
 
     if not levers:
         record["half_base"] = timed("base at N/2", half_base, study)
-        write_json(url, record)
-    for variant in study.variants(levers):
-        if only and variant.name not in only:
-            continue
+        save()
+    chosen = [v for v in study.variants(levers) if not only or v.name in only]
+    for variant in chosen:
         record["variants"][variant.name] = timed(variant.name, run_variant, study, variant)
-        path = record["variants"][variant.name]["path"]
+        save()
+    for path in dict.fromkeys(record["variants"][v.name]["path"] for v in chosen):
         if str(path) not in record["controls"]:
             record["controls"][str(path)] = timed(f"control {path}", control, study, path)
-        write_json(url, record)
+            save()
     if not levers:
         check = convergence(build_report(study.run_dir))
         if check is not None and not check["holds"]:  # the rule's next doubling: the base's config at 4 N
             n4 = 4 * study.config().supervised_config().max_updates
             record["controls"][str(n4)] = timed("base at 4N", control, study, n4)
-            write_json(url, record)
+            save()
     record["pl_quality"] = pl_quality_ratio(study)
-    write_json(url, record)
+    save()
     return record
 
 

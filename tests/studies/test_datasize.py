@@ -42,7 +42,15 @@ def test_students_read_nested_pl_shares_and_each_path_gets_its_control(smoke_cor
     run, overrides = finished_run
     study = DataSizeStudy(smoke_corpus, run, str(tmp_path / "study"), recipe="demo", ratios=(0.5, 2.0),
                           overrides=overrides)
-    record = run_datasize_study(study)
+    saved = []  # how many variants and controls the record on disk holds each time a part is saved
+
+    def on_saved() -> None:
+        on_disk = json.loads((tmp_path / "study/datasize.json").read_text())
+        saved.append((len(on_disk["variants"]), len(on_disk["controls"])))
+
+    record = run_datasize_study(study, on_saved=on_saved)
+    # the base at N/2, then every variant before any control (a doubled budget's control takes hours), each saved
+    assert saved[:4] == [(0, 0), (1, 0), (2, 0), (2, 1)], saved
     small, large = record["variants"]["pl0p5x"], record["variants"]["pl2x"]
     # Each reads at most its share of every language's PL hours, the smaller share inside the larger one.
     per_language_s = 3600 * study.reference_hours()
