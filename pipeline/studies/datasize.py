@@ -276,7 +276,8 @@ def _convergence_lines(rows: dict[str, Any], record: dict[str, Any]) -> list[str
     longer = {r["updates"]: (f"{r['updates'] / n:.2f} N (the recipe's control)", r["dev_cer"])
               for r in rows["report"]["rows"] if r["kind"] == "control" and r["updates"] >= 2 * n}
     for u, c in record.get("controls", {}).items():
-        longer.setdefault(int(u), (f"{int(u) / n:.2f} N (this study)", c["dev_cer"]))
+        if int(u) % n == 0 and (int(u) // n) & (int(u) // n - 1) == 0:  # a doubling of N; a lever's control is not
+            longer.setdefault(int(u), (f"{int(u) / n:.2f} N (this study)", c["dev_cer"]))
     steps += [(what, u, cer) for u, (what, cer) in sorted(longer.items())]
     for i, (what, updates, cer) in enumerate(steps):
         shown = "—" if cer is None else f"{cer:.2f}"

@@ -93,9 +93,11 @@ def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two
     assert "**Not converged at any budget measured**: the last doubling (4000 → 8000 updates) still gains 8.2 %." \
            in text
     # The study's 4 N run gains 1.5 % over 2 N: the rule picks 2 N (8000), not the base's N.
-    record = half | {"controls": {"16000": {"updates": 16000, "dev_cer": 20.21}}}
+    # A lever's control (a path of 11950 updates) is not a doubling of N and stays out of the sequence.
+    record = half | {"controls": {"16000": {"updates": 16000, "dev_cer": 20.21},
+                                  "11950": {"updates": 11950, "dev_cer": 19.0}}}
     text = "\n".join(_convergence_lines(rows, record))
-    assert "| 4.00 N (this study) | 16000 | 20.21 | -1.5 % |" in text
+    assert "| 4.00 N (this study) | 16000 | 20.21 | -1.5 % |" in text and "11950" not in text
     assert "The rule picks 8000 updates: doubling it gains 1.5 %." in text
     # Without a doubling there is nothing to check.
     text = "\n".join(_convergence_lines({"base": report["rows"][0], "report": {"rows": report["rows"][:1]}}, {}))
