@@ -8,6 +8,7 @@ import contextlib
 import math
 import platform
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -72,18 +73,23 @@ def cpu_name() -> str:
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
+def best_seconds(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
+    """The fastest of `repeats` calls of `fn` after one untimed warm-up, synchronized with the device."""
+    fn()
+    synchronize(device)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def gemm_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1536, repeats: int = 5,
                     device: torch.device | str = "cpu") -> float:
     """This machine's matmul FLOP/s at a dtype on a device (the CPU with torch's current threads): best of
     `repeats` n×n×n products."""
     device = torch.device(device)
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up
-    synchronize(device)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: torch.matmul(a, b), repeats, device)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.config import LabelConfig, label_tiny
-from pipeline.engine.device import cpu_name, gemm_peak_flops, precision_used
+from pipeline.engine.device import best_seconds, cpu_name, gemm_peak_flops, precision_used
 from pipeline.engine.model import load_trained
 from pipeline.layout import hidden_file, split_manifest
 from pipeline.report.report import hidden_references, pl_quality
@@ -44,13 +44,7 @@ def ort_int8_gemm_peak(n: int = 1536, repeats: int = 5) -> float:
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {"a": rng.integers(0, 255, (n, n), dtype=np.uint8), "b": rng.integers(-127, 127, (n, n), dtype=np.int8)}
-    session.run(None, feeds)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, feeds)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: session.run(None, feeds), repeats)
 
 
 def _timed_label(cfg: LabelConfig, root: str) -> dict[str, float]:
@@ -152,20 +146,11 @@ def run_attention_bound(teacher_url: str, batch: int = 8, frames: int = 2600, re
     # A language-conditioned teacher takes its language ids too: unknown here, as for unlabeled audio.
     lang_ids = torch.full((batch,), -1) if trained.model.language_embedding is not None else None
 
-    def best_ms(forward) -> float:
-        forward()  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - t0)
-        return 1000 * min(times)
-
     ms: dict[str, float] = {}
     with torch.no_grad():
         for precision in ("fp32", "bf16") if precision_used(True) == "bf16" else ("fp32",):
             with autocast(precision == "bf16"):
-                ms[f"torch {precision}"] = best_ms(lambda: model(feats, lens, lang_ids))
+                ms[f"torch {precision}"] = 1000 * best_seconds(lambda: model(feats, lens, lang_ids), repeats)
     graphs = {"standard ops": to_onnx(trained, normalize_features=False),
               "fused attention": to_onnx(trained, normalize_features=False, fused_attention=True)}
     with onnx_runtime_attention(model, _no_attention):
@@ -179,7 +164,8 @@ def run_attention_bound(teacher_url: str, batch: int = 8, frames: int = 2600, re
         fp32 = graph.SerializeToString()
         for precision, data in (("fp32", fp32), ("int8", int8_bytes(fp32))):
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-            ms[f"onnxruntime {name} {precision}"] = best_ms(lambda s=session: s.run(None, feeds))
+            ms[f"onnxruntime {name} {precision}"] = 1000 * best_seconds(lambda s=session: s.run(None, feeds),
+                                                                         repeats)
     attention_ops = {name: sum(n.op_type in ("Softmax", "MultiHeadAttention") for n in graph.graph.node)
                      for name, graph in graphs.items()}
     return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "batch": batch, "frames": frames,
