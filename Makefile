@@ -75,8 +75,9 @@ reproduce: $(STAMP)
 # Does more PL audio pay? From-scratch students at 1x and 3x a high-resource language's labeled hours of PLs (10x is
 # make reproduce's own) and the base's budget at N/2 (and at 4 N when 2 N still gains), branched off make
 # reproduce's finished run (run that first);
-# `make levers`: the same student with the natural PL share, twice its budget (against a control as long) and greedy
-# PLs. Both write docs/results.md ("Does more PL audio pay?") after each part (every student before any control).
+# `make levers`: the same student with the natural PL share, twice its budget (against a control as long), greedy
+# PLs, and the larger student with twice its budget (≈ 2 h alone). Both write docs/results.md ("Does more PL audio
+# pay?") after each part (every student before any control).
 datasize levers: $(STAMP)
 	@test -f runs/bench/report/report.json || (echo "runs/bench has no finished recipe: run make reproduce first" >&2; exit 2)
 	@mkdir -p runs/bench-datasize

@@ -106,7 +106,7 @@ def add_datasize(sub: Subparsers) -> None:
                     help="a PL amount to train at, in high-resource labeled hours (repeatable; default 1 and 3)")
     ds.add_argument("--levers", action="store_true",
                     help="the from-scratch student's levers instead (natural PL share, twice the budget against a "
-                         "control as long, greedy PLs)")
+                         "control as long, greedy PLs, the larger student with twice its budget)")
     ds.add_argument("--only", action="append", metavar="NAME", help="run only these variants (repeatable)")
     results_arguments(ds, "the section")
     ds.set_defaults(func=cmd_datasize)

@@ -62,13 +62,15 @@ PLOT = "results_datasize.png"
 @dataclass(frozen=True)
 class Variant:
     """One from-scratch student of the study: its name, what it changes, its student config fields, its PL corpus
-    ("recipe" or "greedy") and the PL ratio it reads (None: every PL)."""
+    ("recipe" or "greedy"), the PL ratio it reads (None: every PL) and the recipe's student it changes (the one at
+    the teacher's size, or the larger one)."""
 
     name: str
     what: str
     fields: dict[str, Any] = field(default_factory=dict)
     labels: str = "recipe"
     ratio: float | None = None
+    mode: str = "from_scratch"
 
 
 @dataclass
@@ -94,20 +96,25 @@ class DataSizeStudy:
         return sum(high) / len(high)
 
     def variants(self, levers: bool = False) -> list[Variant]:
-        """The data sizes, or the levers (`make datasize` and `make levers`: each fits in 2 h on 2 cores)."""
+        """The data sizes, or the levers (`make datasize` and `make levers`; each part but the larger student with
+        twice its budget, ≈ 2.3 h alone, fits in 2 h on 2 cores)."""
         if not levers:
             return [Variant(f"pl{r:g}x".replace(".", "p"),  # a folder name: 0.5 → pl0p5x
                             f"{r:g}× a high-resource language's labeled hours of PL audio per language",
                             {"pl_max_hours_per_language": r * self.reference_hours()}, ratio=r) for r in self.ratios]
         cfg = self.config()
         student, share = cfg.student_config("from_scratch"), cfg.student_pl_share
+        doubled = {"max_updates": 2 * student.max_updates, "eval_every": 2 * student.eval_every}
         return [
             Variant("pl-natural", f"PL share of updates {share} → natural (each source's share of audio seconds, "
                                   "the paper's pooling)", {"source_weights": None}),
-            Variant("budget2x", f"own budget {student.max_updates} → {2 * student.max_updates} updates",
-                    {"max_updates": 2 * student.max_updates, "eval_every": 2 * student.eval_every}),
+            Variant("budget2x", f"own budget {student.max_updates} → {2 * student.max_updates} updates", doubled),
             Variant("greedy-pls", "PLs by greedy CTC instead of LM-fused beam search (same teachers)",
                     labels="greedy"),
+            # The paper's larger student (doubled width) under-trains at the teacher's budget more than the one at
+            # its size does: measured at the budget that made that one pay.
+            Variant("large-budget2x", f"the larger student (doubled width), own budget {student.max_updates} → "
+                                      f"{2 * student.max_updates} updates", doubled, mode="from_scratch_large"),
         ]
 
     def test_sets(self) -> dict[str, str]:
@@ -134,13 +141,13 @@ def greedy_labels(study: DataSizeStudy) -> str:
 
 
 def student_configs(study: DataSizeStudy, variant: Variant, labels_root: str) -> tuple[StudentConfig, StudentConfig]:
-    """A variant's student (the recipe's from-scratch one, changed) and its labeled-only fine-tune."""
+    """A variant's student (the recipe's from-scratch one it names, changed) and its labeled-only fine-tune."""
     cfg = study.config()
-    student = StudentConfig(**cfg.student_config("from_scratch").model_dump() | variant.fields | {
+    student = StudentConfig(**cfg.student_config(variant.mode).model_dump() | variant.fields | {
         "variant": variant.name, "labels_root": labels_root,
         "init_checkpoint": RunLayout(study.run_dir).supervised.best})
     best = RunLayout(study.out_dir).student(variant.name).best
-    ft = cfg.labeled_finetune_config("from_scratch", best).model_copy(
+    ft = cfg.labeled_finetune_config(variant.mode, best).model_copy(
         update={"variant": StudentVariant(variant.name, labeled_ft=True).folder})
     return student, ft
 
@@ -313,9 +320,10 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
     walls = ", ".join(f"{k} {v / 60:.1f} min" for k, v in record.get("wall_s", {}).items())
     lines = [f"Commands: `make datasize` (the data sizes and the base at N/2) and `make levers` (the levers); this "
              f"section last written by `{command}` on {machine}, 2 cores. Branched off `{study.run_dir}` (its base, "
-             f"teachers, PLs and control); every student is the recipe's from-scratch one at the teacher's size, "
-             f"followed by its labeled-only fine-tune (the one with the lower dev CER reports). CER % averaged over "
-             f"{', '.join(rows['languages'])}. Wall time of each part: {walls or '—'}.", "",
+             f"teachers, PLs and control); every student is the recipe's from-scratch one at the teacher's size "
+             f"(large-budget2x: its larger one), followed by its labeled-only fine-tune (the one with the lower dev "
+             f"CER reports). CER % averaged over {', '.join(rows['languages'])}. Wall time of each part: "
+             f"{walls or '—'}.", "",
              "### The base's budget", "",
              *_convergence_lines(rows, record), "", "### PL audio: 0× to the corpus's all", "", header,
              "|---|---:|---:|" + "---:|---:|---:|" * len(sets)]

@@ -102,3 +102,19 @@ def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two
     # Without a doubling there is nothing to check.
     text = "\n".join(_convergence_lines({"base": report["rows"][0], "report": {"rows": report["rows"][:1]}}, {}))
     assert "No doubling of the base's budget measured" in text
+
+
+def test_the_larger_students_lever_doubles_its_budget_and_keeps_its_width(smoke_corpus, tmp_path):
+    from pipeline.studies.datasize import student_configs
+
+    study = DataSizeStudy(smoke_corpus, str(tmp_path / "run"), str(tmp_path / "study"), recipe="demo")
+    cfg, levers = study.config(), {v.name: v for v in study.variants(levers=True)}
+    at_size, large = cfg.student_config("from_scratch"), cfg.student_config("from_scratch_large")
+    student, ft = student_configs(study, levers["large-budget2x"], "labels")
+    # The recipe's larger student (doubled width), with twice its own budget, then its labeled-only fine-tune.
+    assert student.model == large.model != at_size.model
+    assert student.max_updates == 2 * large.max_updates and ft.labeled_only
+    assert (student.stage_name(), ft.stage_name()) == ("student/large-budget2x", "student/large-budget2x-labeled-ft")
+    # budget2x is the student at the teacher's size with the same doubled budget.
+    same_size, _ = student_configs(study, levers["budget2x"], "labels")
+    assert same_size.model == at_size.model and same_size.max_updates == student.max_updates
