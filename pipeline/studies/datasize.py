@@ -96,8 +96,8 @@ class DataSizeStudy:
         return sum(high) / len(high)
 
     def variants(self, levers: bool = False) -> list[Variant]:
-        """The data sizes, or the levers (`make datasize` and `make levers`; each part but the larger student with
-        twice its budget, ≈ 2.3 h alone, fits in 2 h on 2 cores)."""
+        """The data sizes, or the levers (`make datasize` and `make levers`; on 2 cores each part takes at most
+        about 2 h, the larger student with twice its budget the longest)."""
         if not levers:
             return [Variant(f"pl{r:g}x".replace(".", "p"),  # a folder name: 0.5 → pl0p5x
                             f"{r:g}× a high-resource language's labeled hours of PL audio per language",
