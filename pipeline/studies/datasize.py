@@ -103,18 +103,23 @@ class DataSizeStudy:
                             f"{r:g}× a high-resource language's labeled hours of PL audio per language",
                             {"pl_max_hours_per_language": r * self.reference_hours()}, ratio=r) for r in self.ratios]
         cfg = self.config()
-        student, share = cfg.student_config("from_scratch"), cfg.student_pl_share
-        doubled = {"max_updates": 2 * student.max_updates, "eval_every": 2 * student.eval_every}
+
+        def doubled(mode: str) -> tuple[str, dict[str, Any]]:  # a student's own budget (and eval cadence) ×2
+            own = cfg.student_config(mode)
+            return (f"own budget {own.max_updates} → {2 * own.max_updates} updates",
+                    {"max_updates": 2 * own.max_updates, "eval_every": 2 * own.eval_every})
+
+        large_what, large_fields = doubled("from_scratch_large")
         return [
-            Variant("pl-natural", f"PL share of updates {share} → natural (each source's share of audio seconds, "
-                                  "the paper's pooling)", {"source_weights": None}),
-            Variant("budget2x", f"own budget {student.max_updates} → {2 * student.max_updates} updates", doubled),
+            Variant("pl-natural", f"PL share of updates {cfg.student_pl_share} → natural (each source's share of "
+                                  "audio seconds, the paper's pooling)", {"source_weights": None}),
+            Variant("budget2x", *doubled("from_scratch")),
             Variant("greedy-pls", "PLs by greedy CTC instead of LM-fused beam search (same teachers)",
                     labels="greedy"),
             # The paper's larger student (doubled width) under-trains at the teacher's budget more than the one at
             # its size does: measured at the budget that made that one pay.
-            Variant("large-budget2x", f"the larger student (doubled width), own budget {student.max_updates} → "
-                                      f"{2 * student.max_updates} updates", doubled, mode="from_scratch_large"),
+            Variant("large-budget2x", f"the larger student (doubled width), {large_what}", large_fields,
+                    mode="from_scratch_large"),
         ]
 
     def test_sets(self) -> dict[str, str]:

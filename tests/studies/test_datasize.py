@@ -104,12 +104,15 @@ def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two
     assert "No doubling of the base's budget measured" in text
 
 
-def test_the_larger_students_lever_doubles_its_budget_and_keeps_its_width(smoke_corpus, tmp_path):
+def test_the_larger_students_lever_doubles_its_own_budget_and_keeps_its_width(smoke_corpus, tmp_path):
     from pipeline.studies.datasize import student_configs
 
-    study = DataSizeStudy(smoke_corpus, str(tmp_path / "run"), str(tmp_path / "study"), recipe="demo")
+    # The two students' own budgets differ, so each lever doubles its own.
+    study = DataSizeStudy(smoke_corpus, str(tmp_path / "run"), str(tmp_path / "study"), recipe="demo",
+                          overrides={"student_by_mode": {"from_scratch_large": {"max_updates": 6}}})
     cfg, levers = study.config(), {v.name: v for v in study.variants(levers=True)}
     at_size, large = cfg.student_config("from_scratch"), cfg.student_config("from_scratch_large")
+    assert large.max_updates == 6 != at_size.max_updates
     student, ft = student_configs(study, levers["large-budget2x"], "labels")
     # The recipe's larger student (doubled width), with twice its own budget, then its labeled-only fine-tune.
     assert student.model == large.model != at_size.model
@@ -117,4 +120,4 @@ def test_the_larger_students_lever_doubles_its_budget_and_keeps_its_width(smoke_
     assert (student.stage_name(), ft.stage_name()) == ("student/large-budget2x", "student/large-budget2x-labeled-ft")
     # budget2x is the student at the teacher's size with the same doubled budget.
     same_size, _ = student_configs(study, levers["budget2x"], "labels")
-    assert same_size.model == at_size.model and same_size.max_updates == student.max_updates
+    assert same_size.model == at_size.model and same_size.max_updates == 2 * at_size.max_updates
