@@ -28,7 +28,7 @@ from flows.report import report_task
 from flows.train import train_flow
 from pipeline.config import RecipeConfig, TrainingConfig
 from pipeline.config.decoding import BeamDecoderConfig
-from pipeline.data.rows import read_utterances
+from pipeline.data.rows import read_utterances, write_labeled_share
 from pipeline.layout import RunLayout, teachers_for_run
 from pipeline.report.report import write_recipe_record
 from pipeline.stages.control import best_student
@@ -185,6 +185,11 @@ def _recipe(cfg: RecipeConfig) -> dict:
         logger.info("%s finished in %.0f s", name, walls[name])
         return out
 
+    share = None
+    if cfg.labeled_fraction < 1.0:
+        share = write_labeled_share(cfg.labeled_manifest, cfg.training_labeled_manifest, cfg.labeled_fraction)
+        logger.info("labeled data budget %g: %s", cfg.labeled_fraction,
+                    ", ".join(f"{lang} {c['kept']} of {c['of']} rows" for lang, c in share["languages"].items()))
     stages["supervised"] = _stage(timed("supervised", supervised_step, cfg))
     for lang in languages_with_unlabeled(cfg, RunLayout(cfg.run_dir).languages()):
         out = timed(f"finetune+slimipl {lang}", language_step, cfg, lang)
@@ -208,7 +213,8 @@ def _recipe(cfg: RecipeConfig) -> dict:
         stages[name] = _stage(out)
     report = timed("report", report_task, cfg.run_dir)
     result = {"run_dir": cfg.run_dir, "stages": stages, "wall_s": walls, "report": report,
-              "labels": {k: labels[k] for k in ("root", "summary", "units_labeled", "units_skipped", "wall_s")}}
+              "labels": {k: labels[k] for k in ("root", "summary", "units_labeled", "units_skipped", "wall_s")},
+              "labeled_share": share}
     write_recipe_record(cfg.run_dir, result)
     create_markdown_artifact(markdown=summary_markdown(result), key="recipe-summary",
                              description=f"checkpoints, shards and wall times of {cfg.run_dir}")

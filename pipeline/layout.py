@@ -198,6 +198,11 @@ class RunLayout:
         return self.stage(f"student/{variant}")
 
     @property
+    def labeled_subset(self) -> str:
+        """The run's labeled manifest when the recipe trains on a share of the labeled rows (`labeled_fraction`)."""
+        return join(self.run_dir, "manifests", "labeled.jsonl")
+
+    @property
     def labels(self) -> str:
         """The PL corpus of the run (step 4)."""
         return join(self.run_dir, "labels")

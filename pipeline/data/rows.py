@@ -6,6 +6,9 @@ Validation happens where a manifest enters, without touching audio: every row is
 
 from __future__ import annotations
 
+import math
+import posixpath
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +16,8 @@ from typing import Any
 from pipeline.config import normalize_language
 from pipeline.data.audio import split_span, with_span
 from pipeline.data.tokenizer import prepare_text
-from storage.manifest import read_manifest
+from storage.files import is_local, relative_to
+from storage.manifest import read_manifest, write_manifest
 
 ProgressFn = Callable[[int, int, str], None]  # on_progress(done, total, description) of every long loop
 
@@ -156,3 +160,40 @@ def read_utterances(
         utts = [u for u in utts if u.language == language]
         rejects = rejects_for_language(rejects, language, languages)
     return utts, rejects
+
+
+def labeled_share(rows: list[dict[str, Any]], fraction: float) -> tuple[list[dict[str, Any]], dict[str, dict]]:
+    """The first ⌈fraction · n⌉ of each language's n rows, in manifest order (the clips a synthetic corpus built
+    with that many labeled clips holds), and {language: {"kept", "of"}}. Rows without a usable language stay: the
+    stages reject them with the reason."""
+    def key(row: dict[str, Any]) -> str | None:
+        lang = row.get("language")
+        return normalize_language(lang) if isinstance(lang, str) else None
+
+    counts = Counter(k for k in map(key, rows) if k is not None)
+    # round(): 150 / 3 in floats may land a hair above 50, and ceil would keep 51.
+    keep = {lang: math.ceil(round(fraction * n, 9)) for lang, n in counts.items()}
+    seen: Counter[str] = Counter()
+    out = []
+    for row in rows:
+        lang = key(row)
+        if lang is None or seen[lang] < keep[lang]:
+            out.append(row)
+        if lang is not None:
+            seen[lang] += 1
+    return out, {lang: {"kept": keep[lang], "of": n} for lang, n in sorted(counts.items())}
+
+
+def write_labeled_share(source_url: str, dest_url: str, fraction: float) -> dict[str, Any]:
+    """Write `labeled_share` of a labeled manifest to `dest_url`, its rows still pointing at the source's audio
+    (relative where both are local, so the run folder moves with the corpus beside it); what was kept, and the
+    source's unreadable lines, which no stage will see."""
+    rows, line_rejects = read_manifest(source_url)
+    kept, counts = labeled_share(rows, fraction)
+    if is_local(dest_url):
+        folder = posixpath.dirname(dest_url.removeprefix("file://"))
+        kept = [r | {"audio": relative_to(r["audio"], folder)} if isinstance(r.get("audio"), str)
+                and is_local(r["audio"]) else r for r in kept]
+    write_manifest(dest_url, kept)
+    return {"source": source_url, "manifest": dest_url, "fraction": fraction, "languages": counts,
+            "unreadable_source_lines": line_rejects}

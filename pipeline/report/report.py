@@ -552,6 +552,15 @@ STUDY_SECTIONS = ("Does more PL audio pay?", "Ablations", "Capacity study", "Ser
                   "Serving-size students: the final student")
 
 
+def labeled_share_line(share: dict[str, Any] | None) -> str:
+    """The results page's sentence on the labeled data budget (`labeled_fraction`); empty when every row trains."""
+    if not share:
+        return ""
+    kept = ", ".join(f"{lang} {c['kept']} of {c['of']}" for lang, c in share["languages"].items())
+    return (f" Labeled data budget: the first {share['fraction']:.3g} of each language's labeled clips ({kept}), "
+            "every stage, LM and control trained on them.")
+
+
 def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str, machine: str,
                   roles: dict[str, str], reference_manifest: str | None = None) -> str:
     """The results page of a recipe run (table, plot beside it, orderings, targets, PL quality, wall times,
@@ -578,7 +587,7 @@ def write_results(path: str, out: dict[str, Any], *, wall_s: float, command: str
         f"# Results: the whole recipe on the `{out.get('corpus', {}).get('name', 'bench')}` corpus\n\n"
         f"Command: `{command}` — {wall_s / 60:.1f} min on {machine}, 2 cores"
         f"{f' (+ {sum(reused.values()) / 60:.1f} min of reused stages, below)' if reused else ''}. "
-        f"Run directory `{out['run_dir']}`.\n\n"
+        f"Run directory `{out['run_dir']}`.{labeled_share_line(out.get('labeled_share'))}\n\n"
         f"## Test CER (paper Tables 2-3 layout)\n\n{report['markdown']}\n"
         f"## Do the paper's orderings hold?\n\n{orderings_markdown(checks)}\n"
         f"## Did self-training pay?\n\nEvery target is measured against the better of the converged base and the "

@@ -90,7 +90,7 @@ class DataSizeStudy:
 
     def reference_hours(self) -> float:
         """Labeled hours of a high-resource language (their mean): the unit of a PL ratio."""
-        hours = labeled_hours(self.config().labeled_manifest)
+        hours = labeled_hours(self.config().training_labeled_manifest)
         roles = {lang: v["role"] for lang, v in read_card(self.corpus_dir)["languages"].items()}
         high = [h for lang, h in hours.items() if roles.get(lang) == "high"] or list(hours.values())
         return sum(high) / len(high)

@@ -129,7 +129,9 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
                  "serving_prune": ["pathways"], "serving_bits": [1],
                  "prune": quick | {"round_updates": 1, "sparsity": 0.5}, "quantize": quick,
                  # models of a few updates may label clips empty: keep every PL so that each round has some
-                 "labeling_filter": {"min_tokens": 0}, "student_pl_filter": {"min_tokens": 0}}
+                 "labeling_filter": {"min_tokens": 0}, "student_pl_filter": {"min_tokens": 0},
+                 # A labeled data budget: every stage trains on half of each language's labeled clips.
+                 "labeled_fraction": 0.5}
     with prefect_test_harness(server_startup_timeout=120):
         out = demo_flow(corpus_dir=str(tmp_path / "corpus"), run_dir=str(tmp_path / "run"), corpus="smoke",
                         overrides=overrides)
@@ -149,6 +151,13 @@ def test_the_recipe_flow_runs_every_stage_under_prefect(tmp_path):
     assert {row["language"] for row in table} >= {"es", "el", "sl"}
     # Stages hand on small records: URIs, updates, wall times, metrics.
     stages = out["stages"]
+    # The labeled budget: the run's share of the labeled clips is what every training stage read.
+    assert out["labeled_share"]["languages"] == {"el": {"kept": 20, "of": 40}, "es": {"kept": 20, "of": 40},
+                                                 "sl": {"kept": 6, "of": 12}}
+    share = str(tmp_path / "run/manifests/labeled.jsonl")
+    for name in ("supervised", "finetune/sl", "slimipl/sl", "student/from_scratch", "student/finetune-labeled-ft"):
+        assert json.loads((tmp_path / "run" / name / "config.json").read_text())["train_manifest"] == share, name
+    assert json.loads((tmp_path / "run/supervised/result.json").read_text())["num_train_utterances"] == 46
     students = [f"student/{mode}{r}{ft}" for r in ("", "-round2") for mode in ("finetune", "from_scratch",
                                                                               "from_scratch_large")
                 for ft in ("", "-labeled-ft")]

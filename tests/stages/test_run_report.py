@@ -230,3 +230,9 @@ def test_the_results_page_says_what_a_rerun_reused_and_keeps_the_studies_written
     assert text.endswith("## Ablations\n\n| ablation | ... |\n\n## Capacity study\n\n### a. depth\n\ncap\n\n"
                          "## Serving-size students\n\nserve\n") and "old page" not in text
     assert (tmp_path / "docs/results_dev_cer.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Labeled data budget" not in text  # every labeled clip trained
+    share = {"fraction": 1 / 3, "languages": {"es": {"kept": 50, "of": 150}, "sl": {"kept": 10, "of": 30}}}
+    text = write_results(str(page), out | {"labeled_share": share}, wall_s=301.0, command="make reproduce",
+                         machine="cpu", roles={})
+    assert ("Labeled data budget: the first 0.333 of each language's labeled clips (es 50 of 150, sl 10 of 30), "
+            "every stage, LM and control trained on them.") in text

@@ -161,3 +161,27 @@ def test_the_recipe_form_shrinks_the_final_student_with_the_serving_knobs():
         RecipeConfig(**form, serving_bits=[1], student_modes=[])
     with pytest.raises(ValidationError, match="serving_bits"):
         RecipeConfig(**form, serving_bits=[3])
+
+
+def test_a_labeled_data_budget_points_every_training_stage_and_lm_at_the_runs_share():
+    from pipeline.config import RecipeConfig
+
+    form = dict(labeled_manifest="c/l.jsonl", unlabeled_manifest="c/u.jsonl", dev_manifest="c/d.jsonl",
+                preset="tiny", run_dir="r", labeling_lm="char",
+                student_modes=["finetune", "from_scratch", "from_scratch_large"], serving_bits=[4])
+    full, third = RecipeConfig(**form), RecipeConfig(**form, labeled_fraction=1 / 3)
+    assert full.training_labeled_manifest == "c/l.jsonl"
+    assert third.training_labeled_manifest == "r/manifests/labeled.jsonl"
+
+    def train_manifests(cfg):
+        stages = [cfg.supervised_config(), cfg.finetune_config("sl"), cfg.slimipl_config("sl"),
+                  cfg.control_config(10), *cfg.serving_configs("s.pt")]
+        stages += [cfg.student_config(m) for m in cfg.student_modes]
+        stages += [cfg.labeled_finetune_config(m, "s.pt") for m in cfg.student_modes]
+        return {s.train_manifest for s in stages} | {cfg.lm_config("sl", "t.pt").labeled_manifest}
+
+    assert train_manifests(full) == {"c/l.jsonl"} and train_manifests(third) == {"r/manifests/labeled.jsonl"}
+    assert third.slimipl_config("sl").unlabeled_manifest == "c/u.jsonl"  # the unlabeled audio stays whole
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValidationError, match="labeled_fraction"):
+            RecipeConfig(**form, labeled_fraction=bad)

@@ -218,3 +218,47 @@ def test_relative_audio_paths_resolve_against_the_manifest_so_a_corpus_folder_ca
     assert resolve_relative("../audio/x.flac", "s3://bucket/c/manifests/m.jsonl") == "s3://bucket/c/audio/x.flac"
     assert resolve_relative("s3://b/x.flac", "/m/m.jsonl") == "s3://b/x.flac"
     assert resolve_relative("/abs/x.flac", "s3://b/m.jsonl") == "/abs/x.flac"
+
+
+def test_a_labeled_share_keeps_the_first_rows_of_each_language_in_order():
+    from pipeline.data.rows import labeled_share
+
+    rows = ([{"id": f"es{i}", "language": "es"} for i in range(150)] + [{"id": f"sl{i}", "language": "SL"}
+                                                                          for i in range(30)])
+    rows.insert(5, {"id": "nolang"})  # no language: kept, for the stages to reject with the reason
+    kept, counts = labeled_share(rows, 1 / 3)
+    assert counts == {"es": {"kept": 50, "of": 150}, "sl": {"kept": 10, "of": 30}}
+    assert [r["id"] for r in kept] == ([f"es{i}" for i in range(5)] + ["nolang"] + [f"es{i}" for i in range(5, 50)]
+                                       + [f"sl{i}" for i in range(10)])
+    assert len(labeled_share(rows, 0.001)[0]) == 3  # every language keeps at least one row
+    # 0.34 · 150 is a hair over 51 in floats: still 51 rows, not 52
+    assert labeled_share([{"language": "es"}] * 150, 0.34)[1] == {"es": {"kept": 51, "of": 150}}
+    assert labeled_share(rows, 1.0)[0] == rows
+
+
+def test_a_written_labeled_share_points_at_the_corpus_audio_from_the_run_folder(smoke_corpus, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.data.rows import read_utterances, write_labeled_share
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(smoke_corpus, corpus)
+    source = corpus / "manifests/labeled.jsonl"
+    source.write_text(source.read_text() + "{not json\n")
+    monkeypatch.chdir(tmp_path)
+    share = write_labeled_share("corpus/manifests/labeled.jsonl", "run/manifests/labeled.jsonl", 0.5)
+    assert share["languages"] == {"el": {"kept": 20, "of": 40}, "es": {"kept": 20, "of": 40},
+                                  "sl": {"kept": 6, "of": 12}}
+    assert [r["reason"] for r in share["unreadable_source_lines"]] == ["line is not valid JSON (Expecting property "
+                                                                       "name enclosed in double quotes)"]
+    first = json.loads((tmp_path / "run/manifests/labeled.jsonl").read_text().splitlines()[0])
+    assert first["audio"].startswith("../../corpus/audio/labeled/")  # relative: run and corpus move together
+    shutil.move(tmp_path / "run", tmp_path / "moved/run")
+    shutil.move(tmp_path / "corpus", tmp_path / "moved/corpus")
+    utts, rejects = read_utterances("moved/run/manifests/labeled.jsonl", require_text=True, languages=None)
+    assert len(utts) == 46 and not rejects and all(Path(u.audio).exists() for u in utts)
+    everything, _ = read_utterances("moved/corpus/manifests/labeled.jsonl", require_text=True, languages=None)
+    by_lang = {}
+    for u in everything:
+        by_lang.setdefault(u.language, []).append(u.id)
+    assert [u.id for u in utts] == [i for ids in by_lang.values() for i in ids[:len(ids) // 2]]
