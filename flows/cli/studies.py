@@ -103,7 +103,7 @@ def add_datasize(sub: Subparsers) -> None:
     ds.add_argument("--recipe", default="bench", choices=["demo", "bench"], help="that run's recipe preset")
     ds.add_argument("--out", default="runs/bench-datasize", help="where the study's runs go")
     ds.add_argument("--ratio", type=float, action="append", metavar="R",
-                    help="a PL amount to train at, in high-resource labeled hours (repeatable; default 1 and 3)")
+                    help="a PL amount to train at, in high-resource labeled hours (repeatable; default 1, 3 and 10)")
     ds.add_argument("--levers", action="store_true",
                     help="the from-scratch student's levers instead (natural PL share, twice the budget against a "
                          "control as long, greedy PLs, the larger student with twice its budget)")
@@ -120,7 +120,7 @@ def cmd_datasize(args: argparse.Namespace) -> int:
     from pipeline.studies.datasize import SECTION, DataSizeStudy, publish_datasize, run_datasize_study
 
     study = DataSizeStudy(args.corpus_dir, args.run_dir, args.out, recipe=args.recipe,
-                          ratios=tuple(args.ratio or (1.0, 3.0)))
+                          ratios=tuple(args.ratio or (1.0, 3.0, 10.0)))
     command = args.results_command or "mlpl datasize"
     try:
         build_report(args.run_dir)  # the study branches off a finished recipe run

@@ -81,7 +81,7 @@ class DataSizeStudy:
     run_dir: str
     out_dir: str
     recipe: str = "bench"
-    ratios: tuple[float, ...] = (1.0, 3.0)
+    ratios: tuple[float, ...] = (1.0, 3.0, 10.0)
     overrides: dict[str, Any] = field(default_factory=dict)  # fields of the recipe form the run was made with
 
     def config(self) -> RecipeConfig:
