@@ -72,9 +72,9 @@ reproduce: $(STAMP)
 	bash -o pipefail -c '$(BIN)/mlpl recipe --corpus bench --corpus-dir data/bench --run-dir runs/bench \
 		--recipe bench --results docs/results.md --results-command "make reproduce" 2>&1 | tee -a runs/bench/reproduce.log'
 
-# Does more PL audio pay? From-scratch students at 1x and 3x a high-resource language's labeled hours of PLs (10x is
-# make reproduce's own) and the base's budget at N/2 (and at 4 N when 2 N still gains), branched off make
-# reproduce's finished run (run that first);
+# Does more PL audio pay? From-scratch students at 1x, 3x and 10x a high-resource language's labeled hours of PLs
+# (make reproduce's own student has all of them, about 30x) and the base's budget at N/2 (and at 4 N when 2 N still
+# gains), branched off make reproduce's finished run (run that first);
 # `make levers`: the same student with the natural PL share, twice its budget (against a control as long), greedy
 # PLs, and the larger student with twice its budget (≈ 2 h alone). Both write docs/results.md ("Does more PL audio
 # pay?") after each part (every student before any control).

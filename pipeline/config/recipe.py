@@ -374,7 +374,7 @@ def recipe_demo(corpus_dir: str, run_dir: str, **fields: Any) -> RecipeConfig:
 # The bench's labeled data budget: a third of each language's labeled clips (50 of 150, sl 10 of 30). On every
 # labeled clip the base did not converge within any budget measured (2000 → 4000 → 8000 → 16 000 updates gained
 # 10.8 / 8.2 / 9.9 % avg dev CER; docs/results.md, "Does more PL audio pay?"), which the time target cannot pay for;
-# on a third (a probe at stop 43 on every third clip), 1000 → 2000 → 4000 gained 6.2 / 3.7 %, and the unlabeled
+# on a third (a probe at stop 42 on every third clip), 1000 → 2000 → 4000 gained 6.2 / 3.7 %, and the unlabeled
 # audio is ≈ 30× the labeled, nearer the paper's regime. make reproduce's control (8000 updates) is the ×2 check.
 BENCH_LABELED_FRACTION = 1 / 3
 # The bench base's budget, set by the stopping rule: the smallest budget of a doubling sequence whose doubling
