@@ -65,8 +65,8 @@ faults: $(STAMP)
 		--results docs/benchmarks.md --results-command "make faults" 2>&1 | tee runs/faults/faults.log'
 
 # The whole recipe on the bench corpus (six languages, LM-fused labeling, the paper's three students, the
-# same-compute control); writes docs/results.md (1.9 h on a 2-core AVX-512 EPYC from a fresh machine; a rerun
-# resumes where it stopped; the log is runs/bench/reproduce.log).
+# same-compute control); writes docs/results.md (1 h 57 min on a 2-core AVX-512 EPYC from a fresh machine; a
+# rerun resumes where it stopped; the log is runs/bench/reproduce.log).
 reproduce: $(STAMP)
 	@mkdir -p runs/bench
 	bash -o pipefail -c '$(BIN)/mlpl recipe --corpus bench --corpus-dir data/bench --run-dir runs/bench \
