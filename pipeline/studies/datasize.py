@@ -33,10 +33,12 @@ from pipeline.engine.evaluate import has_rows, run_evaluate
 from pipeline.engine.stage_cache import StageResult
 from pipeline.layout import RunLayout, StudentVariant, teachers_for_run
 from pipeline.report.report import (
+    SCRATCH_TARGETS,
     build_report,
     convergence,
     hidden_references,
     mean_over,
+    orderings_markdown,
     pl_quality,
     student_models,
 )
@@ -307,7 +309,8 @@ def _rule_verdict(steps: list[tuple[str, int, float | None]]) -> str:
                  if a[2] is not None and b[2] is not None and b[1] == 2 * a[1]]
     for n, _, gain in doublings:
         if gain < 2.0:
-            return f"The rule picks {n} updates: doubling it gains {gain:.1f} %."
+            how = f"gains {gain:.1f} %" if gain >= 0 else f"makes it {-gain:.1f} % worse"
+            return f"The rule picks {n} updates: doubling it {how}."
     if not doublings:
         return "No doubling of the base's budget measured: the rule is not checked."
     n, doubled, gain = doublings[-1]
@@ -359,12 +362,39 @@ def datasize_markdown(study: DataSizeStudy, record: dict[str, Any], command: str
     levers = [v for v in rows["variants"].values() if v["ratio"] is None]
     if levers:
         lines += [header.replace("PL audio per language", "change"), "|---|---|---:|" + "---:|---:|---:|" * len(sets),
-                  *(row(v["name"], v["what"], v["path"], v["cells"]) for v in levers)]
+                  *(row(v["name"], v["what"], v["path"], v["cells"]) for v in levers), "",
+                  "The recipe's targets on each lever's model (what `Did self-training pay?` checks on the recipe's "
+                  "own students), against the better of the base and the lever's own same-compute control:", "",
+                  orderings_markdown(lever_targets(rows, study.variants(levers=True)), "target").rstrip()]
     else:
         lines.append("Not measured yet: `make levers` trains them.")
     lines += ["", *_pl_lines(record.get("pl_quality") or {})]
     control_cells = rows["controls"].get(study.config().path_updates("from_scratch"), {})
     return "\n".join(lines) + "\n", _plot(points, base_cells["test"], control_cells.get("test"))
+
+
+def lever_targets(rows: dict[str, Any], variants: list[Variant]) -> list[dict[str, Any]]:
+    """The recipe's targets (`SCRATCH_TARGETS`, out of domain) on each lever's model: its margin below the better of
+    the base and the control of its own path (avg test CER), and out of domain the long clips gaining at least as
+    much as the short ones against the base."""
+    modes, base, out = {v.name: v.mode for v in variants}, rows["base_cells"], []
+    for v in rows["variants"].values():
+        if v["ratio"] is not None or base.get("test") is None or v["cells"].get("test") is None:
+            continue
+        ctl = (rows["controls"].get(v["path"]) or {}).get("test")
+        fair, fair_name = min((r for r in ((base["test"], "base"), (ctl, f"control {v['path']}")) if r[0] is not None),
+                              key=lambda r: r[0])
+        share, cer = SCRATCH_TARGETS[modes.get(v["name"], "from_scratch")], v["cells"]["test"]
+        gain = (fair - cer) / fair
+        out.append({"student": v["name"], "check": f"≥ {100 * share:.0f} % below the better of base and its control "
+                                                   f"({fair_name})", "holds": gain >= share,
+                    "detail": f"avg CER {fair:.1f} → {cer:.1f} ({-100 * gain:+.1f} %)"})
+        long_short = [(base.get(t), v["cells"].get(t)) for t in ("ood_long", "ood_short")]
+        if all(a and b is not None for a, b in long_short):
+            (gl, gs) = (100 * (a - b) / a for a, b in long_short)
+            out.append({"student": v["name"], "check": "out of domain, long clips gain at least as much as short",
+                        "holds": gl >= gs, "detail": f"long {gl:+.1f} %, short {gs:+.1f} %"})
+    return out
 
 
 def _grows(points: list[tuple[float, float | None]]) -> str:

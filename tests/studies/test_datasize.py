@@ -78,6 +78,7 @@ def test_students_read_nested_pl_shares_and_each_path_gets_its_control(smoke_cor
     assert (tmp_path / PLOT).read_bytes()[:4] == b"\x89PNG"
     assert "| from scratch, pl0p5x |" in text and "| greedy-pls |" in text and "N/2 (this study)" in text
     assert "PL CER of the corpus" in text and "| same-compute control (14 updates, labeled only) |" in text
+    assert "| greedy-pls | ≥ 10 % below the better of base and its control (" in text  # the levers' targets
 
 
 def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two_percent():
@@ -99,6 +100,10 @@ def test_the_stopping_rule_picks_the_first_budget_whose_doubling_gains_under_two
     text = "\n".join(_convergence_lines(rows, record))
     assert "| 4.00 N (this study) | 16000 | 20.21 | -1.5 % |" in text and "11950" not in text
     assert "The rule picks 8000 updates: doubling it gains 1.5 %." in text
+    # A doubling that makes the dev CER worse (the longer run overfits) stops the sequence there too.
+    worse = {"rows": [report["rows"][0], {"kind": "control", "updates": 8000, "dev_cer": 23.28}]}
+    text = "\n".join(_convergence_lines({"base": report["rows"][0], "report": worse}, half))
+    assert "The rule picks 4000 updates: doubling it makes it 4.1 % worse." in text
     # Without a doubling there is nothing to check.
     text = "\n".join(_convergence_lines({"base": report["rows"][0], "report": {"rows": report["rows"][:1]}}, {}))
     assert "No doubling of the base's budget measured" in text
@@ -121,3 +126,30 @@ def test_the_larger_students_lever_doubles_its_own_budget_and_keeps_its_width(sm
     # budget2x is the student at the teacher's size with the same doubled budget.
     same_size, _ = student_configs(study, levers["budget2x"], "labels")
     assert same_size.model == at_size.model and same_size.max_updates == 2 * at_size.max_updates
+
+
+def test_each_lever_is_held_to_its_students_target_against_the_better_of_base_and_its_own_control(smoke_corpus,
+                                                                                                 tmp_path):
+    from pipeline.studies.datasize import lever_targets
+
+    study = DataSizeStudy(smoke_corpus, str(tmp_path / "run"), str(tmp_path / "study"), recipe="demo")
+    cells = lambda test, long, short: {"test": test, "ood_long": long, "ood_short": short}  # noqa: E731
+    rows = {"base_cells": cells(34.6, 36.0, 38.1),
+            "controls": {11950: cells(30.0, 33.0, 35.0), 8000: cells(35.7, 36.3, 38.6)},
+            "variants": {
+                # the larger student: 20 % asked, its control (12.0 % above the base) is worse than the base: 34.6
+                "large-budget2x": {"name": "large-budget2x", "ratio": None, "path": 8000,
+                                   "cells": cells(27.5, 28.0, 30.0)},
+                # the one at the teacher's size: 10 % asked, against its control (30.0, better than the base)
+                "budget2x": {"name": "budget2x", "ratio": None, "path": 11950, "cells": cells(27.5, 29.0, 30.0)},
+                "pl1x": {"name": "pl1x", "ratio": 1.0, "path": 8000, "cells": cells(20.0, 20.0, 20.0)}}}
+    checks = {(c["student"], c["check"].split(" (")[0].split(",")[0]): c
+              for c in lever_targets(rows, study.variants(levers=True))}
+    assert {name for name, _ in checks} == {"large-budget2x", "budget2x"}  # a data size is not a lever
+    large = checks["large-budget2x", "≥ 20 % below the better of base and its control"]
+    assert large["holds"] and large["detail"] == "avg CER 34.6 → 27.5 (-20.5 %)" and "(base)" in large["check"]
+    size = checks["budget2x", "≥ 10 % below the better of base and its control"]
+    assert not size["holds"] and size["detail"] == "avg CER 30.0 → 27.5 (-8.3 %)" and "control 11950" in size["check"]
+    # out of domain against the base: long 36.0 → 28.0 (-22.2 %) beats short 38.1 → 30.0 (-21.3 %); 29.0 does not
+    assert checks["large-budget2x", "out of domain"]["holds"]
+    assert not checks["budget2x", "out of domain"]["holds"]
