@@ -137,7 +137,7 @@ def test_each_lever_is_held_to_its_students_target_against_the_better_of_base_an
     rows = {"base_cells": cells(34.6, 36.0, 38.1),
             "controls": {11950: cells(30.0, 33.0, 35.0), 8000: cells(35.7, 36.3, 38.6)},
             "variants": {
-                # the larger student: 20 % asked, its control (12.0 % above the base) is worse than the base: 34.6
+                # the larger student: 20 % asked; its path's control (35.7) is worse than the base, so against 34.6
                 "large-budget2x": {"name": "large-budget2x", "ratio": None, "path": 8000,
                                    "cells": cells(27.5, 28.0, 30.0)},
                 # the one at the teacher's size: 10 % asked, against its control (30.0, better than the base)
