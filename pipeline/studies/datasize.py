@@ -37,6 +37,8 @@ from pipeline.report.report import (
     build_report,
     convergence,
     hidden_references,
+    long_short_target,
+    margin_target,
     mean_over,
     orderings_markdown,
     pl_quality,
@@ -384,16 +386,11 @@ def lever_targets(rows: dict[str, Any], variants: list[Variant]) -> list[dict[st
         ctl = (rows["controls"].get(v["path"]) or {}).get("test")
         fair, fair_name = min((r for r in ((base["test"], "base"), (ctl, f"control {v['path']}")) if r[0] is not None),
                               key=lambda r: r[0])
-        share, cer = SCRATCH_TARGETS[modes.get(v["name"], "from_scratch")], v["cells"]["test"]
-        gain = (fair - cer) / fair
-        out.append({"student": v["name"], "check": f"≥ {100 * share:.0f} % below the better of base and its control "
-                                                   f"({fair_name})", "holds": gain >= share,
-                    "detail": f"avg CER {fair:.1f} → {cer:.1f} ({-100 * gain:+.1f} %)"})
-        long_short = [(base.get(t), v["cells"].get(t)) for t in ("ood_long", "ood_short")]
-        if all(a and b is not None for a, b in long_short):
-            (gl, gs) = (100 * (a - b) / a for a, b in long_short)
-            out.append({"student": v["name"], "check": "out of domain, long clips gain at least as much as short",
-                        "holds": gl >= gs, "detail": f"long {gl:+.1f} %, short {gs:+.1f} %"})
+        share = SCRATCH_TARGETS[modes.get(v["name"], "from_scratch")]
+        out.append(margin_target(v["name"], share, fair, f"base and its control ({fair_name})", v["cells"]["test"]))
+        long, short = ((base.get(t), v["cells"].get(t)) for t in ("ood_long", "ood_short"))
+        if all(b and m is not None for b, m in (long, short)):
+            out.append(long_short_target(v["name"], long, short))
     return out
 
 
